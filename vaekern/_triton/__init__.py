@@ -1,0 +1,1 @@
+"""The Triton backend: registers the ``vaekern_triton`` kernels when imported."""

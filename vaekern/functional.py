@@ -1,0 +1,252 @@
+"""The public functional API: argument checks, backend choice, and the reduction contract.
+
+Every function sums over all dims but the first (dim 0 is the batch) and then reduces
+over the batch with ``reduction``: ``"mean"`` (the default, the ELBO convention),
+``"sum"``, or ``"none"`` (shape ``(B,)``). Losses come back in float32, or float64 when an
+input is float64; gradients come back in each input's own dtype.
+
+Shapes and dtypes are checked here, on the host, before any kernel runs; values are
+never inspected (that would need a device sync), so a NaN in gives a NaN out.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from vaekern import _ops  # noqa: F401  (defines the schemas and the reference backend)
+from vaekern._backends import namespace
+from vaekern._ops import REDUCTIONS, acc_dtype
+
+__all__ = ["VAELossParts", "bernoulli_nll", "gaussian_kl", "reparameterize", "vae_loss"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TARGETS = _FLOATS + (torch.bool, torch.uint8)
+# Seeds for the in-kernel Philox generator are drawn on the device from the torch
+# generator, so torch.manual_seed reproduces them and CUDA-graph replays draw new ones.
+_SEED_HIGH = 2**62
+
+
+class VAELossParts(NamedTuple):
+    """``vae_loss(..., return_parts=True)``: the negative ELBO and its two terms."""
+
+    loss: Tensor
+    recon: Tensor
+    kl: Tensor
+
+
+def _tensor(name: str, x, dtypes=_FLOATS) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dim (dim 0), got a 0-d tensor")
+    return x
+
+
+def _same_device(first: tuple[str, Tensor], *others: tuple[str, Tensor]) -> torch.device:
+    name0, t0 = first
+    for name, t in others:
+        if t.device != t0.device:
+            raise ValueError(f"{name} is on {t.device} but {name0} is on {t0.device}")
+    return t0.device
+
+
+def _same_shape(a: tuple[str, Tensor], b: tuple[str, Tensor]) -> None:
+    if a[1].shape != b[1].shape:
+        raise ValueError(f"{b[0]} has shape {tuple(b[1].shape)} but {a[0]} has shape {tuple(a[1].shape)}")
+
+
+def _reduction(reduction) -> int:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
+    return REDUCTIONS[reduction]
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_target(target: Tensor, input: Tensor) -> None:
+    _tensor("target", target, _TARGETS)
+    _same_shape(("input", input), ("target", target))
+    if target.requires_grad:
+        raise ValueError("target must not require grad: vaekern differentiates the reconstruction only")
+
+
+def _check_latents(mu, logvar) -> None:
+    _tensor("mu", mu)
+    _tensor("logvar", logvar)
+    _same_shape(("mu", mu), ("logvar", logvar))
+    if mu.dtype != logvar.dtype:
+        raise TypeError(f"logvar has dtype {logvar.dtype} but mu has dtype {mu.dtype}")
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def bernoulli_nll(
+    input: Tensor,
+    target: Tensor,
+    *,
+    from_logits: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Negative log-likelihood of ``target`` under independent Bernoullis.
+
+    Args:
+        input: ``[B, ...]`` logits, or probabilities when ``from_logits=False``;
+            float16, bfloat16, float32 or float64.
+        target: ``[B, ...]``, same shape: float in [0, 1] (any float dtype), bool, or
+            uint8 holding 0/1. Values are not checked.
+        from_logits: whether ``input`` holds logits (stable softplus form) or
+            probabilities (logs clamped at -100, as ``F.binary_cross_entropy``).
+        reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
+
+    Returns:
+        The NLL summed over every dim but the first, reduced over the batch: shape ``()``,
+        or ``(B,)`` for ``"none"``; float32 (float64 for float64 input).
+    """
+    _tensor("input", input)
+    _check_target(target, input)
+    device = _same_device(("input", input), ("target", target))
+    red = _reduction(reduction)
+    ops = getattr(torch.ops, namespace(backend, device))
+    out, _ = ops.bernoulli_nll(input, target, _flag("from_logits", from_logits), red, _needs_grad(input))
+    return out
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Analytic KL(N(mu, exp(logvar)) || N(0, I)), summed over every dim but the first.
+
+    Args:
+        mu: ``[B, ...]`` posterior means.
+        logvar: ``[B, ...]`` posterior log-variances, same shape and dtype. The variance is
+            evaluated as ``exp(min(logvar, 60))`` (see ``vaekern.reference``).
+        reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
+        backend: as for :func:`bernoulli_nll`.
+
+    Returns:
+        Shape ``()``, or ``(B,)`` for ``"none"``; float32 (float64 for float64 inputs).
+    """
+    _check_latents(mu, logvar)
+    device = _same_device(("mu", mu), ("logvar", logvar))
+    red = _reduction(reduction)
+    return getattr(torch.ops, namespace(backend, device)).gaussian_kl(mu, logvar, red)
+
+
+def reparameterize(
+    mu: Tensor,
+    logvar: Tensor,
+    *,
+    eps: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Sample ``z = mu + exp(logvar / 2) * eps`` with gradients to ``mu`` and ``logvar``.
+
+    Args:
+        mu: ``[B, ...]`` posterior means.
+        logvar: ``[B, ...]`` log-variances, same shape and dtype.
+        eps: optional standard-normal noise of the same shape and dtype. When omitted it
+            is drawn inside the op from a seed that ``generator`` (or the default
+            generator of mu's device) supplies; the noise is regenerated in backward
+            rather than saved.
+        generator: a ``torch.Generator`` on mu's device; only used when ``eps`` is None.
+            Each backend has its own generator of normals, so the same seed gives the
+            same z on the same backend only.
+        backend: as for :func:`bernoulli_nll`.
+
+    Returns:
+        ``z``, contiguous, with mu's shape and dtype.
+    """
+    _check_latents(mu, logvar)
+    device = _same_device(("mu", mu), ("logvar", logvar))
+    seed = None
+    if eps is not None:
+        if generator is not None:
+            raise ValueError("pass either eps or generator, not both")
+        _tensor("eps", eps)
+        _same_shape(("mu", mu), ("eps", eps))
+        _same_device(("mu", mu), ("eps", eps))
+        if eps.dtype != mu.dtype:
+            raise TypeError(f"eps has dtype {eps.dtype} but mu has dtype {mu.dtype}")
+    else:
+        if generator is not None and torch.device(generator.device).type != device.type:
+            raise ValueError(f"generator is on {generator.device} but mu is on {device}")
+        seed = torch.randint(_SEED_HIGH, (1,), device=device, dtype=torch.int64, generator=generator)
+    return getattr(torch.ops, namespace(backend, device)).reparameterize(mu, logvar, eps, seed)
+
+
+def _beta(beta, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if isinstance(beta, Tensor):
+        if beta.dim() != 0 or not beta.is_floating_point():
+            raise TypeError(f"beta must be a float or a 0-d floating tensor, got shape {tuple(beta.shape)} {beta.dtype}")
+        if beta.device != device:
+            raise ValueError(f"beta is on {beta.device} but recon is on {device}")
+        if beta.requires_grad:
+            raise ValueError("beta must not require grad: vae_loss does not differentiate it")
+        return beta.to(dtype)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a float or a 0-d floating tensor, got {type(beta).__name__}")
+    # A fill kernel, not a host-to-device copy: no sync, and CUDA graphs can capture it.
+    return torch.full((), float(beta), dtype=dtype, device=device)
+
+
+def vae_loss(
+    recon: Tensor,
+    target: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    *,
+    beta: float | Tensor = 1.0,
+    from_logits: bool = True,
+    reduction: str = "mean",
+    return_parts: bool = False,
+    backend: str = "auto",
+) -> Tensor | VAELossParts:
+    """The negative ELBO of a Bernoulli-decoder VAE: ``recon + beta * kl``.
+
+    ``recon`` is :func:`bernoulli_nll` and ``kl`` is :func:`gaussian_kl`, each summed over
+    its non-batch dims and reduced over the batch the same way, computed in one fused call.
+
+    Args:
+        recon: ``[B, ...]`` decoder logits (or probabilities with ``from_logits=False``).
+        target: ``[B, ...]`` the data, same shape: float, bool or uint8.
+        mu: ``[B, ...]`` posterior means, same batch size as ``recon``.
+        logvar: ``[B, ...]`` posterior log-variances, same shape and dtype as ``mu``.
+        beta: weight of the KL term: a Python float, or a 0-d tensor on the inputs'
+            device (change it in place to anneal it without recompiling). Not
+            differentiated.
+        from_logits: whether ``recon`` holds logits.
+        reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
+        return_parts: return ``VAELossParts(loss, recon, kl)`` instead of the loss alone.
+        backend: as for :func:`bernoulli_nll`.
+
+    Returns:
+        The loss (shape ``()``, or ``(B,)`` for ``"none"``), or ``VAELossParts``.
+    """
+    _tensor("recon", recon)
+    _check_target(target, recon)
+    _check_latents(mu, logvar)
+    device = _same_device(("recon", recon), ("target", target), ("mu", mu), ("logvar", logvar))
+    if mu.shape[0] != recon.shape[0]:
+        raise ValueError(f"mu has batch size {mu.shape[0]} but recon has batch size {recon.shape[0]}")
+    red = _reduction(reduction)
+    beta_t = _beta(beta, acc_dtype(recon, mu, logvar), device)
+    ops = getattr(torch.ops, namespace(backend, device))
+    loss, rec, kl, _ = ops.vae_loss(
+        recon, target, mu, logvar, beta_t, _flag("from_logits", from_logits), red, _needs_grad(recon)
+    )
+    if _flag("return_parts", return_parts):
+        return VAELossParts(loss, rec, kl)
+    return loss

@@ -1,0 +1,56 @@
+"""``nn.Module`` form of :func:`vaekern.vae_loss`, with the same defaults."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vaekern.functional import VAELossParts, vae_loss
+
+
+class VAELoss(nn.Module):
+    """The negative ELBO, ``recon + beta * kl``, as a module.
+
+    Args:
+        beta: KL weight: a float, or a 0-d tensor (kept as a buffer, so ``.to(device)``
+            moves it and ``loss_fn.beta.fill_(b)`` anneals it without recompiling).
+        from_logits: whether the reconstruction holds logits.
+        reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
+        return_parts: return ``VAELossParts(loss, recon, kl)``.
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
+    """
+
+    def __init__(
+        self,
+        beta: float | Tensor = 1.0,
+        from_logits: bool = True,
+        reduction: str = "mean",
+        return_parts: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if isinstance(beta, Tensor):
+            self.register_buffer("beta", beta)
+        else:
+            self.beta = beta
+        self.from_logits = from_logits
+        self.reduction = reduction
+        self.return_parts = return_parts
+        self.backend = backend
+
+    def forward(self, recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> Tensor | VAELossParts:
+        return vae_loss(
+            recon,
+            target,
+            mu,
+            logvar,
+            beta=self.beta,
+            from_logits=self.from_logits,
+            reduction=self.reduction,
+            return_parts=self.return_parts,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        beta = self.beta.item() if isinstance(self.beta, torch.Tensor) else self.beta
+        return f"beta={beta}, from_logits={self.from_logits}, reduction={self.reduction!r}, backend={self.backend!r}"

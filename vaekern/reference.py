@@ -1,0 +1,105 @@
+"""Reference implementations: the readable oracle that defines correctness.
+
+Plain PyTorch, differentiable by autograd, evaluated in float64 so that every fused
+kernel can be compared against an answer that is exact to the kernel's precision.
+
+Conventions shared by every backend (the kernels implement exactly these):
+
+* Dim 0 is the batch. Every term is summed over all other dims into one value per
+  row; ``reduction`` then takes the mean over rows (the ELBO convention), their sum,
+  or returns the rows (``"none"``).
+* Bernoulli NLL with logits ``l`` and target ``t`` uses the softplus form,
+  ``max(l, 0) - l*t + log1p(exp(-|l|))``, which never overflows (logits of +-1e4 are
+  fine). Its gradient is ``sigmoid(l) - t``.
+* Bernoulli NLL with probabilities ``p`` clamps each log at -100, as
+  ``torch.nn.functional.binary_cross_entropy`` does; its gradient is that function's,
+  ``(p - t) / max(p*(1-p), 1e-12)``, so it stays finite at p = 0 or 1.
+* Gaussian KL to N(0, I): ``0.5 * (mu^2 + exp(logvar) - 1 - logvar)``. The variance is
+  evaluated as ``exp(min(logvar, LOGVAR_MAX))`` so that float32 cannot overflow for any
+  logvar (``exp(88.7)`` already does). The clamp is straight-through: the gradient keeps
+  the sign and size of the clamped variance, ``0.5 * (exp(min(logvar, LOGVAR_MAX)) - 1)``,
+  instead of the ``-0.5`` that a plain clamp would give, which would push an exploding
+  logvar further up. No realistic encoder reaches logvar = 60 (a std of 1e13).
+* Reparameterization: ``z = mu + exp(logvar / 2) * eps``; exact, no clamp (it cannot
+  overflow float32 for logvar below 177).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LOGVAR_MAX",
+    "BCE_LOG_MIN",
+    "bernoulli_nll_ref",
+    "gaussian_kl_ref",
+    "reparameterize_ref",
+    "vae_loss_ref",
+    "reduce_rows",
+]
+
+LOGVAR_MAX = 60.0
+BCE_LOG_MIN = -100.0
+
+
+def reduce_rows(rows: Tensor, reduction: str) -> Tensor:
+    """Reduce per-row values of shape (B,) as the public ``reduction`` argument says."""
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.mean()
+
+
+def _row_sum(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def bernoulli_nll_ref(
+    input: Tensor, target: Tensor, *, from_logits: bool = True, reduction: str = "mean"
+) -> Tensor:
+    """-log p(target | input), summed over every dim but the first."""
+    x = input.double()
+    t = target.double()
+    if from_logits:
+        # softplus(l) - l*t, written so that exp never sees a positive argument.
+        nll = x.clamp(min=0) - x * t + torch.log1p(torch.exp(-x.abs()))
+    else:
+        nll = -(t * torch.log(x).clamp(min=BCE_LOG_MIN) + (1 - t) * torch.log1p(-x).clamp(min=BCE_LOG_MIN))
+    return reduce_rows(_row_sum(nll), reduction)
+
+
+def _clamped_logvar(logvar: Tensor) -> Tensor:
+    # Straight-through clamp: the value of min(logvar, LOGVAR_MAX), the gradient of logvar.
+    return logvar - (logvar - logvar.clamp(max=LOGVAR_MAX)).detach()
+
+
+def gaussian_kl_ref(mu: Tensor, logvar: Tensor, *, reduction: str = "mean") -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over every dim but the first."""
+    m = mu.double()
+    lv = logvar.double()
+    kl = 0.5 * (m * m + torch.exp(_clamped_logvar(lv)) - 1.0 - lv)
+    return reduce_rows(_row_sum(kl), reduction)
+
+
+def reparameterize_ref(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
+    """z = mu + exp(logvar / 2) * eps, in float64."""
+    return mu.double() + torch.exp(0.5 * logvar.double()) * eps.double()
+
+
+def vae_loss_ref(
+    recon: Tensor,
+    target: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    *,
+    beta: float | Tensor = 1.0,
+    from_logits: bool = True,
+    reduction: str = "mean",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Negative ELBO: (recon + beta * kl, recon, kl), each reduced over the batch."""
+    rec = bernoulli_nll_ref(recon, target, from_logits=from_logits, reduction=reduction)
+    kl = gaussian_kl_ref(mu, logvar, reduction=reduction)
+    b = beta.double() if isinstance(beta, Tensor) else float(beta)
+    return rec + b * kl, rec, kl
