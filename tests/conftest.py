@@ -1,0 +1,68 @@
+"""Shared test harness: every test that takes the ``backend`` fixture runs once per backend.
+
+On a machine without a GPU the triton backend runs its kernels in Triton's interpreter
+on CPU tensors; the interpreter must be chosen before triton is first imported, hence
+the environment variable is set here, at collection time. The cuda backend skips, with
+its reason, where it cannot run.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import vaekern  # noqa: E402
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+# (atol, rtol) against the float64 reference, per input dtype. The reference sees the same
+# low-precision inputs, upcast, so these bound the kernel's own error: fp32 accumulation
+# for the losses, and one rounding to the input dtype for the gradients.
+LOSS_TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 2e-5),
+    torch.float16: (1e-3, 1e-4),
+    torch.bfloat16: (1e-3, 1e-4),
+}
+GRAD_TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-6, 1e-5),
+    torch.float16: (1e-4, 2e-3),
+    torch.bfloat16: (1e-3, 1.6e-2),
+}
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+SHAPES = ((1, 1), (3, 7), (5, 1, 28, 28), (41, 1271))
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where a backend's tests put their tensors."""
+    if backend in ("triton", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if backend == "cuda":
+        return torch.device("cuda")  # skipped below when there is no GPU
+    return torch.device("cpu")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    name = request.param
+    device = backend_device(name)
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("backend cuda: no GPU on this machine")
+    if name not in vaekern.available_backends(device):
+        pytest.skip(f"backend {name}: not available on {device} in this install")
+    return name
+
+
+@pytest.fixture
+def device(backend) -> torch.device:
+    return backend_device(backend)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
