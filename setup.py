@@ -45,13 +45,23 @@ def _extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
     sources = ["csrc/vaekern.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # CPU kernels: one portable build with run-time dispatch, no -march. The vectorized
+    # loops are compiled three times, by csrc/cpu/capability/{default,avx2,avx512}.cpp, each
+    # selecting its instruction set itself (a target pragma), because setuptools gives all
+    # sources the same flags; kernels() picks one with at::get_cpu_capability(), as
+    # PyTorch's own kernels do (ATEN_CPU_CAPABILITY=avx2|default lowers it). -fopenmp: the
+    # extension's at::parallel_for is inlined from ATen's OpenMP backend.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]  # torch 2.14 headers need C++20
     extra = {"cxx": cxx_flags}
     kind = cpp_extension.CppExtension
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
         kind = cpp_extension.CUDAExtension
+    # Last, and the widest last: an inline function (a c10 header's, say) that several
+    # objects emit is linked from the first object that has it, so code of plain objects
+    # must never resolve to a copy compiled for AVX-512.
+    sources += [f"csrc/cpu/capability/{isa}.cpp" for isa in ("default", "avx2", "avx512")]
     ext = kind(
         "vaekern._C",
         sources,

@@ -1,0 +1,64 @@
+// Vectorized loops of gaussian_kl (host code and math: gaussian_kl.cpp).
+//   kl      = 0.5 * (mu^2 + exp(min(lv, 60)) - 1 - lv)
+//   d/dmu   = s * mu,   d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)   (straight-through clamp)
+// at::vec::minimum propagates NaN, so a NaN logvar gives NaN.
+#pragma once
+
+#include "cpu/kernel_utils.h"
+
+namespace vaekern::cpu::CPU_CAPABILITY {
+
+template <typename A>
+inline Vec<A> clamped_var(const Vec<A>& lv) {
+  return at::vec::minimum(lv, Vec<A>(A(60))).exp();
+}
+
+template <typename T>
+void gaussian_kl_tasks(const GaussianKlArgs& a, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  constexpr int64_t W = Vec<A>::size();
+  const Vec<A> zero(A(0)), one(A(1)), half(A(0.5));
+  for (int64_t row = begin; row < end; ++row) {
+    const T* m = static_cast<const T*>(a.mu) + row * a.cols;
+    const T* lv = static_cast<const T*>(a.logvar) + row * a.cols;
+    Vec<A> acc(A(0));
+    for (int64_t j = 0; j < a.cols; j += W) {
+      const int64_t n = std::min(W, a.cols - j);
+      const Vec<A> mv = load_as<A>(m + j, n), lvv = load_as<A>(lv + j, n);
+      const Vec<A> kl = half * (mv * mv + clamped_var(lvv) - one - lvv);
+      acc += n == W ? kl : Vec<A>::set(zero, kl, n);
+    }
+    a.out[row] = hsum(acc);
+  }
+}
+
+template <typename T>
+void gaussian_kl_backward_tasks(const GaussianKlArgs& a, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  constexpr int64_t W = Vec<A>::size();
+  const Vec<A> one(A(1)), half(A(0.5));
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t off = row * a.cols;
+    const T* m = static_cast<const T*>(a.mu) + off;
+    const T* lv = static_cast<const T*>(a.logvar) + off;
+    T* gm = static_cast<T*>(a.grad_mu) + off;
+    T* glv = static_cast<T*>(a.grad_logvar) + off;
+    const Vec<A> s(static_cast<A>(a.scale[row]));
+    const Vec<A> s_half = s * half;
+    for (int64_t j = 0; j < a.cols; j += W) {
+      const int64_t n = std::min(W, a.cols - j);
+      store_as<A>(s * load_as<A>(m + j, n), gm + j, n);
+      store_as<A>(s_half * (clamped_var(load_as<A>(lv + j, n)) - one), glv + j, n);
+    }
+  }
+}
+
+inline void gaussian_kl_kernel(const GaussianKlArgs& a, int64_t begin, int64_t end) {
+  dispatch_float(a.dtype, [&](auto v) { gaussian_kl_tasks<decltype(v)>(a, begin, end); });
+}
+
+inline void gaussian_kl_backward_kernel(const GaussianKlArgs& a, int64_t begin, int64_t end) {
+  dispatch_float(a.dtype, [&](auto v) { gaussian_kl_backward_tasks<decltype(v)>(a, begin, end); });
+}
+
+}  // namespace vaekern::cpu::CPU_CAPABILITY

@@ -1,0 +1,27 @@
+// The body of capability/*.cpp: every kernel of this directory, compiled for the
+// capability that the including file selected, gathered into its Kernels table.
+// The table is constant-initialized (plain function pointers): no code of this
+// capability runs until kernels() has chosen it.
+#pragma once
+
+#include "cpu/bernoulli_nll_kernel.h"
+#include "cpu/gaussian_kl_kernel.h"
+#include "cpu/reparameterize_kernel.h"
+
+#define VAEKERN_STR2(x) #x
+#define VAEKERN_STR(x) VAEKERN_STR2(x)
+
+namespace vaekern::cpu::CPU_CAPABILITY {
+
+extern const Kernels kKernels;
+const Kernels kKernels = {
+    VAEKERN_STR(CPU_CAPABILITY),
+    &bernoulli_nll_kernel,
+    &scale_rows_kernel,
+    &gaussian_kl_kernel,
+    &gaussian_kl_backward_kernel,
+    &reparameterize_kernel,
+    &reparameterize_backward_kernel,
+};
+
+}  // namespace vaekern::cpu::CPU_CAPABILITY

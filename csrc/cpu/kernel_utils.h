@@ -1,0 +1,81 @@
+// Helpers for the vectorized loops of <op>_kernel.h. Included only by capability/*.cpp,
+// after CPU_CAPABILITY names the instruction set (DEFAULT, AVX2, AVX512), so that every
+// name here lives in a namespace of its own per capability, like at::vec does.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu/vaekern_cpu.h"
+
+namespace vaekern::cpu::CPU_CAPABILITY {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// Arithmetic type for an input dtype: double for double, float for everything else.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Loads n <= Vec<A>::size() elements of src_t as A; lanes past n are zero.
+template <typename A, typename src_t>
+inline Vec<A> load_as(const src_t* p, int64_t n) {
+  if constexpr (std::is_same_v<A, src_t>) {
+    return n == Vec<A>::size() ? Vec<A>::loadu(p) : Vec<A>::loadu(p, n);
+  } else {
+    alignas(64) A buf[Vec<A>::size()] = {};
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<A>(p[i]);
+    return Vec<A>::loadu(buf);
+  }
+}
+
+// Stores the first n lanes of v as dst_t (rounding to nearest even for bf16/fp16).
+template <typename A, typename dst_t>
+inline void store_as(const Vec<A>& v, dst_t* p, int64_t n) {
+  if constexpr (std::is_same_v<A, dst_t>) {
+    if (n == Vec<A>::size()) v.store(p); else v.store(p, n);
+  } else {
+    alignas(64) A buf[Vec<A>::size()];
+    v.store(buf);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<dst_t>(buf[i]);
+  }
+}
+
+// Sum of the lanes in lane order, in double.
+template <typename A>
+inline double hsum(const Vec<A>& v) {
+  alignas(64) A buf[Vec<A>::size()];
+  v.store(buf);
+  double s = 0;
+  for (int64_t i = 0; i < Vec<A>::size(); ++i) s += static_cast<double>(buf[i]);
+  return s;
+}
+
+// Calls f(T{}) for the floating dtypes the ops accept.
+template <typename F>
+inline void dispatch_float(c10::ScalarType dt, F&& f) {
+  switch (dt) {
+    case c10::ScalarType::Float: return f(float{});
+    case c10::ScalarType::Double: return f(double{});
+    case c10::ScalarType::BFloat16: return f(c10::BFloat16{});
+    case c10::ScalarType::Half: return f(c10::Half{});
+    default: return;  // the host code checks dtypes before any kernel runs
+  }
+}
+
+// As dispatch_float, plus the integer target dtypes bool and uint8.
+template <typename F>
+inline void dispatch_target(c10::ScalarType dt, F&& f) {
+  switch (dt) {
+    case c10::ScalarType::Bool: return f(bool{});
+    case c10::ScalarType::Byte: return f(uint8_t{});
+    default: return dispatch_float(dt, std::forward<F>(f));
+  }
+}
+
+}  // namespace vaekern::cpu::CPU_CAPABILITY

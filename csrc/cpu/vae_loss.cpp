@@ -1,0 +1,92 @@
+// vae_loss on CPU: the negative ELBO, recon + beta * kl, in one call.
+//
+// The reconstruction term is bernoulli_nll (with its gradient computed in the same pass)
+// and the KL term gaussian_kl; see those files for the math. Per row b:
+//   loss_b = recon_b + beta * kl_b;  for mean/sum both terms are reduced first.
+// Backward (vae_loss_backward_):
+//   d/d recon = saved gradient * (g_loss + g_recon_term)   (rows whose factor is 1 skipped)
+//   d/d mu, d/d logvar = gaussian_kl gradients * (g_loss * beta + g_kl_term) (/ B for mean)
+//
+// dtypes: as bernoulli_nll and gaussian_kl; the loss dtype is float64 if any of recon, mu,
+// logvar is float64, else float32.
+#include <torch/library.h>
+
+#include "cpu/ops.h"
+
+namespace vaekern::cpu {
+namespace {
+
+double scalar_value(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() == 1, "vaekern (cpu): ", name, " must have one element, got shape ", t.sizes());
+  return row_values(t, 1, name)[0];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(const at::Tensor& recon,
+                                                                        const at::Tensor& target,
+                                                                        const at::Tensor& mu,
+                                                                        const at::Tensor& logvar,
+                                                                        const at::Tensor& beta, bool from_logits,
+                                                                        int64_t reduction, bool compute_grad) {
+  check_float(recon, "recon");
+  check_target(target, recon);
+  check_latents(mu, logvar);
+  check_reduction(reduction);
+  const int64_t rows = recon.size(0);
+  TORCH_CHECK(mu.size(0) == rows, "vaekern (cpu): mu has batch size ", mu.size(0), " but recon has batch size ", rows);
+  const double b = scalar_value(beta, "beta");
+  const c10::ScalarType dt = acc_dtype({&recon, &mu, &logvar});
+
+  at::Tensor grad = compute_grad ? at::empty(recon.sizes(), recon.options()) : recon.new_empty({0});
+  const double grad_scale = reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0;
+  const std::vector<double> rec = bernoulli_nll_rows(recon, target, from_logits, grad_scale,
+                                                     compute_grad ? grad : at::Tensor());
+  const std::vector<double> kl = gaussian_kl_rows(mu, logvar);
+
+  at::Tensor rec_t = reduce_rows(rec, reduction, dt);
+  at::Tensor kl_t = reduce_rows(kl, reduction, dt);
+  std::vector<double> loss;
+  if (reduction == 0) {
+    loss.resize(rows);
+    for (int64_t i = 0; i < rows; ++i) loss[i] = rec[i] + b * kl[i];
+  } else {
+    loss = {reduced_value(rec, reduction) + b * reduced_value(kl, reduction)};
+  }
+  at::Tensor loss_t = reduce_rows(loss, reduction == 0 ? 0 : 2, dt);
+  return {loss_t, rec_t, kl_t, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> vae_loss_backward_cpu(const at::Tensor& grad_recon, const at::Tensor& grad_loss,
+                                                         const at::Tensor& grad_recon_term,
+                                                         const at::Tensor& grad_kl_term, const at::Tensor& mu,
+                                                         const at::Tensor& logvar, const at::Tensor& beta,
+                                                         int64_t reduction) {
+  check_latents(mu, logvar);
+  check_reduction(reduction);
+  const int64_t rows = mu.size(0);
+  const std::vector<double> gl = row_values(grad_loss, rows, "grad_loss");
+  const std::vector<double> gr = row_values(grad_recon_term, rows, "grad_recon_term");
+  const std::vector<double> gk = row_values(grad_kl_term, rows, "grad_kl_term");
+  const double b = scalar_value(beta, "beta");
+  // The recon factor is added in the upstream gradients' dtype, as autograd would.
+  const bool f32 = grad_loss.scalar_type() != at::kDouble && grad_recon_term.scalar_type() != at::kDouble;
+  std::vector<double> recon_scale(rows), kl_scale(rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    recon_scale[i] = f32 ? static_cast<double>(static_cast<float>(gl[i]) + static_cast<float>(gr[i])) : gl[i] + gr[i];
+    kl_scale[i] = (gl[i] * b + gk[i]) / (reduction == 1 ? static_cast<double>(rows) : 1.0);
+  }
+  if (grad_recon.numel() != 0) {
+    TORCH_CHECK(grad_recon.size(0) == rows, "vaekern (cpu): grad_recon has batch size ", grad_recon.size(0),
+                " but mu has batch size ", rows);
+    scale_rows_(grad_recon, recon_scale);
+  }
+  return gaussian_kl_grads(kl_scale, mu, logvar);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vaekern, CPU, m) {
+  m.impl("vae_loss", &vae_loss_cpu);
+  m.impl("vae_loss_backward_", &vae_loss_backward_cpu);
+}
+
+}  // namespace vaekern::cpu

@@ -1,0 +1,101 @@
+// Shared declarations of the fused CPU kernels (csrc/cpu).
+//
+// Design
+// ------
+// Two layers, as in PyTorch's own aten/src/ATen/native/cpu:
+//
+// * host code, one file per op (bernoulli_nll.cpp, gaussian_kl.cpp, reparameterize.cpp,
+//   vae_loss.cpp): shape and dtype checks, allocation, at::parallel_for over a fixed task
+//   grid, the fixed-order reductions, and TORCH_LIBRARY_IMPL(vaekern, CPU, m).
+// * vectorized loops over raw pointers, one header per op (<op>_kernel.h), compiled once
+//   per CPU capability by capability/{default,avx2,avx512}.cpp into a table of function
+//   pointers (struct Kernels). kernels() picks the table at the first call from
+//   at::get_cpu_capability(), so one build runs everywhere and ATEN_CPU_CAPABILITY=avx2
+//   or =default forces a narrower one, exactly as it does for PyTorch's kernels.
+//
+// Determinism: a row is split into column chunks of a fixed size (kChunk); each
+// (row, chunk) task sums into its own double partial, and the host adds the partials
+// of a row, then the rows, in index order. No result depends on the thread count
+// (results may differ in the last bits between capabilities: 16 vs 8 lanes).
+//
+// The capability tables hold only plain function pointers, so they are constant-
+// initialized: no AVX code runs while the library loads.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+namespace vaekern::cpu {
+
+// Columns of one row that one task handles. Fixed: it sets the summation order.
+constexpr int64_t kChunk = 8192;
+// Elements of the flattened latents that one reparameterize task handles; a multiple of
+// 4 because one Philox-4x32 block gives 4 normals.
+constexpr int64_t kNoiseBlock = 1024;
+
+inline int64_t num_chunks(int64_t cols) { return cols <= kChunk ? 1 : (cols + kChunk - 1) / kChunk; }
+
+struct BernoulliNllArgs {
+  const void* input;          // [rows, cols] logits or probabilities
+  c10::ScalarType input_dtype;  // float, double, bfloat16, half
+  const void* target;         // [rows, cols]
+  c10::ScalarType target_dtype;  // any of the above, bool, uint8
+  void* grad;                 // [rows, cols] input dtype, or nullptr: no gradient
+  double* partials;           // [rows, chunks] per-chunk sums of the NLL
+  int64_t rows, cols, chunks;
+  bool from_logits;
+  double grad_scale;          // 1, or 1/B for reduction=mean
+};
+
+struct ScaleRowsArgs {
+  void* grad;                 // [rows, cols], scaled in place
+  c10::ScalarType dtype;
+  const double* scale;        // [rows]; a row whose scale is exactly 1 is skipped
+  int64_t rows, cols, chunks;
+};
+
+struct GaussianKlArgs {
+  const void* mu;             // [rows, cols]
+  const void* logvar;         // [rows, cols]
+  c10::ScalarType dtype;
+  int64_t rows, cols;
+  double* out;                // forward: [rows] row sums of the KL
+  const double* scale;        // backward: [rows] d(loss)/d(row KL)
+  void* grad_mu;              // backward: [rows, cols]
+  void* grad_logvar;          // backward: [rows, cols]
+};
+
+struct ReparameterizeArgs {
+  const void* mu;             // [n] forward only
+  const void* logvar;         // [n]
+  const void* eps;            // [n], or nullptr: Philox noise keyed on (seed, index)
+  c10::ScalarType dtype;
+  uint64_t seed;
+  int64_t n;
+  void* z;                    // forward: [n]
+  const void* grad_z;         // backward: [n]
+  void* grad_logvar;          // backward: [n]
+};
+
+struct Kernels {
+  const char* name;
+  // Tasks are (row, chunk) pairs in row-major order, [begin, end).
+  void (*bernoulli_nll)(const BernoulliNllArgs&, int64_t begin, int64_t end);
+  void (*scale_rows)(const ScaleRowsArgs&, int64_t begin, int64_t end);
+  // Tasks are rows.
+  void (*gaussian_kl)(const GaussianKlArgs&, int64_t begin, int64_t end);
+  void (*gaussian_kl_backward)(const GaussianKlArgs&, int64_t begin, int64_t end);
+  // Tasks are blocks of kNoiseBlock elements.
+  void (*reparameterize)(const ReparameterizeArgs&, int64_t begin, int64_t end);
+  void (*reparameterize_backward)(const ReparameterizeArgs&, int64_t begin, int64_t end);
+};
+
+// The table for this machine's CPU capability (see the header comment).
+const Kernels& kernels();
+
+namespace DEFAULT { extern const Kernels kKernels; }
+namespace AVX2 { extern const Kernels kKernels; }
+namespace AVX512 { extern const Kernels kKernels; }
+
+}  // namespace vaekern::cpu
