@@ -3,7 +3,8 @@
 ``auto`` picks by the tensors' device and by what this install has:
 
 * CUDA tensors: ``triton``, else ``cuda`` (the compiled extension), else ``reference``.
-* CPU tensors: ``cpu``.
+* CPU tensors: ``cpu`` (the fused kernels of csrc/cpu), else ``reference`` when the
+  extension was not built.
 * any other device: ``reference``.
 
 An explicitly named backend that cannot serve the call raises ``BackendUnavailableError``
@@ -61,16 +62,13 @@ def _why_not(backend: str, device: torch.device) -> str | None:
         case "cpu":
             if device.type != "cpu":
                 return f"it runs on CPU tensors, got {device}"
+            if not _extension.has_kernels("CPU"):
+                return "the extension vaekern._C is not built, or has no CPU kernels (see README: building)"
             return None
     raise AssertionError(backend)
 
 
-def _cpu_namespace() -> str:
-    # Until the fused CPU kernels of csrc/cpu are built, "cpu" is the reference on CPU.
-    return "vaekern" if _extension.has_kernels("CPU") else "vaekern_ref"
-
-
-_NAMESPACE = {"reference": "vaekern_ref", "triton": "vaekern_triton", "cuda": "vaekern"}
+_NAMESPACE = {"reference": "vaekern_ref", "triton": "vaekern_triton", "cuda": "vaekern", "cpu": "vaekern"}
 
 
 def namespace(backend: str, device: torch.device) -> str:
@@ -82,7 +80,7 @@ def namespace(backend: str, device: torch.device) -> str:
     reason = _why_not(backend, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend={backend!r} is not available: {reason}")
-    return _cpu_namespace() if backend == "cpu" else _NAMESPACE[backend]
+    return _NAMESPACE[backend]
 
 
 def auto(device: torch.device) -> str:
@@ -94,7 +92,7 @@ def auto(device: torch.device) -> str:
                     return candidate
             return "reference"
         case "cpu":
-            return "cpu"
+            return "cpu" if _why_not("cpu", device) is None else "reference"
         case _:
             return "reference"
 

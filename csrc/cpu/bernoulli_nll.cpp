@@ -13,11 +13,50 @@
 // target any of those, bool or uint8. Loss float32, float64 for float64 input.
 // Non-contiguous inputs are copied to contiguous first.
 // Determinism: see vaekern_cpu.h (fixed chunks, fixed-order sums).
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cpu/ops.h"
 
 namespace vaekern::cpu {
+namespace {
+
+constexpr size_t kHugePage = size_t{2} << 20;
+
+struct HugePageAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t n) override {
+    const size_t size = (n + kHugePage - 1) / kHugePage * kHugePage;
+    void* p = nullptr;
+    TORCH_CHECK(posix_memalign(&p, kHugePage, size) == 0, "vaekern (cpu): out of memory allocating ", n, " bytes");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, size, MADV_HUGEPAGE);  // a hint: without THP the pages are simply small
+#endif
+    return {p, p, &std::free, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &std::free; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
+};
+
+}  // namespace
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t nbytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (nbytes >= 2 * kHugePage) {
+    static HugePageAllocator allocator;
+    return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                     options.dtype().toScalarType(), std::nullopt);
+  }
+#endif
+  return at::empty(sizes, options);
+}
 
 std::vector<double> row_values(const at::Tensor& t, int64_t rows, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "vaekern (cpu): ", name, " must be a CPU tensor");
@@ -102,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> bernoulli_nll_cpu(const at::Tensor& input, co
   check_target(target, input);
   check_reduction(reduction);
   const int64_t rows = input.size(0);
-  at::Tensor grad = compute_grad ? at::empty(input.sizes(), input.options()) : input.new_empty({0});
+  at::Tensor grad = compute_grad ? empty_output(input.sizes(), input.options()) : input.new_empty({0});
   const double grad_scale = reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0;
   const auto nll = bernoulli_nll_rows(input, target, from_logits, grad_scale, compute_grad ? grad : at::Tensor());
   return {reduce_rows(nll, reduction, acc_dtype({&input})), grad};

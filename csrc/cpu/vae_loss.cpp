@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(const at
   const double b = scalar_value(beta, "beta");
   const c10::ScalarType dt = acc_dtype({&recon, &mu, &logvar});
 
-  at::Tensor grad = compute_grad ? at::empty(recon.sizes(), recon.options()) : recon.new_empty({0});
+  at::Tensor grad = compute_grad ? empty_output(recon.sizes(), recon.options()) : recon.new_empty({0});
   const double grad_scale = reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0;
   const std::vector<double> rec = bernoulli_nll_rows(recon, target, from_logits, grad_scale,
                                                      compute_grad ? grad : at::Tensor());
