@@ -73,6 +73,9 @@ def _cpu_namespace() -> str:
 _NAMESPACE = {"reference": "vaekern_ref", "triton": "vaekern_triton", "cuda": "vaekern"}
 
 
+# Under torch.compile the choice is made once, while tracing, and becomes a constant of the
+# graph: it depends only on the install and on the device, which the graph is guarded on.
+@torch.compiler.assume_constant_result
 def namespace(backend: str, device: torch.device) -> str:
     """The op namespace that serves ``backend`` for tensors on ``device``."""
     if backend not in BACKENDS:

@@ -240,6 +240,8 @@ def _register(ns: str, lib: torch.library.Library) -> None:
         recon, target, mu, logvar, beta = ctx.saved_tensors
         from_logits, reduction = ctx.args
         grads = (grad_loss, grad_recon_term, grad_kl_term)
+        if all(g is None for g in grads):
+            return (None,) * 8
         if any(g is None for g in grads):  # outputs that took no part in the loss
             zero = torch.zeros_like(next(g for g in grads if g is not None))
             grad_loss, grad_recon_term, grad_kl_term = (zero if g is None else g for g in grads)
@@ -253,9 +255,9 @@ def _register(ns: str, lib: torch.library.Library) -> None:
                 grad, grad_loss, grad_recon_term, grad_kl_term, mu, logvar, beta, reduction
             )
         else:
-            scale = grad_loss + grad_recon_term
-            scale = scale.expand(mu.shape[0]) if scale.dim() == 0 else scale
-            grad = _scaled_saved_grad(grad, scale)
+            if ctx.needs_input_grad[0]:
+                scale = grad_loss + grad_recon_term
+                grad = _scaled_saved_grad(grad, scale.expand(mu.shape[0]) if scale.dim() == 0 else scale)
             g_mu, g_lv = ops.gaussian_kl_backward(grad_loss * beta + grad_kl_term, mu, logvar, reduction)
         g_recon = grad if ctx.needs_input_grad[0] else None
         return g_recon, None, g_mu, g_lv, None, None, None, None
