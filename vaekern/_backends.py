@@ -73,9 +73,6 @@ def _cpu_namespace() -> str:
 _NAMESPACE = {"reference": "vaekern_ref", "triton": "vaekern_triton", "cuda": "vaekern"}
 
 
-# Under torch.compile the choice is made once, while tracing, and becomes a constant of the
-# graph: it depends only on the install and on the device, which the graph is guarded on.
-@torch.compiler.assume_constant_result
 def namespace(backend: str, device: torch.device) -> str:
     """The op namespace that serves ``backend`` for tensors on ``device``."""
     if backend not in BACKENDS:
@@ -86,6 +83,14 @@ def namespace(backend: str, device: torch.device) -> str:
     if reason is not None:
         raise BackendUnavailableError(f"backend={backend!r} is not available: {reason}")
     return _cpu_namespace() if backend == "cpu" else _NAMESPACE[backend]
+
+
+# Under torch.compile the choice is made once, while tracing, and becomes a constant of the
+# graph: it depends only on the install and on the device, which the graph is guarded on.
+# This is what torch.compiler.assume_constant_result does; it is written out because that
+# function imports torch._dynamo, and with it triton, which importing vaekern must not do.
+# tests/test_vae_loss.py::test_compile_fullgraph fails if a torch release changes this.
+namespace._dynamo_marked_constant = True
 
 
 def auto(device: torch.device) -> str:

@@ -32,7 +32,6 @@ import torch
 import triton
 import triton.language as tl
 
-_NAN_ALL = tl.PropagateNan.ALL
 
 # Programs the image-sized kernels aim for, by splitting long rows into column chunks
 # when the batch alone is too small to fill the GPU (132 SMs x 8 resident programs on an
@@ -59,14 +58,14 @@ def _bernoulli_elem(x, t, FROM_LOGITS: tl.constexpr):
     """(nll, d nll / dx) of one element; x and t already in the accumulation dtype."""
     if FROM_LOGITS:
         e = tl.exp(-tl.abs(x))
-        nll = tl.maximum(x, 0.0, propagate_nan=_NAN_ALL) - x * t + _log1p(e)
+        nll = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) - x * t + _log1p(e)
         r = 1.0 / (1.0 + e)
         grad = tl.where(x >= 0.0, r, e * r) - t
     else:
-        log_p = tl.maximum(tl.log(x), -100.0, propagate_nan=_NAN_ALL)
-        log_q = tl.maximum(_log1p(-x), -100.0, propagate_nan=_NAN_ALL)
+        log_p = tl.maximum(tl.log(x), -100.0, propagate_nan=tl.PropagateNan.ALL)
+        log_q = tl.maximum(_log1p(-x), -100.0, propagate_nan=tl.PropagateNan.ALL)
         nll = -(t * log_p + (1.0 - t) * log_q)
-        grad = (x - t) / tl.maximum(x * (1.0 - x), 1e-12, propagate_nan=_NAN_ALL)
+        grad = (x - t) / tl.maximum(x * (1.0 - x), 1e-12, propagate_nan=tl.PropagateNan.ALL)
     return nll, grad
 
 
@@ -126,14 +125,14 @@ def _scale_row_chunk(
 @triton.jit
 def _gaussian_kl_elem(mu, lv):
     """mu^2 + exp(min(lv, 60)) - 1 - lv (twice the KL of one latent)."""
-    var = tl.exp(tl.minimum(lv, 60.0, propagate_nan=_NAN_ALL))
+    var = tl.exp(tl.minimum(lv, 60.0, propagate_nan=tl.PropagateNan.ALL))
     return mu * mu + var - 1.0 - lv
 
 
 @triton.jit
 def _kl_grad_elem(s, mu, lv):
     """(s * mu, s * 0.5 * (exp(min(lv, 60)) - 1)): the straight-through clamp's gradient."""
-    var = tl.exp(tl.minimum(lv, 60.0, propagate_nan=_NAN_ALL))
+    var = tl.exp(tl.minimum(lv, 60.0, propagate_nan=tl.PropagateNan.ALL))
     return s * mu, s * (0.5 * (var - 1.0))
 
 
