@@ -69,8 +69,8 @@ def save_reconstructions(model: DigitsVAE, x: torch.Tensor, path: str) -> None:
     fig, axes = plt.subplots(4, 8, figsize=(8, 4.4))
     for i in range(16):
         row, col = 2 * (i // 8), i % 8
-        axes[row, col].imshow(x[i].cpu().reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
-        axes[row + 1, col].imshow(recon[i].reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
+        axes[row, col].imshow(x[i].cpu().reshape(8, 8).numpy(), cmap="gray_r", vmin=0, vmax=1)
+        axes[row + 1, col].imshow(recon[i].reshape(8, 8).numpy(), cmap="gray_r", vmin=0, vmax=1)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
