@@ -207,15 +207,19 @@ def _limit_recompiles() -> None:
 
 
 @functools.cache
-def forward_fn(provider: str, op: str):
-    """The forward of ``op`` for ``provider``: a callable taking the op's tensors."""
+def forward_fn(provider: str, op: str, compile_backend: str = "inductor"):
+    """The forward of ``op`` for ``provider``: a callable taking the op's tensors.
+
+    ``compile_backend`` is torch.compile's backend for the compile providers: Inductor for
+    every timing; the smoke tests may ask for ``"aot_eager"`` (see conftest.py).
+    """
     if provider in VAEKERN_PROVIDERS:
         return functools.partial(getattr(vaekern, op), backend=provider)
     fn = _EAGER[op][provider.endswith("-keras")]
     if provider.startswith("compile"):
         _limit_recompiles()
         # Cached per (provider, op), so fwd, bwd and fwd+bwd of one shape share one compile.
-        fn = torch.compile(fn, dynamic=False)
+        fn = torch.compile(fn, backend=compile_backend, dynamic=False)
     return fn
 
 
@@ -277,10 +281,11 @@ class Step:
     runs the forward on the next set) and time ``backward(state)``.
     """
 
-    def __init__(self, case: Case, provider: str, sets: list[dict[str, torch.Tensor]]):
+    def __init__(self, case: Case, provider: str, sets: list[dict[str, torch.Tensor]],
+                 compile_backend: str = "inductor"):
         self.case = case
         self.provider = provider
-        self.forward = forward_fn(provider, case.op)
+        self.forward = forward_fn(provider, case.op, compile_backend)
         self._sets = sets
         self._next = itertools.cycle(range(len(sets)))
 
@@ -312,12 +317,12 @@ class Step:
         return self.backward(self.setup()) if self.case.mode == "bwd" else self()
 
 
-def check(case: Case, provider: str, inputs: dict[str, torch.Tensor]) -> float:
+def check(case: Case, provider: str, inputs: dict[str, torch.Tensor], compile_backend: str = "inductor") -> float:
     """The error of one forward against the float64 reference: relative for the losses, the
     distance from N(0, 1) of the implied noise for ``reparameterize``. NaN or inf when the
     provider's result is not finite (an fp16 sum that overflows, say)."""
     # Grad stays enabled, as in the timed calls: under no_grad torch.compile would recompile.
-    out = forward_fn(provider, case.op)(*(inputs[a] for a in ARGS[case.op])).detach()
+    out = forward_fn(provider, case.op, compile_backend)(*(inputs[a] for a in ARGS[case.op])).detach()
     with torch.no_grad():
         if case.op == "reparameterize":
             mu, logvar = inputs["mu"].double(), inputs["logvar"].double()

@@ -128,6 +128,7 @@ def environment(device: torch.device, threads: int) -> dict:
         "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks", *sys.argv[1:]]),
         "memory_method": timing.MEMORY_METHOD[device.type],
         "cache_bytes": timing.cache_bytes(device),
+        "loadavg_start": timing.load_average(),
     }
     if device.type == "cpu":
         env["threads"] = threads
@@ -212,7 +213,8 @@ def markdown(rows: list[dict], env: dict, copy_gbps: float, copy_how: str) -> st
         f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, vaekern {env['vaekern']} "
         f"({env['git']}), {env['date']}" + (f", {env['threads']} threads" if "threads" in env else "")
         + f"\n\nCopy bandwidth: {copy_gbps:.1f} GB/s ({copy_how}, read + write)."
-        + f" Peak memory: {env['memory_method']}.\n\n"
+        + f" Peak memory: {env['memory_method']}."
+        + f" Load average (1/5/15 min) at start: {env['loadavg_start']}, at end: {env.get('loadavg_end', '')}.\n\n"
     )
     cols = ["op", "size", "dtype", "mode", "provider", "median ms", "p20-p80 ms", "floor MB", "GB/s",
             "% copy BW", "x eager", "x compile", "peak MB", "check"]
@@ -375,6 +377,7 @@ def main(argv=None) -> int:
         add_ratios(rows, copy_gbps)
         write_csv(rows, out / "results.csv")
     bar.close()
+    env["loadavg_end"] = timing.load_average()
 
     add_ratios(rows, copy_gbps)
     table = markdown(rows, env, copy_gbps, copy_how)

@@ -15,9 +15,11 @@ freed blocks hides; ``tracemalloc`` does not see torch's allocations at all).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -155,11 +157,25 @@ def peak_bytes(device: torch.device, fn, setup=None) -> int:
     return _cpu_peak_bytes(call)
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's start/stop lines, which kineto prints from C++ on fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_bytes(call) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = call()
     del out
     allocs = []
@@ -205,3 +221,11 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{name} ({os.cpu_count()} cores)"
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages: other work on the machine skews CPU timings."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
