@@ -1,6 +1,8 @@
 // Vectorized loops of gaussian_kl (host code and math: gaussian_kl.cpp).
 //   kl      = 0.5 * (mu^2 + exp(min(lv, 60)) - 1 - lv)
 //   d/dmu   = s * mu,   d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)   (straight-through clamp)
+// exp(x) - 1 is evaluated as expm1(x): near lv = 0, where a trained encoder's logvar
+// sits, exp(lv) - 1 would lose the low bits of the gradient to cancellation.
 // at::vec::minimum propagates NaN, so a NaN logvar gives NaN.
 #pragma once
 
@@ -8,16 +10,17 @@
 
 namespace vaekern::cpu::CPU_CAPABILITY {
 
+// exp(min(lv, 60)) - 1
 template <typename A>
-inline Vec<A> clamped_var(const Vec<A>& lv) {
-  return at::vec::minimum(lv, Vec<A>(A(60))).exp();
+inline Vec<A> clamped_var_m1(const Vec<A>& lv) {
+  return at::vec::minimum(lv, Vec<A>(A(60))).expm1();
 }
 
 template <typename T>
 void gaussian_kl_tasks(const GaussianKlArgs& a, int64_t begin, int64_t end) {
   using A = acc_t<T>;
   constexpr int64_t W = Vec<A>::size();
-  const Vec<A> zero(A(0)), one(A(1)), half(A(0.5));
+  const Vec<A> zero(A(0)), half(A(0.5));
   for (int64_t row = begin; row < end; ++row) {
     const T* m = static_cast<const T*>(a.mu) + row * a.cols;
     const T* lv = static_cast<const T*>(a.logvar) + row * a.cols;
@@ -25,7 +28,7 @@ void gaussian_kl_tasks(const GaussianKlArgs& a, int64_t begin, int64_t end) {
     for (int64_t j = 0; j < a.cols; j += W) {
       const int64_t n = std::min(W, a.cols - j);
       const Vec<A> mv = load_as<A>(m + j, n), lvv = load_as<A>(lv + j, n);
-      const Vec<A> kl = half * (mv * mv + clamped_var(lvv) - one - lvv);
+      const Vec<A> kl = half * (mv * mv + (clamped_var_m1(lvv) - lvv));
       acc += n == W ? kl : Vec<A>::set(zero, kl, n);
     }
     a.out[row] = hsum(acc);
@@ -36,7 +39,7 @@ template <typename T>
 void gaussian_kl_backward_tasks(const GaussianKlArgs& a, int64_t begin, int64_t end) {
   using A = acc_t<T>;
   constexpr int64_t W = Vec<A>::size();
-  const Vec<A> one(A(1)), half(A(0.5));
+  const Vec<A> half(A(0.5));
   for (int64_t row = begin; row < end; ++row) {
     const int64_t off = row * a.cols;
     const T* m = static_cast<const T*>(a.mu) + off;
@@ -48,7 +51,7 @@ void gaussian_kl_backward_tasks(const GaussianKlArgs& a, int64_t begin, int64_t 
     for (int64_t j = 0; j < a.cols; j += W) {
       const int64_t n = std::min(W, a.cols - j);
       store_as<A>(s * load_as<A>(m + j, n), gm + j, n);
-      store_as<A>(s_half * (clamped_var(load_as<A>(lv + j, n)) - one), glv + j, n);
+      store_as<A>(s_half * clamped_var_m1(load_as<A>(lv + j, n)), glv + j, n);
     }
   }
 }

@@ -29,8 +29,16 @@ inline void philox_normals(uint64_t seed, int64_t start, int64_t count, float* o
     u1[k] = static_cast<float>(engine()) * 0x1p-32f + 0x1p-33f;
     u2[k] = static_cast<float>(engine()) * 0x1p-32f;
   }
+  // Pad the last vector with fixed values: Sleef's vector sin/cos take a slower, more
+  // exact path for all lanes when any lane is large, so stale stack values in unused
+  // lanes would change the used ones.
+  const int64_t padded = (pairs + W - 1) / W * W;
+  for (int64_t k = pairs; k < padded; ++k) {
+    u1[k] = 1.0f;
+    u2[k] = 0.0f;
+  }
   const Vec<float> minus_two(-2.0f), two_pi(static_cast<float>(2.0 * M_PI));
-  for (int64_t k = 0; k < pairs; k += W) {
+  for (int64_t k = 0; k < padded; k += W) {
     const Vec<float> r = (minus_two * Vec<float>::loadu(u1 + k).log()).sqrt();
     const Vec<float> theta = two_pi * Vec<float>::loadu(u2 + k);
     (r * theta.cos()).store(u1 + k);
