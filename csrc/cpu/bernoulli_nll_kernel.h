@@ -6,8 +6,9 @@
 // log1p(e) is log(u) + (e - (u - 1)) / u with u = fl(1 + e): u - 1 is exact, and the
 // second term restores what rounding 1 + e lost (the classic log1p correction). So each
 // element costs one vectorized exp, one log and one division (no log1p: PyTorch's costs
-// 11 ns/elem on this machine). With Sleef's expf/logf (1 ulp) the error is about 2 ulp of
-// log1p(e) for every e in (0, 1].
+// 11 ns/elem on this machine). exp and log are inline polynomials for the only ranges
+// they see here, exp on (-inf, 0] and log on [1, 2] (below); each is within 1 ulp, and
+// log1p(e) within about 2 ulp for every e in (0, 1] (tests/test_cpu_kernels.py).
 //
 // Probabilities p: nll = -(t*max(log p, -100) + (1-t)*max(log1p(-p), -100)) with the
 // same correction for log1p(-p); grad = (p - t) / max(p*(1-p), 1e-12).
@@ -18,14 +19,72 @@
 
 namespace vaekern::cpu::CPU_CAPABILITY {
 
+// exp(x) for x <= 0 (NaN propagates). float: inline Cephes expf, a degree-5 polynomial
+// after n = round(x / ln 2), within 1 ulp; 0 below -87.3, where the true value is
+// subnormal (it only ever enters 1 + e or e * r). Inline, it costs about half of a call
+// to Sleef's general expf. double: Sleef.
+template <typename A>
+inline Vec<A> exp_nonpositive(const Vec<A>& x_in) {
+  if constexpr (std::is_same_v<A, double>) {
+    return x_in.exp();
+  } else {
+    using V = Vec<float>;
+    const V lo(-87.3f);
+    const V x = at::vec::maximum(x_in, lo);
+    const V n = at::vec::fmadd(x, V(1.44269504088896341f), V(0.5f)).floor();
+    V r = at::vec::fmadd(n, V(-0.693359375f), x);
+    r = at::vec::fmadd(n, V(2.12194440e-4f), r);
+    V p(1.9875691500e-4f);
+    p = at::vec::fmadd(p, r, V(1.3981999507e-3f));
+    p = at::vec::fmadd(p, r, V(8.3334519073e-3f));
+    p = at::vec::fmadd(p, r, V(4.1665795894e-2f));
+    p = at::vec::fmadd(p, r, V(1.6666665459e-1f));
+    p = at::vec::fmadd(p, r, V(5.0000001201e-1f));
+    const V y = at::vec::fmadd(p, r * r, r) + V(1.0f);
+    // 2^n for n in [-126, 0]: the exponent field set directly.
+    const auto bits = (at::vec::convert_to_int_of_same_size(n) + Vec<int32_t>(127)) << Vec<int32_t>(23);
+    return V::blendv(y * at::vec::cast<float>(bits), V(0.0f), x_in < lo);
+  }
+}
+
+// log(u) for u in [1, 2] (NaN propagates). float: inline Cephes logf, u or u/2 in
+// [sqrt(1/2), sqrt(2)) and a degree-8 polynomial, within 1 ulp. double: Sleef.
+template <typename A>
+inline Vec<A> log_1_to_2(const Vec<A>& u) {
+  if constexpr (std::is_same_v<A, double>) {
+    return u.log();
+  } else {
+    using V = Vec<float>;
+    const V one(1.0f);
+    const V big = u > V(1.41421356f);
+    const V m = V::blendv(u, u * V(0.5f), big);
+    const V k = V::blendv(V(0.0f), one, big);
+    const V f = m - one;  // exact (Sterbenz)
+    const V z = f * f;
+    V p(7.0376836292e-2f);
+    p = at::vec::fmadd(p, f, V(-1.1514610310e-1f));
+    p = at::vec::fmadd(p, f, V(1.1676998740e-1f));
+    p = at::vec::fmadd(p, f, V(-1.2420140846e-1f));
+    p = at::vec::fmadd(p, f, V(1.4249322787e-1f));
+    p = at::vec::fmadd(p, f, V(-1.6668057665e-1f));
+    p = at::vec::fmadd(p, f, V(2.0000714765e-1f));
+    p = at::vec::fmadd(p, f, V(-2.4999993993e-1f));
+    p = at::vec::fmadd(p, f, V(3.3333331174e-1f));
+    V y = f * z * p;
+    y = at::vec::fmadd(k, V(-2.12194440e-4f), y);
+    y = at::vec::fmadd(z, V(-0.5f), y);
+    return at::vec::fmadd(k, V(0.693359375f), f + y);
+  }
+}
+
 template <typename A, bool kLogits>
 inline void bernoulli_nll_elem(const Vec<A>& x, const Vec<A>& t, Vec<A>& nll, Vec<A>& grad) {
   const Vec<A> zero(A(0)), one(A(1));
   if constexpr (kLogits) {
-    const Vec<A> e = (zero - x.abs()).exp();
+    const Vec<A> e = exp_nonpositive(zero - x.abs());
     const Vec<A> u = one + e;
     const Vec<A> r = one / u;
-    const Vec<A> log1p_e = u.log() + (e - (u - one)) * r;
+    const Vec<A> log1p_e = log_1_to_2(u) + (e - (u - one)) * r;
     nll = at::vec::maximum(x, zero) - x * t + log1p_e;
     // sigmoid(l) - t over the common denominator u: ((1-t) - t*e) / u for l >= 0,
     // (e*(1-t) - t) / u for l < 0. Where the difference cancels (t near sigmoid(l)), the
