@@ -7,13 +7,14 @@
 #pragma once
 
 #include "cpu/kernel_utils.h"
+#include "cpu/vec_math.h"
 
 namespace vaekern::cpu::CPU_CAPABILITY {
 
 // exp(min(lv, 60)) - 1
 template <typename A>
 inline Vec<A> clamped_var_m1(const Vec<A>& lv) {
-  return at::vec::minimum(lv, Vec<A>(A(60))).expm1();
+  return vexpm1(at::vec::minimum(lv, Vec<A>(A(60))));
 }
 
 template <typename T>

@@ -12,6 +12,7 @@
 #include <cmath>
 
 #include "cpu/kernel_utils.h"
+#include "cpu/vec_math.h"
 
 namespace vaekern::cpu::CPU_CAPABILITY {
 
@@ -39,7 +40,7 @@ inline void philox_normals(uint64_t seed, int64_t start, int64_t count, float* o
   }
   const Vec<float> minus_two(-2.0f), two_pi(static_cast<float>(2.0 * M_PI));
   for (int64_t k = 0; k < padded; k += W) {
-    const Vec<float> r = (minus_two * Vec<float>::loadu(u1 + k).log()).sqrt();
+    const Vec<float> r = (minus_two * vlog(Vec<float>::loadu(u1 + k))).sqrt();
     const Vec<float> theta = two_pi * Vec<float>::loadu(u2 + k);
     (r * theta.cos()).store(u1 + k);
     (r * theta.sin()).store(u2 + k);
@@ -80,7 +81,7 @@ void reparameterize_tasks(const ReparameterizeArgs& a, int64_t begin, int64_t en
     T* z = static_cast<T*>(a.z) + start;
     for (int64_t j = 0; j < count; j += W) {
       const int64_t n = std::min(W, count - j);
-      const Vec<A> std = (half * load_as<A>(lv + j, n)).exp();
+      const Vec<A> std = vexp(half * load_as<A>(lv + j, n));
       store_as<A>(load_as<A>(mu + j, n) + std * load_as<A>(eps + j, n), z + j, n);
     }
   }
@@ -102,7 +103,7 @@ void reparameterize_backward_tasks(const ReparameterizeArgs& a, int64_t begin, i
     T* glv = static_cast<T*>(a.grad_logvar) + start;
     for (int64_t j = 0; j < count; j += W) {
       const int64_t n = std::min(W, count - j);
-      const Vec<A> std = (half * load_as<A>(lv + j, n)).exp();
+      const Vec<A> std = vexp(half * load_as<A>(lv + j, n));
       store_as<A>(load_as<A>(gz + j, n) * half * std * load_as<A>(eps + j, n), glv + j, n);
     }
   }
