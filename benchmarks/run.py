@@ -212,7 +212,7 @@ def _fmt(x, spec: str) -> str:
 def markdown(rows: list[dict], env: dict, copy_gbps: float, copy_how: str) -> str:
     head = (
         f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, vaekern {env['vaekern']} "
-        f"({env['git']}), {env['date']}" + (f", {env['threads']} threads" if "threads" in env else "")
+        f"({env['git']}), {env['date']}" + (f", {env['threads']} thread{'s' * (env['threads'] != 1)}" if "threads" in env else "")
         + f"\n\nCopy bandwidth: {copy_gbps:.1f} GB/s ({copy_how}, read + write)."
         + f" Peak memory: {env['memory_method']}."
         + f" Load average (1/5/15 min) at start: {env['loadavg_start']}, at end: {env.get('loadavg_end', '')}.\n\n"
