@@ -27,6 +27,7 @@ import os
 import pathlib
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -211,7 +212,7 @@ def _fmt(x, spec: str) -> str:
 def markdown(rows: list[dict], env: dict, copy_gbps: float, copy_how: str) -> str:
     head = (
         f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, vaekern {env['vaekern']} "
-        f"({env['git']}), {env['date']}" + (f", {env['threads']} threads" if "threads" in env else "")
+        f"({env['git']}), {env['date']}" + (f", {env['threads']} thread{'s' * (env['threads'] != 1)}" if "threads" in env else "")
         + f"\n\nCopy bandwidth: {copy_gbps:.1f} GB/s ({copy_how}, read + write)."
         + f" Peak memory: {env['memory_method']}."
         + f" Load average (1/5/15 min) at start: {env['loadavg_start']}, at end: {env.get('loadavg_end', '')}.\n\n"
@@ -308,6 +309,10 @@ def _progress(total: int, disable: bool):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # SIGINT ends the run but keeps its results, even when started with SIGINT ignored (a
+    # background job); `timeout -s INT` in gpu.sh relies on it. SIGTERM does the same.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -337,9 +342,33 @@ def main(argv=None) -> int:
     cache = timing.cache_bytes(device)
     start = time.perf_counter()
     rows: list[dict] = []
-    checks: dict = {}
-    combos = [(op, size, dt) for op in args.ops for size in sizes for dt in dtypes]
+    # dtype outermost: a run cut short by --max-seconds still has every op at the first dtype.
+    combos = [(op, size, dt) for dt in dtypes for op in args.ops for size in sizes]
     bar = _progress(len(combos) * len(args.modes) * len(args.providers), args.no_progress)
+    try:
+        _run_all(args, combos, device, cache, timer, rows, out, copy_gbps, start, bar)
+    except KeyboardInterrupt:  # Ctrl-C, or `timeout -s INT`: keep and report what was measured
+        env["interrupted"] = True
+        print("\ninterrupted: writing the cases measured so far", file=sys.stderr)
+    bar.close()
+    env["loadavg_end"] = timing.load_average()
+
+    add_ratios(rows, copy_gbps)
+    table = markdown(rows, env, copy_gbps, copy_how)
+    write_csv(rows, out / "results.csv")
+    (out / "results.md").write_text(table)
+    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
+    (out / "results.json").write_text(json.dumps({"environment": env, "rows": clean}, indent=1) + "\n")
+    plots = [] if args.no_plots else plot(rows, out)
+    print(table)
+    print(f"wrote {out}/results.csv, results.json, results.md and {len(plots)} plots", file=sys.stderr)
+    failed = [r for r in rows if r["status"].startswith("error") or r["check_ok"] is False]
+    return 130 if env.get("interrupted") else (1 if failed else 0)
+
+
+def _run_all(args, combos, device, cache, timer, rows, out, copy_gbps, start, bar) -> None:
+    gpu = device.type == "cuda"
+    checks: dict = {}
     for op, size, dtype in combos:
         tdtype = dtype if args.target_dtype == "same" else cases.TARGET_DTYPES[args.target_dtype]
         # Inputs for fwd+bwd include everything any mode needs (grad_z for reparameterize).
@@ -376,17 +405,3 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         add_ratios(rows, copy_gbps)
         write_csv(rows, out / "results.csv")
-    bar.close()
-    env["loadavg_end"] = timing.load_average()
-
-    add_ratios(rows, copy_gbps)
-    table = markdown(rows, env, copy_gbps, copy_how)
-    write_csv(rows, out / "results.csv")
-    (out / "results.md").write_text(table)
-    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
-    (out / "results.json").write_text(json.dumps({"environment": env, "rows": clean}, indent=1) + "\n")
-    plots = [] if args.no_plots else plot(rows, out)
-    print(table)
-    print(f"wrote {out}/results.csv, results.json, results.md and {len(plots)} plots", file=sys.stderr)
-    failed = [r for r in rows if r["status"].startswith("error") or r["check_ok"] is False]
-    return 1 if failed else 0

@@ -203,7 +203,7 @@ def copy_bandwidth(device: torch.device, timer, nbytes: int | None = None) -> tu
     dst = torch.empty_like(src)
     t = timer(lambda: dst.copy_(src))
     how = f"copy_ of {nbytes >> 20} MiB on {device.type}" + (
-        f" with {timer.threads} threads" if device.type == "cpu" else ""
+        f" with {timer.threads} thread{'s' * (timer.threads != 1)}" if device.type == "cpu" else ""
     )
     return 2 * nbytes / (t.median_ms * 1e-3) / 1e9, how
 

@@ -99,6 +99,12 @@ def test_import_needs_no_gpu_triton_or_extension():
     subprocess.run([sys.executable, "-c", code], check=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
 
 
-def test_empty_latent_and_pixel_dims_give_zero_rows():
-    rows = vaekern.gaussian_kl(torch.empty(3, 0), torch.empty(3, 0), reduction="none")
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_empty_dims(backend):
+    """No pixels or latents: zero rows. No rows: an empty "none", sum 0, mean NaN (0/0)."""
+    rows = vaekern.gaussian_kl(torch.empty(3, 0), torch.empty(3, 0), reduction="none", backend=backend)
     assert torch.equal(rows, torch.zeros(3))
+    r, t = torch.empty(0, 5), torch.empty(0, 5)
+    assert vaekern.bernoulli_nll(r, t, reduction="none", backend=backend).shape == (0,)
+    assert vaekern.bernoulli_nll(r, t, reduction="sum", backend=backend) == 0
+    assert vaekern.bernoulli_nll(r, t, backend=backend).isnan()

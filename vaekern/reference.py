@@ -26,6 +26,8 @@ Conventions shared by every backend (the kernels implement exactly these):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -53,7 +55,7 @@ def reduce_rows(rows: Tensor, reduction: str) -> Tensor:
 
 
 def _row_sum(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1).sum(dim=1)
+    return x.reshape(x.shape[0], math.prod(x.shape[1:])).sum(dim=1)
 
 
 def bernoulli_nll_ref(

@@ -10,9 +10,12 @@ Element math (``@triton.jit`` helpers, inlined into the kernels)
   naive ``log(1 + x)`` loses every digit of ``log1p(1e-8)``). With the GPU's fast log
   (``lg2.approx.f32``, absolute error about 2^-22 near 1) a term ``log1p(e)`` with tiny
   ``e`` carries an absolute error below about 1e-7, which is what matters in a row sum.
+* ``_expm1(x) = (u - 1) * x / log(u)`` with ``u = exp(x)`` (Kahan), for the KL's
+  ``exp(lv) - 1`` near lv = 0, likewise without libdevice.
 * ``_bernoulli_elem(x, t)``: the NLL and its gradient for one element, in the
   accumulation dtype; see ``bernoulli_nll.py`` for the math. One ``exp`` and one ``log``
-  per logit; the sigmoid reuses the same ``exp(-|x|)``.
+  per logit; the sigmoid reuses the same ``exp(-|x|)``, and ``sigmoid(x) - t`` is formed
+  so that it does not cancel (see the comment there).
 * Every clamp passes ``propagate_nan=ALL``: ``tl.maximum``/``tl.minimum`` otherwise
   return the other operand for a NaN, and a NaN input must give a NaN loss.
 
@@ -54,13 +57,28 @@ def _log1p(x):
 
 
 @triton.jit
+def _expm1(x):
+    # Kahan's trick: (u - 1) * x / log(u) with u = exp(x) cancels the rounding of u; x itself
+    # where u rounds to 1, and -1 where u - 1 does (x below about -17 in float32).
+    u = tl.exp(x)
+    d = u - 1.0
+    return tl.where(d == 0.0, x, tl.where(d == -1.0, d, d * (x / tl.log(u))))
+
+
+@triton.jit
 def _bernoulli_elem(x, t, FROM_LOGITS: tl.constexpr):
     """(nll, d nll / dx) of one element; x and t already in the accumulation dtype."""
     if FROM_LOGITS:
         e = tl.exp(-tl.abs(x))
         nll = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) - x * t + _log1p(e)
-        r = 1.0 / (1.0 + e)
-        grad = tl.where(x >= 0.0, r, e * r) - t
+        # sigmoid(x) - t = num / (1 + e), with num = (1 - t) - t*e for x >= 0 and
+        # (e - t) - t*e below. Where sigmoid(x) and t nearly cancel, 1 - t (t near
+        # sigmoid >= 1/2) and e - t (t near sigmoid in [e/2, e)) are exact by Sterbenz's
+        # lemma and the fma rounds once, so the gradient keeps its relative accuracy
+        # (sigmoid(x) - t rounded on its own loses up to 6e-8 absolute; for a binary
+        # target and |x| = 10 that is a relative error of 1e-3).
+        num = tl.fma(-t, e, tl.where(x >= 0.0, 1.0 - t, e - t))
+        grad = num / (1.0 + e)
     else:
         log_p = tl.maximum(tl.log(x), -100.0, propagate_nan=tl.PropagateNan.ALL)
         log_q = tl.maximum(_log1p(-x), -100.0, propagate_nan=tl.PropagateNan.ALL)
@@ -124,16 +142,18 @@ def _scale_row_chunk(
 
 @triton.jit
 def _gaussian_kl_elem(mu, lv):
-    """mu^2 + exp(min(lv, 60)) - 1 - lv (twice the KL of one latent)."""
-    var = tl.exp(tl.minimum(lv, 60.0, propagate_nan=tl.PropagateNan.ALL))
-    return mu * mu + var - 1.0 - lv
+    """mu^2 + exp(min(lv, 60)) - 1 - lv (twice the KL of one latent).
+
+    As mu^2 + (expm1(min(lv, 60)) - lv): near lv = 0, exp(lv) - 1 rounded on its own
+    carries an absolute error of an ulp of 1 into a term of size lv^2 / 2."""
+    return mu * mu + (_expm1(tl.minimum(lv, 60.0, propagate_nan=tl.PropagateNan.ALL)) - lv)
 
 
 @triton.jit
 def _kl_grad_elem(s, mu, lv):
-    """(s * mu, s * 0.5 * (exp(min(lv, 60)) - 1)): the straight-through clamp's gradient."""
-    var = tl.exp(tl.minimum(lv, 60.0, propagate_nan=tl.PropagateNan.ALL))
-    return s * mu, s * (0.5 * (var - 1.0))
+    """(s * mu, s * 0.5 * expm1(min(lv, 60))): the straight-through clamp's gradient."""
+    em1 = _expm1(tl.minimum(lv, 60.0, propagate_nan=tl.PropagateNan.ALL))
+    return s * mu, s * (0.5 * em1)
 
 
 # ---- reduction of per-row partials ------------------------------------------------------------
@@ -251,9 +271,14 @@ def row_config(B: int, D: int, itemsize: int) -> tuple[int, int, int, int]:
 
     Each program covers ``n_blocks`` column blocks of one row; the grid is (B, C).
     """
-    max_block = MAX_BLOCK_BYTES // max(itemsize, 4)
-    BLOCK = max(128, min(triton.next_power_of_2(max(D, 1)), max_block))
-    num_warps = max(1, min(8, BLOCK // 256))
+    if itemsize <= 4:
+        BLOCK = max(128, min(triton.next_power_of_2(max(D, 1)), MAX_BLOCK_BYTES // 4))
+        num_warps = max(1, min(8, BLOCK // 256))  # up to 16 values per thread
+    else:
+        # float64's exp and log are libdevice calls with twice the registers per value:
+        # 4 values per thread (8 took 170-185 registers on sm_90).
+        BLOCK = max(128, min(triton.next_power_of_2(max(D, 1)), MAX_BLOCK_BYTES // 16))
+        num_warps = max(1, min(8, BLOCK // 128))
     total_blocks = max(1, triton.cdiv(D, BLOCK))
     want = max(1, min(triton.cdiv(TARGET_PROGRAMS, max(B, 1)), total_blocks))
     n_blocks = triton.cdiv(total_blocks, want)
@@ -261,11 +286,15 @@ def row_config(B: int, D: int, itemsize: int) -> tuple[int, int, int, int]:
     return BLOCK, num_warps, C, n_blocks
 
 
-def latent_config(B: int, Z: int) -> tuple[int, int, int]:
+def latent_config(B: int, Z: int, itemsize: int) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_Z, num_warps) for the [B, Z] latent tiles: rows per program x a
-    column block that the program loops over (Z is small: tens to hundreds)."""
+    column block that the program loops over (Z is small: tens to hundreds).
+
+    8 values per thread at 4 warps, 2 for float64 (libdevice exp/log: 16 float64 values
+    per thread took 255 registers and spilled on sm_80 and sm_90)."""
+    tile = 1024 if itemsize <= 4 else 256
     BLOCK_Z = max(16, min(triton.next_power_of_2(max(Z, 1)), 256))
-    BLOCK_B = max(1, min(triton.next_power_of_2(max(B, 1)), 2048 // BLOCK_Z))
+    BLOCK_B = max(1, min(triton.next_power_of_2(max(B, 1)), tile // BLOCK_Z))
     return BLOCK_B, BLOCK_Z, 4
 
 

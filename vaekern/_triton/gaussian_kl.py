@@ -130,7 +130,7 @@ def kl_rows(mu, logvar, out, reduction: int = 0) -> None:
     B = mu.shape[0]
     m, Z, stride_mu = as_rows(mu)
     lv, _, stride_lv = as_rows(logvar)
-    BLOCK_B, BLOCK_Z, num_warps = latent_config(B, Z)
+    BLOCK_B, BLOCK_Z, num_warps = latent_config(B, Z, mu.element_size())
     grid = (triton.cdiv(B, BLOCK_B),) if reduction == 0 else (1,)
     if grid[0] > 0:
         _gaussian_kl_fwd_kernel[grid](
@@ -144,7 +144,7 @@ def kl_grads(scale, mu, logvar, reduction: int, gmu, glv) -> None:
     B = mu.shape[0]
     m, Z, stride_mu = as_rows(mu)
     lv, _, stride_lv = as_rows(logvar)
-    BLOCK_B, BLOCK_Z, num_warps = latent_config(B, Z)
+    BLOCK_B, BLOCK_Z, num_warps = latent_config(B, Z, mu.element_size())
     if B > 0:
         _gaussian_kl_bwd_kernel[(triton.cdiv(B, BLOCK_B),)](
             scale, m, lv, gmu, glv, B, Z, scale_stride(scale), stride_mu, stride_lv,

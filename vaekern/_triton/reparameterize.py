@@ -131,7 +131,7 @@ def reparameterize(mu, logvar, eps, seed):
     e, _, stride_eps = as_rows(eps) if eps is not None else (m, Z, stride_mu)
     _check_counters(B, Z, seed)
     z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
-    BLOCK_B, BLOCK_Z, num_warps = latent_config(B, Z)
+    BLOCK_B, BLOCK_Z, num_warps = latent_config(B, Z, mu.element_size())
     if B > 0:
         with device_guard(mu):
             _reparameterize_fwd_kernel[(triton.cdiv(B, BLOCK_B),)](
@@ -162,7 +162,7 @@ def reparameterize_backward(grad_z, mu, logvar, eps, seed):
     _check_counters(B, Z, seed)
     gmu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     glv = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)
-    BLOCK_B, BLOCK_Z, num_warps = latent_config(B, Z)
+    BLOCK_B, BLOCK_Z, num_warps = latent_config(B, Z, mu.element_size())
     if B > 0:
         with device_guard(mu):
             _reparameterize_bwd_kernel[(triton.cdiv(B, BLOCK_B),)](

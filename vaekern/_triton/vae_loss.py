@@ -145,8 +145,11 @@ def _vae_loss_bwd_kernel(
     _scale_row_chunk(grad_ptr + row * D, g_loss + tl.load(gr_ptr + row * stride_gr), lo, hi, D, BLOCK)
 
 
-def _block_z(Z: int) -> int:
-    return max(16, min(triton.next_power_of_2(max(Z, 1)), 1024))
+def _block_z(Z: int, num_warps: int, itemsize: int) -> int:
+    """Latent block of the row's KL: up to 4 values per thread (1 for float64, see
+    ``_common.latent_config``), looped over for longer latent rows."""
+    per_thread = 4 if itemsize <= 4 else 1
+    return max(16, min(triton.next_power_of_2(max(Z, 1)), 32 * num_warps * per_thread))
 
 
 def vae_loss(recon, target, mu, logvar, beta, from_logits: bool, reduction: int, compute_grad: bool):
@@ -184,7 +187,7 @@ def vae_loss(recon, target, mu, logvar, beta, from_logits: bool, reduction: int,
                 x, t, grad if compute_grad else x, part, m, lv, kl_rows,
                 D, Z, stride_x, stride_t, stride_mu, stride_lv, B, n_blocks,
                 FROM_LOGITS=from_logits, COMPUTE_GRAD=compute_grad, MEAN=reduction == 1,
-                BLOCK=BLOCK, BLOCK_Z=_block_z(Z), num_warps=num_warps,
+                BLOCK=BLOCK, BLOCK_Z=_block_z(Z, num_warps, mu.element_size()), num_warps=num_warps,
             )
         finalize(part, kl_rows, beta, loss, rec, kl, reduction)
     return loss, rec, kl, grad if compute_grad else recon.new_empty((0,))
@@ -222,6 +225,6 @@ def vae_loss_backward_(grad_recon, grad_loss, grad_recon_term, grad_kl_term, mu,
                 grad_recon, grad_loss, grad_recon_term, grad_kl_term, beta, m, lv, gmu, glv,
                 D, Z, scale_stride(grad_loss), scale_stride(grad_recon_term), scale_stride(grad_kl_term),
                 stride_mu, stride_lv, B, n_blocks,
-                MEAN=reduction == 1, BLOCK=BLOCK, BLOCK_Z=_block_z(Z), num_warps=num_warps,
+                MEAN=reduction == 1, BLOCK=BLOCK, BLOCK_Z=_block_z(Z, num_warps, mu.element_size()), num_warps=num_warps,
             )
     return gmu, glv
