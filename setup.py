@@ -50,7 +50,8 @@ def _extensions():
     kind = cpp_extension.CppExtension
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
+        # torch 2.14 headers need C++20 (std::strong_ordering in c10/util/intrusive_ptr.h).
+        extra["nvcc"] = ["-O3", "-std=c++20", "-lineinfo"]
         kind = cpp_extension.CUDAExtension
     ext = kind(
         "vaekern._C",
