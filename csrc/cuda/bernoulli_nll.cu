@@ -84,7 +84,7 @@ void scale_rows_(const Tensor& grad, const RowScale& scale, cudaStream_t stream)
   const int64_t B = g.size(0), D = g.numel() / B;
   AT_DISPATCH_SWITCH(g.scalar_type(), "vaekern scale_rows_",
                      AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, [&] {
-                       const Tiling t = tiling(D, 16 / sizeof(scalar_t));
+                       const Tiling t = tiling(B, D, 16 / sizeof(scalar_t));
                        scale_rows_kernel<scalar_t><<<blocks_for(B * t.tiles_per_row * t.G), kThreads, 0, stream>>>(
                            g.data_ptr<scalar_t>(), scale, B, D, t.tile_len, t.tiles_per_row, t.G);
                        C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -108,13 +108,13 @@ std::tuple<Tensor, Tensor> bernoulli_nll_cuda(const Tensor& input, const Tensor&
   const Rows t = as_rows(target);
   const int64_t B = x.B, D = x.D;
   const auto acc = acc_scalar(input.scalar_type());
-  Tensor out = at::empty(reduction == 0 ? at::IntArrayRef{B} : at::IntArrayRef{}, input.options().dtype(acc));
+  Tensor out = at::empty(loss_shape(reduction, B), input.options().dtype(acc));
   Tensor grad = compute_grad ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());
   if (B == 0 && reduction == 0) return {out, grad};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bernoulli_nll_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    const Tiling tl = tiling(D, recon_vec<scalar_t, acc_t>());
+    const Tiling tl = tiling(B, D, recon_vec<scalar_t, acc_t>());
     // With one tile per row and no reduction, the tile sums are the output.
     const bool direct = reduction == 0 && tl.tiles_per_row == 1;
     Tensor partials = direct ? out : at::empty({B * tl.tiles_per_row}, out.options());

@@ -31,8 +31,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 namespace vaekern {
 namespace cuda {
@@ -40,7 +42,8 @@ namespace cuda {
 using at::Tensor;
 
 constexpr int kThreads = 256;          // threads per block of the tiled kernels
-constexpr int kIters = 8;              // vector loads per lane per tile
+constexpr int kIters = 8;              // vector loads per lane per tile, at most
+constexpr int64_t kWantTiles = 8192;   // about one warp per slot of a 132-SM H100
 constexpr int kFinalThreads = 512;     // threads of a block-wide stage-2 block
 constexpr int64_t kFlatMax = 16384;    // partials one stage-2 block sums directly
 constexpr int64_t kSegment = 4096;     // partials per pre-pass segment beyond that
@@ -261,6 +264,11 @@ inline void check_reduction(int64_t reduction) {
               reduction);
 }
 
+// The shape of a loss: (B,) for reduction="none", else ().
+inline std::vector<int64_t> loss_shape(int64_t reduction, int64_t B) {
+  return reduction == 0 ? std::vector<int64_t>{B} : std::vector<int64_t>{};
+}
+
 inline at::ScalarType acc_scalar(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // ---- per-row scales of the backward kernels -------------------------------------------------
@@ -416,17 +424,22 @@ inline void reduce_partials(const Tensor& pr, int64_t cr, const Tensor& pk, int6
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Tiles of a row of D elements for G lanes each doing kIters vector loads of VEC elements.
+// Tiles of B rows of D elements for groups of G lanes, each lane doing up to kIters vector
+// loads of `vec` elements per tile. Fewer loads per tile when that leaves fewer than
+// kWantTiles tiles, so that small batches (128 x 784, say) still spread over every SM.
+// G is at least `min_lanes` (the latent length of vae_loss), so one group fits both terms.
 struct Tiling {
   int G;
   int64_t tile_len, tiles_per_row;
 };
 
-inline Tiling tiling(int64_t D, int vec) {
-  const int G = pow2_at_least(ceil_div(D, vec), 32);
-  const int64_t len = static_cast<int64_t>(G) * vec * kIters;
-  const int64_t c = ceil_div(D, len);
-  return Tiling{G, len, c < 1 ? 1 : c};
+inline Tiling tiling(int64_t B, int64_t D, int vec, int64_t min_lanes = 1) {
+  const int64_t lanes = std::max(ceil_div(D, vec), min_lanes);
+  const int G = pow2_at_least(lanes, 32);
+  int iters = kIters;
+  while (iters > 1 && B * ceil_div(D, static_cast<int64_t>(G) * vec * iters) < kWantTiles) iters >>= 1;
+  const int64_t len = static_cast<int64_t>(G) * vec * iters;
+  return Tiling{G, len, std::max<int64_t>(1, ceil_div(D, len))};
 }
 
 // Scales row b of `grad` (any strides) by scale(b) in place; rows whose factor is exactly 1

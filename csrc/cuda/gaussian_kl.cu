@@ -75,7 +75,7 @@ Tensor gaussian_kl_cuda(const Tensor& mu, const Tensor& logvar, int64_t reductio
   const Rows m = as_rows(mu);
   const Rows l = as_rows(logvar);
   const int64_t B = m.B, D = m.D;
-  Tensor out = at::empty(reduction == 0 ? at::IntArrayRef{B} : at::IntArrayRef{},
+  Tensor out = at::empty(loss_shape(reduction, B),
                          mu.options().dtype(acc_scalar(mu.scalar_type())));
   if (B == 0 && reduction == 0) return out;
 

@@ -90,10 +90,9 @@ void vae_loss_launch(const Rows& x, const Rows& t, at::ScalarType t_dtype, const
                      const Tensor& grad, const Tensor& loss, const Tensor& rec, const Tensor& kl,
                      cudaStream_t stream) {
   const int64_t B = x.B;
-  const int vec = recon_vec<scalar_t, acc_t>();
-  const int G = pow2_at_least(std::max(ceil_div(x.D, vec), m.D), 32);
-  const int64_t tile_len = static_cast<int64_t>(G) * vec * kIters;
-  const int64_t tiles = std::max<int64_t>(1, ceil_div(x.D, tile_len));
+  const Tiling tl = tiling(B, x.D, recon_vec<scalar_t, acc_t>(), m.D);
+  const int G = tl.G;
+  const int64_t tile_len = tl.tile_len, tiles = tl.tiles_per_row;
   const int64_t kl_len = kl_tile_len(G);
   const int64_t kl_tiles = std::max<int64_t>(1, ceil_div(m.D, kl_len));
   Tensor pr = at::empty({B * tiles}, loss.options());
@@ -160,7 +159,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(const Tensor& recon, co
   TORCH_CHECK(m.B == x.B, "vaekern (cuda): mu has batch size ", m.B, " but recon has batch size ", x.B);
   const bool dbl = recon.scalar_type() == at::kDouble || mu.scalar_type() == at::kDouble;
   const auto opts = recon.options().dtype(dbl ? at::kDouble : at::kFloat);
-  const auto shape = reduction == 0 ? at::IntArrayRef{x.B} : at::IntArrayRef{};
+  const std::vector<int64_t> shape = loss_shape(reduction, x.B);
   Tensor loss = at::empty(shape, opts), rec = at::empty(shape, opts), kl = at::empty(shape, opts);
   Tensor grad = compute_grad ? at::empty(recon.sizes(), recon.options()) : at::empty({0}, recon.options());
   if (x.B == 0 && reduction == 0) return {loss, rec, kl, grad};
