@@ -85,6 +85,14 @@ def namespace(backend: str, device: torch.device) -> str:
     return _cpu_namespace() if backend == "cpu" else _NAMESPACE[backend]
 
 
+# Under torch.compile the choice is made once, while tracing, and becomes a constant of the
+# graph: it depends only on the install and on the device, which the graph is guarded on.
+# This is what torch.compiler.assume_constant_result does; it is written out because that
+# function imports torch._dynamo, and with it triton, which importing vaekern must not do.
+# tests/test_vae_loss.py::test_compile_fullgraph fails if a torch release changes this.
+namespace._dynamo_marked_constant = True
+
+
 def auto(device: torch.device) -> str:
     """The backend that ``backend="auto"`` picks for tensors on ``device``."""
     match device.type:

@@ -28,9 +28,9 @@ loss with respect to the reconstruction for an upstream gradient of 1 (for ``mea
 * while AOTAutograd traces (``torch.compile``, ``opcheck``) the tensors are fake or
   functional, and its partitioner cannot handle an in-place update of a saved forward
   output, so the same scale is written out of place and Inductor fuses it.
-* the saved gradient is our own output buffer, never an input; autograd's version counter
-  makes a second backward through the same graph (``retain_graph=True``) raise instead of
-  scaling twice.
+* the gradient is our own output buffer, never an input. Only the first backward through
+  a graph consumes it; a later one (``retain_graph=True``, gradcheck) recomputes it from
+  the inputs, which are kept by reference for that purpose, so nothing is scaled twice.
 * double backward (``create_graph=True``) through the reconstruction term raises a clear
   error: the saved gradient has no graph of its own. ``gaussian_kl`` and
   ``reparameterize`` recompute their latent-sized gradients with differentiable PyTorch
@@ -161,20 +161,28 @@ def _register(ns: str, lib: torch.library.Library) -> None:
 
     # ---- autograd ------------------------------------------------------------------------
     def bernoulli_nll_setup(ctx, inputs, output):
+        input, target, from_logits, reduction, compute_grad = inputs
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(output[1])
+        ctx.args = (from_logits, reduction)
+        # The forward's gradient, handed to the first backward. The inputs are kept (by
+        # reference, not copied) only so that a later backward can recompute it.
+        ctx.fresh = output[1]
+        ctx.save_for_backward(input, target)
 
     def bernoulli_nll_bwd(ctx, grad_out, _):
         _no_double_backward("bernoulli_nll")
-        (saved,) = ctx.saved_tensors
         if grad_out is None or not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        if _is_plain(saved, grad_out):
-            ops.bernoulli_nll_backward_(saved, grad_out)
-            return saved, None, None, None, None
-        scale = grad_out.expand(saved.shape[0]) if grad_out.dim() == 0 else grad_out
-        return _scaled_saved_grad(saved, scale), None, None, None, None
+        grad, ctx.fresh = ctx.fresh, None
+        if grad is None:  # a second backward through the same graph: recompute
+            input, target = ctx.saved_tensors
+            _, grad = ops.bernoulli_nll(input, target, *ctx.args, True)
+        if _is_plain(grad, grad_out):
+            ops.bernoulli_nll_backward_(grad, grad_out)
+            return grad, None, None, None, None
+        scale = grad_out.expand(grad.shape[0]) if grad_out.dim() == 0 else grad_out
+        return _scaled_saved_grad(grad, scale), None, None, None, None
 
     torch.library.register_autograd(
         f"{ns}::bernoulli_nll", bernoulli_nll_bwd, setup_context=bernoulli_nll_setup, lib=lib
@@ -221,38 +229,37 @@ def _register(ns: str, lib: torch.library.Library) -> None:
 
     def vae_loss_setup(ctx, inputs, output):
         recon, target, mu, logvar, beta, from_logits, reduction, compute_grad = inputs
-        ctx.reduction = reduction
         ctx.mark_non_differentiable(output[3])
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(output[3], mu, logvar, beta)
+        ctx.args = (from_logits, reduction)
+        ctx.fresh = output[3]  # as in bernoulli_nll_setup
+        ctx.save_for_backward(recon, target, mu, logvar, beta)
 
     def vae_loss_bwd(ctx, grad_loss, grad_recon_term, grad_kl_term, _):
         _no_double_backward("vae_loss")
-        saved, mu, logvar, beta = ctx.saved_tensors
-        zero = None
-        if grad_loss is None or grad_recon_term is None or grad_kl_term is None:
-            like = next(g for g in (grad_loss, grad_recon_term, grad_kl_term) if g is not None)
-            zero = torch.zeros_like(like)
-        grad_loss = zero if grad_loss is None else grad_loss
-        grad_recon_term = zero if grad_recon_term is None else grad_recon_term
-        grad_kl_term = zero if grad_kl_term is None else grad_kl_term
+        recon, target, mu, logvar, beta = ctx.saved_tensors
+        from_logits, reduction = ctx.args
+        grads = (grad_loss, grad_recon_term, grad_kl_term)
+        if all(g is None for g in grads):
+            return (None,) * 8
+        if any(g is None for g in grads):  # outputs that took no part in the loss
+            zero = torch.zeros_like(next(g for g in grads if g is not None))
+            grad_loss, grad_recon_term, grad_kl_term = (zero if g is None else g for g in grads)
+        grad, ctx.fresh = ctx.fresh, None
         if not ctx.needs_input_grad[0]:
-            saved = saved.new_empty((0,))
-        if _is_plain(saved, grad_loss, grad_recon_term, grad_kl_term):
+            grad = recon.new_empty((0,))
+        elif grad is None:  # a second backward through the same graph: recompute
+            grad = ops.vae_loss(recon, target, mu, logvar, beta, from_logits, reduction, True)[3]
+        if _is_plain(grad, grad_loss, grad_recon_term, grad_kl_term):
             g_mu, g_lv = ops.vae_loss_backward_(
-                saved, grad_loss, grad_recon_term, grad_kl_term, mu, logvar, beta, ctx.reduction
+                grad, grad_loss, grad_recon_term, grad_kl_term, mu, logvar, beta, reduction
             )
-            g_recon = saved
         else:
-            scale_recon = grad_loss + grad_recon_term
-            if scale_recon.dim() == 0:
-                scale_recon = scale_recon.expand(mu.shape[0])
-            g_recon = _scaled_saved_grad(saved, scale_recon) if saved.numel() else saved
-            g_mu, g_lv = ops.gaussian_kl_backward(
-                grad_loss * beta + grad_kl_term, mu, logvar, ctx.reduction
-            )
-        if not ctx.needs_input_grad[0]:
-            g_recon = None
+            if ctx.needs_input_grad[0]:
+                scale = grad_loss + grad_recon_term
+                grad = _scaled_saved_grad(grad, scale.expand(mu.shape[0]) if scale.dim() == 0 else scale)
+            g_mu, g_lv = ops.gaussian_kl_backward(grad_loss * beta + grad_kl_term, mu, logvar, reduction)
+        g_recon = grad if ctx.needs_input_grad[0] else None
         return g_recon, None, g_mu, g_lv, None, None, None, None
 
     torch.library.register_autograd(

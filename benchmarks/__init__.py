@@ -1,0 +1,1 @@
+"""The vaekern benchmark suite: ``python -m benchmarks`` (run.py) and ``pytest benchmarks``."""

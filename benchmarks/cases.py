@@ -1,0 +1,346 @@
+"""What the benchmarks measure: ops, sizes, providers, inputs, floor bytes, and one timed step.
+
+Shared by ``python -m benchmarks`` (run.py) and the pytest-benchmark files (bench_<op>.py), so
+the two cannot drift apart.
+
+Providers
+---------
+``eager``          the pytorch/examples VAE loss as users write it, on logits:
+                   ``F.binary_cross_entropy_with_logits(recon, x, reduction="sum")`` plus
+                   ``KLD = -0.5 * sum(1 + logvar - mu^2 - exp(logvar))``, divided by B for the mean.
+``eager-keras``    the Keras example's formula: the mean per-pixel BCE times the pixel count,
+                   plus the mean over rows of the per-row KL.
+``compile``        ``eager`` under ``torch.compile(dynamic=False)``; compile time is kept out of
+``compile-keras``  the timings (the first calls are warm-up) and reported separately.
+``reference``, ``triton``, ``cuda``, ``cpu``
+                   ``vaekern.<op>(..., backend=name)``, where ``vaekern.available_backends``
+                   lists it for the device. ``triton`` runs only on a real GPU, never in
+                   Triton's interpreter: interpreted timings mean nothing.
+
+Every provider computes the same number (the batch mean of the per-row value); the runner
+checks that against the float64 reference before it times anything.
+
+Modes
+-----
+``fwd``      the forward alone, with inputs that require grad, as in a training step. vaekern
+             computes the reconstruction gradient in this forward, so its ``fwd`` is heavier
+             and its ``bwd`` nearly free: compare designs on ``fwd+bwd``.
+``bwd``      ``torch.autograd.grad`` of an output whose forward ran untimed just before.
+``fwd+bwd``  forward and gradients, as ``loss.backward()`` in a training step (``.grad`` is not
+             accumulated: ``torch.autograd.grad`` returns fresh gradients each time).
+
+Floor bytes
+-----------
+The least traffic any implementation needs, each tensor in its own dtype: the image-sized
+reads (reconstruction and target) and the gradient write, plus the latent tensors. A
+standalone backward must read what it differentiates, so ``bwd`` and ``fwd+bwd`` have the same
+floor; ``fwd`` only reads. Scalar outputs are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+import vaekern
+from vaekern import reference
+
+OPS = ("vae_loss", "bernoulli_nll", "gaussian_kl", "reparameterize")
+MODES = ("fwd", "bwd", "fwd+bwd")
+PROVIDERS = ("eager", "eager-keras", "compile", "compile-keras", "reference", "triton", "cuda", "cpu")
+VAEKERN_PROVIDERS = ("reference", "triton", "cuda", "cpu")
+# The speed-up columns compare every row with these two providers of the same case.
+BASELINES = ("eager", "compile")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+TARGET_DTYPES = {**DTYPES, "uint8": torch.uint8, "bool": torch.bool}
+# The issue's sizes: MNIST-like, a CIFAR-sized batch, and a large one.
+GPU_SIZES = ("128x784:20", "4096x3072:64", "65536x3072:64")
+CPU_SIZES = ("128x784:20", "4096x3072:64")
+# The value check before timing: relative error of the reduced loss against float64.
+CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+# reparameterize draws its own noise: the check is that (z - mu) / std looks standard normal.
+CHECK_NOISE_TOL = 0.15
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Size:
+    """``B`` rows of ``D`` pixels, with a latent of ``Z`` dims per row."""
+
+    batch: int
+    dim: int
+    latent: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Size":
+        """``"128x784:20"``; the latent defaults to 20 (``"128x784"``)."""
+        image, _, latent = text.strip().partition(":")
+        b, _, d = image.partition("x")
+        try:
+            size = cls(int(b), int(d), int(latent or 20))
+        except ValueError:
+            raise ValueError(f"a size is BxD or BxD:Z, e.g. 128x784:20, got {text!r}") from None
+        if min(size.batch, size.dim, size.latent) < 1:
+            raise ValueError(f"sizes must be positive, got {text!r}")
+        return size
+
+    def __str__(self) -> str:
+        return f"{self.batch}x{self.dim}:{self.latent}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str
+    size: Size
+    dtype: torch.dtype
+    target_dtype: torch.dtype
+    mode: str
+    device: torch.device
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---- floor bytes -----------------------------------------------------------------------------
+
+
+def floor_bytes(case: Case) -> int:
+    """The minimum bytes moved for ``case``: see the module docstring."""
+    b, d, z = case.size.batch, case.size.dim, case.size.latent
+    e = case.dtype.itemsize
+    image_in = b * d * (e + case.target_dtype.itemsize)  # reconstruction + target
+    image_grad = b * d * e
+    latent = b * z * e  # one latent-sized tensor: mu, logvar, z or one of their gradients
+    fwd = case.mode == "fwd"
+    match case.op:
+        case "vae_loss":
+            return image_in + 2 * latent + (0 if fwd else image_grad + 2 * latent)
+        case "bernoulli_nll":
+            return image_in + (0 if fwd else image_grad)
+        case "gaussian_kl":
+            return 2 * latent + (0 if fwd else 2 * latent)
+        case "reparameterize":
+            # fwd: read mu, logvar, write z (the noise is drawn in the kernel).
+            # bwd: read grad_z, logvar (noise regenerated), write grad_mu, grad_logvar.
+            return {"fwd": 3, "bwd": 4, "fwd+bwd": 6}[case.mode] * latent
+    raise AssertionError(case.op)
+
+
+# ---- providers -------------------------------------------------------------------------------
+
+
+def _examples_vae_loss(recon, target, mu, logvar):
+    # pytorch/examples vae/main.py loss_function, on logits, divided by B for the batch mean.
+    bce = F.binary_cross_entropy_with_logits(recon, target.to(recon.dtype), reduction="sum")
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    return (bce + kld) / recon.shape[0]
+
+
+def _keras_vae_loss(recon, target, mu, logvar):
+    # The Keras VAE example: original_dim * mean BCE, plus the mean of the per-row KL.
+    xent = recon[0].numel() * F.binary_cross_entropy_with_logits(recon, target.to(recon.dtype))
+    kl = -0.5 * torch.sum(1 + logvar - mu.square() - logvar.exp(), dim=-1)
+    return xent + kl.mean()
+
+
+def _examples_bernoulli_nll(recon, target):
+    return F.binary_cross_entropy_with_logits(recon, target.to(recon.dtype), reduction="sum") / recon.shape[0]
+
+
+def _keras_bernoulli_nll(recon, target):
+    return recon[0].numel() * F.binary_cross_entropy_with_logits(recon, target.to(recon.dtype))
+
+
+def _examples_gaussian_kl(mu, logvar):
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / mu.shape[0]
+
+
+def _keras_gaussian_kl(mu, logvar):
+    return (-0.5 * torch.sum(1 + logvar - mu.square() - logvar.exp(), dim=-1)).mean()
+
+
+def _examples_reparameterize(mu, logvar):
+    std = torch.exp(0.5 * logvar)
+    eps = torch.randn_like(std)
+    return mu + eps * std
+
+
+_EAGER = {
+    "vae_loss": (_examples_vae_loss, _keras_vae_loss),
+    "bernoulli_nll": (_examples_bernoulli_nll, _keras_bernoulli_nll),
+    "gaussian_kl": (_examples_gaussian_kl, _keras_gaussian_kl),
+    # Keras samples exactly as pytorch/examples does: there is no second formula.
+    "reparameterize": (_examples_reparameterize, None),
+}
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def skip_reason(provider: str, op: str, device: torch.device) -> str | None:
+    """None if ``provider`` applies to ``op`` on ``device``, else why it does not."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    if provider.endswith("-keras") and _EAGER[op][1] is None:
+        return f"{op} has no separate Keras formula"
+    if provider in VAEKERN_PROVIDERS:
+        if provider == "triton" and (device.type != "cuda" or triton_interpreted()):
+            return "triton is benchmarked on a GPU only, never in the interpreter"
+        if provider not in vaekern.available_backends(device):
+            return f"vaekern backend {provider!r} is not available on {device.type} in this install"
+    return None
+
+
+def _limit_recompiles() -> None:
+    # One compiled function serves every size and dtype of a run, each a static recompile.
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 256))
+
+
+@functools.cache
+def forward_fn(provider: str, op: str, compile_backend: str = "inductor"):
+    """The forward of ``op`` for ``provider``: a callable taking the op's tensors.
+
+    ``compile_backend`` is torch.compile's backend for the compile providers: Inductor for
+    every timing; the smoke tests may ask for ``"aot_eager"`` (see conftest.py).
+    """
+    if provider in VAEKERN_PROVIDERS:
+        return functools.partial(getattr(vaekern, op), backend=provider)
+    fn = _EAGER[op][provider.endswith("-keras")]
+    if provider.startswith("compile"):
+        _limit_recompiles()
+        # Cached per (provider, op), so fwd, bwd and fwd+bwd of one shape share one compile.
+        fn = torch.compile(fn, backend=compile_backend, dynamic=False)
+    return fn
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+ARGS = {
+    "vae_loss": ("recon", "target", "mu", "logvar"),
+    "bernoulli_nll": ("recon", "target"),
+    "gaussian_kl": ("mu", "logvar"),
+    "reparameterize": ("mu", "logvar"),
+}
+DIFF_ARGS = {
+    "vae_loss": ("recon", "mu", "logvar"),
+    "bernoulli_nll": ("recon",),
+    "gaussian_kl": ("mu", "logvar"),
+    "reparameterize": ("mu", "logvar"),
+}
+
+
+def set_bytes(case: Case) -> int:
+    """Bytes of one input set (what rotating sets must spread beyond the cache)."""
+    b, d, z = case.size.batch, case.size.dim, case.size.latent
+    n = 0
+    if "recon" in ARGS[case.op]:
+        n += b * d * (case.dtype.itemsize + case.target_dtype.itemsize)
+    n += 2 * b * z * case.dtype.itemsize
+    return n
+
+
+def make_inputs(case: Case) -> dict[str, torch.Tensor]:
+    """One input set: logits ~ N(0, 1), a binary target, mu ~ N(0, 1), logvar ~ N(0, 0.25)."""
+    b, d, z = case.size.batch, case.size.dim, case.size.latent
+    dev = case.device
+    out = {}
+    if "recon" in ARGS[case.op]:
+        out["recon"] = torch.randn(b, d, device=dev, dtype=case.dtype)
+        out["target"] = (torch.rand(b, d, device=dev) < 0.5).to(case.target_dtype)
+    out["mu"] = torch.randn(b, z, device=dev, dtype=case.dtype)
+    out["logvar"] = 0.5 * torch.randn(b, z, device=dev, dtype=case.dtype)
+    if case.op == "reparameterize" and case.mode != "fwd":
+        out["grad_z"] = torch.randn(b, z, device=dev, dtype=case.dtype)
+    for name in DIFF_ARGS[case.op]:
+        out[name].requires_grad_(True)
+    return out
+
+
+def n_sets(case: Case, cache_bytes: int, cap: int = 64) -> int:
+    """How many input sets to rotate so that together they are 4x the last-level cache."""
+    return max(2, min(cap, math.ceil(4 * cache_bytes / max(1, set_bytes(case)))))
+
+
+# ---- one step ----------------------------------------------------------------------------------
+
+
+class Step:
+    """One timed call of ``provider`` on ``case``, rotating through input sets.
+
+    For ``fwd`` and ``fwd+bwd`` call the step itself. For ``bwd`` call ``setup()`` untimed (it
+    runs the forward on the next set) and time ``backward(state)``.
+    """
+
+    def __init__(self, case: Case, provider: str, sets: list[dict[str, torch.Tensor]],
+                 compile_backend: str = "inductor"):
+        self.case = case
+        self.provider = provider
+        self.forward = forward_fn(provider, case.op, compile_backend)
+        self._sets = sets
+        self._next = itertools.cycle(range(len(sets)))
+
+    def _call(self, inputs):
+        return self.forward(*(inputs[a] for a in ARGS[self.case.op]))
+
+    def _grad(self, out, inputs):
+        grad_out = inputs.get("grad_z")  # None: a scalar loss, as loss.backward()
+        return torch.autograd.grad(out, [inputs[a] for a in DIFF_ARGS[self.case.op]], grad_out)
+
+    def __call__(self):
+        inputs = self._sets[next(self._next)]
+        out = self._call(inputs)
+        if self.case.mode == "fwd+bwd":
+            return self._grad(out, inputs)
+        if self.case.mode == "bwd":
+            raise RuntimeError("bwd mode: time backward(setup()), not the step itself")
+        return out
+
+    def setup(self):
+        inputs = self._sets[next(self._next)]
+        return self._call(inputs), inputs
+
+    def backward(self, state):
+        return self._grad(*state)
+
+    def run_once(self):
+        """One untimed call in whatever mode (warm-up, smoke tests)."""
+        return self.backward(self.setup()) if self.case.mode == "bwd" else self()
+
+
+def check(case: Case, provider: str, inputs: dict[str, torch.Tensor], compile_backend: str = "inductor") -> float:
+    """The error of one forward against the float64 reference: relative for the losses, the
+    distance from N(0, 1) of the implied noise for ``reparameterize``. NaN or inf when the
+    provider's result is not finite (an fp16 sum that overflows, say)."""
+    # Grad stays enabled, as in the timed calls: under no_grad torch.compile would recompile.
+    out = forward_fn(provider, case.op, compile_backend)(*(inputs[a] for a in ARGS[case.op])).detach()
+    with torch.no_grad():
+        if case.op == "reparameterize":
+            mu, logvar = inputs["mu"].double(), inputs["logvar"].double()
+            eps = (out.double() - mu) / torch.exp(0.5 * logvar)
+            if not bool(torch.isfinite(eps).all()):
+                return math.inf
+            return max(abs(eps.mean().item()), abs(eps.std().item() - 1.0))
+        match case.op:
+            case "vae_loss":
+                ref = reference.vae_loss_ref(inputs["recon"], inputs["target"], inputs["mu"], inputs["logvar"])[0]
+            case "bernoulli_nll":
+                ref = reference.bernoulli_nll_ref(inputs["recon"], inputs["target"])
+            case "gaussian_kl":
+                ref = reference.gaussian_kl_ref(inputs["mu"], inputs["logvar"])
+        got = out.double().item()
+        return abs(got - ref.item()) / max(abs(ref.item()), 1e-30)
+
+
+def check_ok(case: Case, err: float) -> bool:
+    tol = CHECK_NOISE_TOL if case.op == "reparameterize" else CHECK_RTOL[case.dtype]
+    return math.isfinite(err) and err <= tol

@@ -1,0 +1,231 @@
+"""Timers, peak memory and the device's copy bandwidth.
+
+GPU: CUDA events around each call, with the L2 cache flushed (a buffer of twice its size
+zeroed) before every call; median and 20/80 % quantiles over the calls.
+CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with all of torch's threads; median and
+20/80 % quantiles over its blocks. A step that needs an untimed setup before every call
+(``bwd`` mode) is timed call by call instead, with ``time.perf_counter`` on CPU.
+
+Peak memory is the most bytes allocated at once during one call, above what was allocated
+before it: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the same quantity from the
+allocation events of torch's CPU allocator, recorded by ``torch.profiler`` with
+``profile_memory=True`` (exact per allocation, unlike an RSS delta, which glibc's reuse of
+freed blocks hides; ``tracemalloc`` does not see torch's allocations at all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import platform
+import sys
+import time
+
+import torch
+
+
+@dataclasses.dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+    timer: str
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """Linear-interpolated quantile (as numpy's default), without numpy."""
+    s = sorted(xs)
+    pos = (len(s) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _summary(times_ms: list[float], reps: int, timer: str) -> Timing:
+    return Timing(quantile(times_ms, 0.5), quantile(times_ms, 0.2), quantile(times_ms, 0.8), reps, timer)
+
+
+# ---- GPU ------------------------------------------------------------------------------------
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The last-level cache: L2 on a GPU, L3 (else L2) of CPU 0 on Linux, else 32 MiB."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    for index in (3, 2):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        return int(text.rstrip("KMG")) * unit
+    return 32 << 20
+
+
+class CudaTimer:
+    def __init__(self, device: torch.device, *, warmup_ms: float = 25, rep_ms: float = 100,
+                 min_reps: int = 5, max_reps: int = 500):
+        self.device = device
+        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+        self.min_reps, self.max_reps = min_reps, max_reps
+        self._flush = torch.empty(2 * cache_bytes(device), dtype=torch.int8, device=device)
+
+    def _run(self, fn, setup, n: int) -> list[float]:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            self._flush.zero_()
+            state = setup() if setup is not None else None
+            start.record()
+            fn(state) if setup is not None else fn()
+            end.record()
+        torch.cuda.synchronize(self.device)
+        return [s.elapsed_time(e) for s, e in events]
+
+    def __call__(self, fn, setup=None) -> Timing:
+        est = quantile(self._run(fn, setup, 3), 0.5)
+        self._run(fn, setup, max(1, min(self.max_reps, int(self.warmup_ms / max(est, 1e-3)))))
+        n = max(self.min_reps, min(self.max_reps, int(self.rep_ms / max(est, 1e-3))))
+        return _summary(self._run(fn, setup, n), n, "cuda-events")
+
+
+# ---- CPU ------------------------------------------------------------------------------------
+
+
+class CpuTimer:
+    def __init__(self, *, min_run_time: float = 1.0, threads: int | None = None):
+        self.min_run_time = min_run_time
+        self.threads = threads or torch.get_num_threads()
+
+    def __call__(self, fn, setup=None) -> Timing:
+        if setup is not None:
+            return self._per_call(fn, setup)
+        from torch.utils import benchmark
+
+        m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=self.threads).blocked_autorange(
+            min_run_time=self.min_run_time
+        )
+        times = [t * 1e3 for t in m.times]
+        return _summary(times, m.number_per_run * len(m.times), "blocked_autorange")
+
+    def _per_call(self, fn, setup) -> Timing:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            times = []
+            deadline = time.perf_counter() + self.min_run_time
+            while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 10_000):
+                state = setup()
+                t0 = time.perf_counter()
+                fn(state)
+                times.append((time.perf_counter() - t0) * 1e3)
+                del state
+        finally:
+            torch.set_num_threads(prev)
+        return _summary(times, len(times), "perf_counter")
+
+
+def make_timer(device: torch.device, **kw):
+    if device.type == "cuda":
+        return CudaTimer(device, **{k: v for k, v in kw.items() if k in ("warmup_ms", "rep_ms")})
+    return CpuTimer(**{k: v for k, v in kw.items() if k in ("min_run_time", "threads")})
+
+
+# ---- memory ---------------------------------------------------------------------------------
+
+MEMORY_METHOD = {
+    "cuda": "torch.cuda.max_memory_allocated - memory_allocated before the call",
+    "cpu": "torch.profiler(profile_memory=True): peak of the running sum of CPU allocator events",
+}
+
+
+def peak_bytes(device: torch.device, fn, setup=None) -> int:
+    """Most extra bytes allocated at once during one call of ``fn`` (after ``setup``)."""
+    state = setup() if setup is not None else None
+    call = (lambda: fn(state)) if setup is not None else fn
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = call()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return peak
+    return _cpu_peak_bytes(call)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's start/stop lines, which kineto prints from C++ on fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_peak_bytes(call) -> int:
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = call()
+    del out
+    allocs = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        ev = stack.pop()
+        stack.extend(ev.children)
+        if ev.tag == _EventType.Allocation and ev.extra_fields.device.type == "cpu":
+            allocs.append((ev.start_time_ns, ev.extra_fields.alloc_size))
+    running = peak = 0
+    for _, size in sorted(allocs):
+        running += size
+        peak = max(peak, running)
+    return peak
+
+
+# ---- copy bandwidth -------------------------------------------------------------------------
+
+
+def copy_bandwidth(device: torch.device, timer, nbytes: int | None = None) -> tuple[float, str]:
+    """GB/s (1e9 bytes/s, read + write counted) of a large same-device ``copy_``."""
+    if nbytes is None:
+        nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    t = timer(lambda: dst.copy_(src))
+    how = f"copy_ of {nbytes >> 20} MiB on {device.type}" + (
+        f" with {timer.threads} threads" if device.type == "cpu" else ""
+    )
+    return 2 * nbytes / (t.median_ms * 1e-3) / 1e9, how
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages: other work on the machine skews CPU timings."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"

@@ -1,0 +1,104 @@
+"""The public contract: argument checks that name the argument, backend choice, imports."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vaekern
+from vaekern import BackendUnavailableError
+
+
+def _inputs(b=4, d=10, z=3):
+    return torch.randn(b, d), torch.rand(b, d), torch.randn(b, z), torch.randn(b, z)
+
+
+BAD_CALLS = [
+    # (description, call, exception, the words the message must contain)
+    ("mismatched target shape", lambda r, t, m, lv: vaekern.bernoulli_nll(r, t[:, :5]), ValueError, "target"),
+    ("int logits", lambda r, t, m, lv: vaekern.bernoulli_nll(r.long(), t), TypeError, "input"),
+    ("int target", lambda r, t, m, lv: vaekern.bernoulli_nll(r, t.long()), TypeError, "target"),
+    ("0-d input", lambda r, t, m, lv: vaekern.bernoulli_nll(r[0, 0], t[0, 0]), ValueError, "input"),
+    ("list input", lambda r, t, m, lv: vaekern.bernoulli_nll(r.tolist(), t), TypeError, "input"),
+    ("unknown reduction", lambda r, t, m, lv: vaekern.bernoulli_nll(r, t, reduction="avg"), ValueError, "reduction"),
+    ("unknown backend", lambda r, t, m, lv: vaekern.bernoulli_nll(r, t, backend="tpu"), ValueError, "backend"),
+    ("from_logits not bool", lambda r, t, m, lv: vaekern.bernoulli_nll(r, t, from_logits=1), TypeError, "from_logits"),
+    ("target needs grad", lambda r, t, m, lv: vaekern.bernoulli_nll(r, t.requires_grad_()), ValueError, "target"),
+    ("logvar shape", lambda r, t, m, lv: vaekern.gaussian_kl(m, lv[:, :2]), ValueError, "logvar"),
+    ("logvar dtype", lambda r, t, m, lv: vaekern.gaussian_kl(m, lv.double()), TypeError, "logvar"),
+    ("kl reduction", lambda r, t, m, lv: vaekern.gaussian_kl(m, lv, reduction="batchmean"), ValueError, "reduction"),
+    ("eps shape", lambda r, t, m, lv: vaekern.reparameterize(m, lv, eps=torch.randn(4, 2)), ValueError, "eps"),
+    ("eps dtype", lambda r, t, m, lv: vaekern.reparameterize(m, lv, eps=torch.randn(4, 3).double()), TypeError, "eps"),
+    (
+        "eps and generator",
+        lambda r, t, m, lv: vaekern.reparameterize(m, lv, eps=torch.randn(4, 3), generator=torch.Generator()),
+        ValueError,
+        "generator",
+    ),
+    ("batch mismatch", lambda r, t, m, lv: vaekern.vae_loss(r, t, m[:3], lv[:3]), ValueError, "batch size"),
+    ("beta vector", lambda r, t, m, lv: vaekern.vae_loss(r, t, m, lv, beta=torch.ones(2)), TypeError, "beta"),
+    ("beta string", lambda r, t, m, lv: vaekern.vae_loss(r, t, m, lv, beta="1"), TypeError, "beta"),
+    ("beta bool", lambda r, t, m, lv: vaekern.vae_loss(r, t, m, lv, beta=True), TypeError, "beta"),
+    (
+        "beta needs grad",
+        lambda r, t, m, lv: vaekern.vae_loss(r, t, m, lv, beta=torch.tensor(1.0, requires_grad=True)),
+        ValueError,
+        "beta",
+    ),
+    ("vae reduction", lambda r, t, m, lv: vaekern.vae_loss(r, t, m, lv, reduction="batch"), ValueError, "reduction"),
+    ("vae backend", lambda r, t, m, lv: vaekern.vae_loss(r, t, m, lv, backend="Triton"), ValueError, "backend"),
+    ("vae mu dtype", lambda r, t, m, lv: vaekern.vae_loss(r, t, m.int(), lv), TypeError, "mu"),
+]
+
+
+@pytest.mark.parametrize("call,exc,words", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_raises_naming_the_argument(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call(*_inputs())
+
+
+def test_mismatched_devices_name_the_argument():
+    r, t, m, lv = _inputs()
+    meta = torch.empty(4, 3, device="meta")
+    with pytest.raises(ValueError, match="logvar is on meta"):
+        vaekern.gaussian_kl(m, meta)
+    with pytest.raises(ValueError, match="mu is on meta"):
+        vaekern.vae_loss(r, t, meta, meta)
+    with pytest.raises(ValueError, match="target is on meta"):
+        vaekern.bernoulli_nll(r, torch.empty(4, 10, device="meta"))
+
+
+def test_requested_backend_that_cannot_serve_raises():
+    r, t, m, lv = _inputs()
+    with pytest.raises(BackendUnavailableError, match="backend='cuda'.*CUDA tensors"):
+        vaekern.vae_loss(r, t, m, lv, backend="cuda")
+
+
+def test_available_backends():
+    cpu = vaekern.available_backends("cpu")
+    assert "reference" in cpu and "cpu" in cpu and "cuda" not in cpu
+    if not torch.cuda.is_available():
+        assert vaekern.available_backends() == cpu
+
+
+def test_auto_picks_by_device():
+    from vaekern._backends import auto
+
+    assert auto(torch.device("cpu")) == "cpu"
+    assert auto(torch.device("meta")) == "reference"
+
+
+def test_import_needs_no_gpu_triton_or_extension():
+    code = (
+        "import sys, vaekern; "
+        "assert 'triton' not in sys.modules, 'triton imported'; "
+        "assert 'vaekern._C' not in sys.modules, 'extension imported'; "
+        "assert 'vaekern._triton' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
+
+
+def test_empty_latent_and_pixel_dims_give_zero_rows():
+    rows = vaekern.gaussian_kl(torch.empty(3, 0), torch.empty(3, 0), reduction="none")
+    assert torch.equal(rows, torch.zeros(3))

@@ -1,0 +1,303 @@
+"""The Triton kernels compiled ahead of time for real GPUs, and the paths small tests miss.
+
+``test_aot_compile`` needs no GPU: it compiles every kernel of ``vaekern._triton`` for
+every dtype signature (float32/float16/bfloat16/float64 inputs; float and uint8 targets)
+for sm_80 and sm_90 with ``triton.compile(ASTSource(...), target=GPUTarget(...))``, runs
+Triton's bundled ``ptxas -v`` on each PTX, and checks:
+
+* no kernel spills registers;
+* the float32 image-sized kernels load with ``ld.global.v4`` (128-bit) when given the
+  divisibility-by-16 hints that a real launch gets from the JIT for 16-aligned pointers
+  and row lengths such as 784 or 3072.
+
+It runs in a subprocess (this file run as a script) because conftest.py sets
+``TRITON_INTERPRET=1``, under which Triton does not compile. Run the script by hand to
+see the register table: ``python tests/test_triton_aot.py``.
+
+The other tests run the kernels in the interpreter with the column-split path forced
+(long rows split across programs), which the shared shape tables do not reach.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+import torch
+
+ARCHS = (80, 90)
+# Block sizes of a typical launch: rows of 3072 pixels, 64 latents, a batch of 128.
+D_IMAGE, Z_LATENT, B_BATCH = 3072, 64, 128
+DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
+# A 128-bit load: four 32-bit words (float32, packed halves or bytes) or two 64-bit ones.
+WIDE_LOAD = re.compile(r"ld\.global(?:\.[a-z_:0-9]+)*\.(?:v4\.b32|v4\.f32|v2\.b64|v2\.f64)")
+IMAGE_KERNELS = ("_bernoulli_nll_fwd_kernel", "_bernoulli_nll_bwd_kernel", "_vae_loss_fwd_kernel", "_vae_loss_bwd_kernel")
+
+
+# ---- the cases (used in the worker process) -------------------------------------------------
+
+
+def _acc(dt: str) -> str:
+    return "fp64" if dt == "fp64" else "fp32"
+
+
+def _cases():
+    """(label, module, kernel, pointer dtypes, hinted ints, constexprs, num_warps) per compile."""
+    from vaekern._triton import _common
+
+    def image(dt):
+        BLOCK, warps, _, _ = _common.row_config(B_BATCH, D_IMAGE, DTYPES[dt])
+        return BLOCK, warps
+
+    def latent(dt):
+        BLOCK_B, BLOCK_Z, warps = _common.latent_config(B_BATCH, Z_LATENT, DTYPES[dt])
+        return BLOCK_B, BLOCK_Z, warps
+
+    cases = []
+    for dt in DTYPES:
+        acc = _acc(dt)
+        BLOCK, warps = image(dt)
+        from vaekern._triton.vae_loss import _block_z
+
+        VAE_BLOCK_Z = _block_z(Z_LATENT, warps, DTYPES[dt])
+        BLOCK_B, BLOCK_Z, lwarps = latent(dt)
+        for tdt in (dt, "u8"):
+            for logits in (True, False):
+                kind = "logits" if logits else "probs"
+                cases.append((
+                    f"bernoulli_nll_fwd x={dt} t={tdt} {kind}", "bernoulli_nll", "_bernoulli_nll_fwd_kernel",
+                    {"x_ptr": dt, "t_ptr": tdt, "grad_ptr": dt, "part_ptr": acc},
+                    ("D", "stride_x", "stride_t"),
+                    {"FROM_LOGITS": logits, "COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK}, warps,
+                ))
+                cases.append((
+                    f"vae_loss_fwd x={dt} t={tdt} {kind}", "vae_loss", "_vae_loss_fwd_kernel",
+                    {"x_ptr": dt, "t_ptr": tdt, "grad_ptr": dt, "part_ptr": acc, "mu_ptr": dt, "lv_ptr": dt, "kl_ptr": acc},
+                    ("D", "Z", "stride_x", "stride_t", "stride_mu", "stride_lv"),
+                    {"FROM_LOGITS": logits, "COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z}, warps,
+                ))
+        cases.append((
+            f"bernoulli_nll_bwd g={dt}", "bernoulli_nll", "_bernoulli_nll_bwd_kernel",
+            {"grad_ptr": dt, "go_ptr": acc}, ("D",), {"BLOCK": BLOCK}, warps,
+        ))
+        cases.append((
+            f"vae_loss_bwd x={dt}", "vae_loss", "_vae_loss_bwd_kernel",
+            {"grad_ptr": dt, "gl_ptr": acc, "gr_ptr": acc, "gk_ptr": acc, "beta_ptr": acc,
+             "mu_ptr": dt, "lv_ptr": dt, "gmu_ptr": dt, "glv_ptr": dt},
+            ("D", "Z", "stride_mu", "stride_lv"), {"MEAN": True, "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z}, warps,
+        ))
+        for red in (0, 1):
+            cases.append((
+                f"gaussian_kl_fwd {dt} reduction={red}", "gaussian_kl", "_gaussian_kl_fwd_kernel",
+                {"mu_ptr": dt, "lv_ptr": dt, "out_ptr": acc}, ("Z", "stride_mu", "stride_lv"),
+                {"REDUCTION": red, "BLOCK_B": BLOCK_B, "BLOCK_Z": BLOCK_Z}, lwarps,
+            ))
+        cases.append((
+            f"gaussian_kl_bwd {dt}", "gaussian_kl", "_gaussian_kl_bwd_kernel",
+            {"go_ptr": acc, "mu_ptr": dt, "lv_ptr": dt, "gmu_ptr": dt, "glv_ptr": dt}, ("Z", "stride_mu", "stride_lv"),
+            {"MEAN": True, "BLOCK_B": BLOCK_B, "BLOCK_Z": BLOCK_Z}, lwarps,
+        ))
+        for has_eps in (True, False):
+            src = "eps" if has_eps else "seed"
+            cases.append((
+                f"reparameterize_fwd {dt} {src}", "reparameterize", "_reparameterize_fwd_kernel",
+                {"mu_ptr": dt, "lv_ptr": dt, "eps_ptr": dt, "seed_ptr": "i64", "z_ptr": dt},
+                ("Z", "stride_mu", "stride_lv", "stride_eps"),
+                {"HAS_EPS": has_eps, "BLOCK_B": BLOCK_B, "BLOCK_Z": BLOCK_Z}, lwarps,
+            ))
+            cases.append((
+                f"reparameterize_bwd {dt} {src}", "reparameterize", "_reparameterize_bwd_kernel",
+                {"gz_ptr": dt, "lv_ptr": dt, "eps_ptr": dt, "seed_ptr": "i64", "gmu_ptr": dt, "glv_ptr": dt},
+                ("Z", "stride_gz", "stride_lv", "stride_eps"),
+                {"HAS_EPS": has_eps, "BLOCK_B": BLOCK_B, "BLOCK_Z": BLOCK_Z}, lwarps,
+            ))
+    for acc in ("fp32", "fp64"):
+        for red in (0, 1):
+            for has_kl in (True, False):
+                cases.append((
+                    f"finalize {acc} reduction={red} kl={has_kl}", "_common", "_finalize_kernel",
+                    {p: acc for p in ("part_ptr", "kl_ptr", "beta_ptr", "loss_ptr", "rec_ptr", "kl_out_ptr")}, (),
+                    {"HAS_KL": has_kl, "REDUCTION": red, "BLOCK_B": 16, "BLOCK_C": 64}, 4,
+                ))
+    return cases
+
+
+def _compile_one(job):
+    """Compile one case for one arch; return its registers, spills and 128-bit access counts."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    (label, module, kernel, ptrs, hinted, constexprs, warps), arch = job
+    fn = getattr(importlib.import_module(f"vaekern._triton.{module}"), kernel)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ptrs:
+            signature[name] = "*" + ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        else:
+            signature[name] = "i32"
+            if name in hinted:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    ptx = compiled.asm["ptx"]
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    path = os.path.join(os.environ["VAEKERN_AOT_DIR"], f"{kernel}_{abs(hash((label, arch)))}.ptx")
+    with open(path, "w") as f:
+        f.write(ptx)
+    out = subprocess.run(
+        [get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", path, "-o", os.devnull],
+        capture_output=True, text=True, check=True,
+    )
+    info = out.stdout + out.stderr
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
+    stack = int(re.search(r"(\d+) bytes stack frame", info).group(1))
+    return {
+        "label": label, "kernel": kernel, "arch": arch, "warps": warps, "regs": regs, "spills": spills,
+        "stack": stack, "ld_v4": ptx.count("ld.global.v4"), "ld_128": len(WIDE_LOAD.findall(ptx)),
+    }
+
+
+def _worker() -> list[dict]:
+    import tempfile
+
+    jobs = [(case, arch) for case in _cases() for arch in ARCHS]
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["VAEKERN_AOT_DIR"] = tmp
+        with ProcessPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 4))) as pool:
+            return list(pool.map(_compile_one, jobs))
+
+
+def _table(results: list[dict]) -> str:
+    lines = [f"{'kernel / signature':58s} {'warps':>5s} {'sm_80 regs':>10s} {'sm_90 regs':>10s} {'spill B 80/90':>13s} {'128-bit loads':>13s} {'stack B':>7s}"]
+    by_label: dict[str, dict[int, dict]] = {}
+    for r in results:
+        by_label.setdefault(r["label"], {})[r["arch"]] = r
+    for label, per_arch in by_label.items():
+        a, b = per_arch[80], per_arch[90]
+        lines.append(
+            f"{label:58s} {a['warps']:5d} {a['regs']:10d} {b['regs']:10d} {str(a['spills']) + '/' + str(b['spills']):>13s} {b['ld_128']:13d} {b['stack']:7d}"
+        )
+    return "\n".join(lines)
+
+
+# ---- tests -----------------------------------------------------------------------------------
+
+
+def test_aot_compile():
+    pytest.importorskip("triton")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, __file__, "--json"], env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"\n{len(results)} compiles in {time.perf_counter() - start:.1f} s")
+    print(_table(results))
+    assert len(results) == len(ARCHS) * len({r["label"] for r in results})
+    # Spills only: the Philox kernels keep a stack frame for libdevice's sin/cos, whose
+    # rare large-argument path (Payne-Hanek reduction) indexes a local array.
+    spilled = [f"{r['label']} sm_{r['arch']}: {r['spills']} B" for r in results if r["spills"]]
+    assert not spilled, "register spills: " + "; ".join(spilled)
+    narrow = [
+        f"{r['label']} sm_{r['arch']}"
+        for r in results
+        if r["kernel"] in IMAGE_KERNELS and ("x=fp32" in r["label"] or "g=fp32" in r["label"]) and r["ld_v4"] == 0
+    ]
+    assert not narrow, "no 128-bit loads in: " + "; ".join(narrow)
+
+
+@pytest.fixture
+def split_rows(monkeypatch):
+    """Force small column blocks, so that rows of a few hundred elements split into chunks."""
+    pytest.importorskip("triton")
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    from vaekern._triton import _common
+
+    monkeypatch.setattr(_common, "MAX_BLOCK_BYTES", 512)  # BLOCK = 128 for float32
+    assert _common.row_config(3, 1000, 4) == (128, 1, 8, 1)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_split_rows_match_reference(split_rows, reduction, from_logits):
+    import vaekern._triton  # noqa: F401
+
+    tri, ref = torch.ops.vaekern_triton, torch.ops.vaekern_ref
+    dev = split_rows
+    x = torch.randn(3, 10, 100, dtype=torch.float64, device=dev) * 3
+    if not from_logits:
+        x = torch.sigmoid(x)
+    t = torch.rand(3, 10, 100, device=dev) < 0.5
+    mu, lv = torch.randn(3, 20, device=dev, dtype=torch.float64), torch.randn(3, 20, device=dev, dtype=torch.float64)
+    beta = torch.tensor(0.7, dtype=torch.float64, device=dev)
+
+    out, grad = tri.bernoulli_nll(x, t, from_logits, reduction, True)
+    out_r, grad_r = ref.bernoulli_nll(x, t, from_logits, reduction, True)
+    torch.testing.assert_close(out, out_r, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, grad_r, rtol=1e-12, atol=1e-12)
+    again, grad_again = tri.bernoulli_nll(x, t, from_logits, reduction, True)
+    assert torch.equal(out, again) and torch.equal(grad, grad_again)  # deterministic
+
+    go = torch.rand(3, dtype=torch.float64, device=dev) if reduction == 0 else torch.tensor(3.0, dtype=torch.float64)
+    go = go.to(dev)
+    tri.bernoulli_nll_backward_(grad, go)
+    ref.bernoulli_nll_backward_(grad_r, go)
+    torch.testing.assert_close(grad, grad_r, rtol=1e-12, atol=1e-12)
+
+    res = tri.vae_loss(x, t, mu, lv, beta, from_logits, reduction, True)
+    res_r = ref.vae_loss(x, t, mu, lv, beta, from_logits, reduction, True)
+    for a, b in zip(res, res_r):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    gk = go * 2
+    g_mu, g_lv = tri.vae_loss_backward_(res[3], go, go * 0.5, gk, mu, lv, beta, reduction)
+    g_mu_r, g_lv_r = ref.vae_loss_backward_(res_r[3], go, go * 0.5, gk, mu, lv, beta, reduction)
+    for a, b in ((res[3], res_r[3]), (g_mu, g_mu_r), (g_lv, g_lv_r)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_row_strides_read_in_place(split_rows):
+    """Padded rows and chunked latents are read at their row stride, without a copy."""
+    import vaekern._triton  # noqa: F401
+    from vaekern._triton._common import as_rows
+
+    dev = split_rows
+    wide = torch.randn(4, 700, dtype=torch.float64, device=dev)
+    x = wide[:, :500]
+    assert as_rows(x)[0].data_ptr() == x.data_ptr() and as_rows(x)[2] == 700
+    t = torch.rand(1, 500, device=dev).expand(4, 500)  # broadcast target: row stride 0
+    assert as_rows(t)[2] == 0
+    h = torch.randn(4, 40, dtype=torch.float64, device=dev)
+    mu, lv = h.chunk(2, dim=1)
+    tri, ref = torch.ops.vaekern_triton, torch.ops.vaekern_ref
+    for a, b in zip(tri.bernoulli_nll(x, t, True, 0, True), ref.bernoulli_nll(x, t, True, 0, True)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tri.gaussian_kl(mu, lv, 2), ref.gaussian_kl(mu, lv, 2), rtol=1e-12, atol=1e-12)
+    eps = torch.randn(4, 20, dtype=torch.float64, device=dev)
+    torch.testing.assert_close(tri.reparameterize(mu, lv, eps, None), ref.reparameterize(mu, lv, eps, None))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    results = _worker()
+    if "--json" in sys.argv:
+        print(json.dumps(results))
+    else:
+        print(_table(results))

@@ -1,0 +1,189 @@
+"""vae_loss on every backend: the fused negative ELBO, its parts, drop-in equivalence, compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DTYPES, REDUCTIONS, SHAPES
+from helpers import assert_grad_close, assert_loss_close, latents, leaf, logits, noncontiguous, probs, target, upstream
+
+import vaekern
+from vaekern.reference import vae_loss_ref
+
+
+def _check(backend, recon, t, mu, logvar, *, beta, from_logits, reduction, dtype, grads=(1.0, 0.0, 0.0)):
+    """All three outputs and all gradients, with upstream gradients on loss, recon and kl."""
+    ra, ma, la = leaf(recon), leaf(mu), leaf(logvar)
+    parts = vaekern.vae_loss(
+        ra, t, ma, la, beta=beta, from_logits=from_logits, reduction=reduction, return_parts=True, backend=backend
+    )
+    rr, mr, lr = leaf(recon.double()), leaf(mu.double()), leaf(logvar.double())
+    ref = vae_loss_ref(rr, t, mr, lr, beta=beta, from_logits=from_logits, reduction=reduction)
+    for got, want in zip(parts, ref):
+        assert got.shape == want.shape
+        assert_loss_close(got, want, dtype)
+    ups = [upstream(parts.loss) * w for w in grads]
+    torch.autograd.backward(list(parts), ups)
+    torch.autograd.backward(list(ref), [u.double() for u in ups])
+    assert_grad_close(ra.grad, rr.grad, dtype)
+    assert_grad_close(ma.grad, mr.grad, dtype)
+    assert_grad_close(la.grad, lr.grad, dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
+def test_matches_reference(backend, device, shape, dtype, from_logits):
+    recon = logits(shape, dtype, device) if from_logits else probs(shape, dtype, device)
+    t = target(shape, "float", device, dtype)
+    mu, logvar = latents((shape[0], 5), dtype, device)
+    for reduction in REDUCTIONS:
+        _check(backend, recon, t, mu, logvar, beta=0.7, from_logits=from_logits, reduction=reduction, dtype=dtype)
+
+
+@pytest.mark.parametrize("grads", [(0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 0.5, 2.0)], ids=str)
+def test_gradients_through_the_parts(backend, device, grads):
+    """Logging-only parts get no gradient; a loss built from the parts gets the right one."""
+    recon, t = logits((6, 40), torch.float32, device), target((6, 40), "uint8", device)
+    mu, logvar = latents((6, 7), torch.float32, device)
+    _check(backend, recon, t, mu, logvar, beta=2.5, from_logits=True, reduction="none", dtype=torch.float32, grads=grads)
+
+
+def test_beta_as_tensor_and_mixed_targets(backend, device):
+    recon, t = logits((5, 1, 6, 6), torch.bfloat16, device), target((5, 1, 6, 6), "bool", device)
+    mu, logvar = latents((5, 3), torch.bfloat16, device)
+    beta = torch.tensor(0.25, device=device)
+    _check(backend, recon, t, mu, logvar, beta=beta, from_logits=True, reduction="mean", dtype=torch.bfloat16)
+
+
+def test_noncontiguous(backend, device):
+    recon, t = logits((7, 90), torch.float32, device), target((7, 90), "float", device)
+    mu, logvar = latents((7, 6), torch.float32, device)
+    _check(
+        backend, noncontiguous(recon), noncontiguous(t), noncontiguous(mu), logvar,
+        beta=1.0, from_logits=True, reduction="sum", dtype=torch.float32,
+    )
+
+
+def test_pytorch_examples_loss_is_reduction_sum(backend, device):
+    """pytorch/examples/vae: BCE(recon, x, reduction='sum') + KLD, from probabilities."""
+    x = torch.rand(8, 784, device=device, dtype=torch.float64)
+    recon = probs((8, 784), torch.float64, device)
+    mu, logvar = latents((8, 20), torch.float64, device)
+    bce = F.binary_cross_entropy(recon, x, reduction="sum")
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    ours = vaekern.vae_loss(recon, x, mu, logvar, from_logits=False, reduction="sum", backend=backend)
+    torch.testing.assert_close(ours, bce + kld)
+
+
+def test_keras_example_loss_is_the_default(backend, device):
+    """Keras VAE example: sum over pixels, mean over the batch, of BCE + KL."""
+    x = torch.rand(8, 28, 28, device=device, dtype=torch.float64)
+    recon = probs((8, 28, 28), torch.float64, device)
+    z_mean, z_log_var = latents((8, 2), torch.float64, device)
+    recon_loss = F.binary_cross_entropy(recon, x, reduction="none").sum(dim=(1, 2)).mean()
+    kl = (-0.5 * (1 + z_log_var - z_mean.square() - z_log_var.exp())).sum(dim=1).mean()
+    ours = vaekern.vae_loss(recon, x, z_mean, z_log_var, from_logits=False, backend=backend)
+    torch.testing.assert_close(ours, recon_loss + kl)
+
+
+def test_gradcheck(backend, device):
+    recon, t = logits((3, 7), torch.float64, device), target((3, 7), "float", device, torch.float64)
+    mu, logvar = latents((3, 4), torch.float64, device)
+    for reduction in REDUCTIONS:
+        def fn(r, m, lv, reduction=reduction):
+            return vaekern.vae_loss(r, t, m, lv, beta=0.3, reduction=reduction, return_parts=True, backend=backend)
+
+        assert torch.autograd.gradcheck(fn, (leaf(recon), leaf(mu), leaf(logvar)), fast_mode=True)
+
+
+def test_double_backward_raises(backend, device):
+    recon, t = leaf(logits((3, 7), torch.float64, device)), target((3, 7), "float", device, torch.float64)
+    mu, logvar = latents((3, 4), torch.float64, device)
+    loss = vaekern.vae_loss(recon, t, leaf(mu), leaf(logvar), backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, recon, create_graph=True)
+
+
+def test_only_latents_require_grad(backend, device):
+    recon, t = logits((4, 10), torch.float32, device), target((4, 10), "float", device)
+    mu, logvar = latents((4, 3), torch.float32, device)
+    ma, la = leaf(mu), leaf(logvar)
+    vaekern.vae_loss(recon, t, ma, la, backend=backend).backward()
+    mr, lr = leaf(mu.double()), leaf(logvar.double())
+    vae_loss_ref(recon, t, mr, lr)[0].backward()
+    assert_grad_close(ma.grad, mr.grad, torch.float32)
+    assert_grad_close(la.grad, lr.grad, torch.float32)
+
+
+def test_nan_propagates(backend, device):
+    recon, t = logits((3, 20), torch.float32, device), target((3, 20), "float", device)
+    mu, logvar = latents((3, 4), torch.float32, device)
+    mu[0, 1] = float("nan")
+    rows = vaekern.vae_loss(recon, t, mu, logvar, reduction="none", backend=backend)
+    assert torch.isnan(rows[0]) and torch.isfinite(rows[1:]).all()
+
+
+def test_deterministic(backend, device):
+    recon, t = logits((37, 333), torch.float32, device), target((37, 333), "float", device)
+    mu, logvar = latents((37, 9), torch.float32, device)
+    a = vaekern.vae_loss(recon, t, mu, logvar, return_parts=True, backend=backend)
+    b = vaekern.vae_loss(recon, t, mu, logvar, return_parts=True, backend=backend)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_module_form_has_the_same_defaults(backend, device):
+    recon, t = logits((4, 12), torch.float32, device), target((4, 12), "float", device)
+    mu, logvar = latents((4, 3), torch.float32, device)
+    module = vaekern.nn.VAELoss(backend=backend)
+    torch.testing.assert_close(module(recon, t, mu, logvar), vaekern.vae_loss(recon, t, mu, logvar, backend=backend))
+    annealed = vaekern.nn.VAELoss(beta=torch.tensor(0.5), reduction="sum", return_parts=True, backend=backend).to(device)
+    parts = annealed(recon, t, mu, logvar)
+    torch.testing.assert_close(parts.loss, parts.recon + 0.5 * parts.kl)
+
+
+def test_compile_fullgraph(backend, device):
+    """torch.compile(fullgraph=True): no graph break, same values and gradients as eager."""
+    torch._dynamo.reset()
+    recon, t = logits((6, 50), torch.float32, device), target((6, 50), "uint8", device)
+    mu, logvar = latents((6, 4), torch.float32, device)
+    beta = torch.tensor(0.5, device=device)
+
+    def step(r, m, lv, beta):
+        return vaekern.vae_loss(r, t, m, lv, beta=beta, return_parts=True, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    for b in (0.5, 0.9):  # a tensor beta changed in place: no recompile, new value used
+        beta.fill_(b)
+        eager_in = [leaf(x) for x in (recon, mu, logvar)]
+        comp_in = [leaf(x) for x in (recon, mu, logvar)]
+        e = step(*eager_in, beta)
+        c = compiled(*comp_in, beta)
+        for x, y in zip(e, c):
+            torch.testing.assert_close(x, y)
+        (e.loss * 3).backward()
+        (c.loss * 3).backward()
+        for x, y in zip(eager_in, comp_in):
+            torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_opcheck(backend, device):
+    from vaekern._backends import namespace
+
+    ops = getattr(torch.ops, namespace(backend, device))
+    recon, t = logits((5, 13), torch.float32, device), target((5, 13), "bool", device)
+    mu, logvar = latents((5, 3), torch.float32, device)
+    beta = torch.tensor(0.7, device=device)
+    for reduction in (0, 1, 2):
+        torch.library.opcheck(ops.vae_loss.default, (recon, t, leaf(mu), leaf(logvar), beta, True, reduction, False))
+        # As in test_bernoulli_nll.py::test_opcheck: the eager backward updates the op's own
+        # gradient output in place; compiled behaviour is checked by test_compile_fullgraph.
+        torch.library.opcheck(
+            ops.vae_loss.default,
+            (leaf(recon), t, leaf(mu), leaf(logvar), beta, True, reduction, True),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+        )
+        g = (lambda: torch.rand(5, device=device)) if reduction == 0 else (lambda: torch.rand((), device=device))
+        grad = torch.randn(5, 13, device=device)
+        torch.library.opcheck(
+            ops.vae_loss_backward_.default, (grad, g(), g(), g(), mu, logvar, beta, reduction)
+        )

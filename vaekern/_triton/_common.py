@@ -1,0 +1,308 @@
+"""Pieces shared by the Triton kernels: element math, the partials reduction, launch helpers.
+
+Element math (``@triton.jit`` helpers, inlined into the kernels)
+--------------------------------------------------------------
+* ``_log1p(x) = log(u) * x / (u - 1)`` with ``u = 1 + x``, and ``x`` itself where ``u``
+  rounds to 1 (Goldberg's trick, "What every computer scientist should know about
+  floating-point arithmetic", thm. 4). ``tl.log1p`` needs libdevice, which the
+  interpreter cannot run; this form needs one ``log`` and one division, and with an
+  exactly rounded ``log`` it is accurate to about 5 ulp of ``log1p(x)`` for x >= -0.5 (the
+  naive ``log(1 + x)`` loses every digit of ``log1p(1e-8)``). With the GPU's fast log
+  (``lg2.approx.f32``, absolute error about 2^-22 near 1) a term ``log1p(e)`` with tiny
+  ``e`` carries an absolute error below about 1e-7, which is what matters in a row sum.
+* ``_expm1(x) = (u - 1) * x / log(u)`` with ``u = exp(x)`` (Kahan), for the KL's
+  ``exp(lv) - 1`` near lv = 0, likewise without libdevice.
+* ``_bernoulli_elem(x, t)``: the NLL and its gradient for one element, in the
+  accumulation dtype; see ``bernoulli_nll.py`` for the math. One ``exp`` and one ``log``
+  per logit; the sigmoid reuses the same ``exp(-|x|)``, and ``sigmoid(x) - t`` is formed
+  so that it does not cancel (see the comment there).
+* Every clamp passes ``propagate_nan=ALL``: ``tl.maximum``/``tl.minimum`` otherwise
+  return the other operand for a NaN, and a NaN input must give a NaN loss.
+
+Deterministic reduction
+-----------------------
+Forward kernels write one partial sum per (row, column chunk) into a ``[B, C]`` buffer,
+each reduced inside its program by ``tl.sum`` over a fixed-shape block (a fixed tree).
+``_finalize_kernel`` then sums the partials in a fixed order that depends on the shapes
+only: two runs are bitwise equal, and there are no atomics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+
+# Programs the image-sized kernels aim for, by splitting long rows into column chunks
+# when the batch alone is too small to fill the GPU (132 SMs x 8 resident programs on an
+# H100). A constant, not a device query: the split, and so every rounding, depends on
+# the shapes only.
+TARGET_PROGRAMS = 1024
+# Largest column block per loop step, in bytes of input: 16 KiB = 4096 fp32 = 16
+# elements per thread at 8 warps, four 128-bit loads per tensor and step.
+MAX_BLOCK_BYTES = 16384
+
+
+# ---- element math ------------------------------------------------------------------------
+
+
+@triton.jit
+def _log1p(x):
+    u = 1.0 + x
+    d = u - 1.0
+    return tl.where(d == 0.0, x, tl.log(u) * (x / d))
+
+
+@triton.jit
+def _expm1(x):
+    # Kahan's trick: (u - 1) * x / log(u) with u = exp(x) cancels the rounding of u; x itself
+    # where u rounds to 1, and -1 where u - 1 does (x below about -17 in float32).
+    u = tl.exp(x)
+    d = u - 1.0
+    return tl.where(d == 0.0, x, tl.where(d == -1.0, d, d * (x / tl.log(u))))
+
+
+@triton.jit
+def _bernoulli_elem(x, t, FROM_LOGITS: tl.constexpr):
+    """(nll, d nll / dx) of one element; x and t already in the accumulation dtype."""
+    if FROM_LOGITS:
+        e = tl.exp(-tl.abs(x))
+        nll = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) - x * t + _log1p(e)
+        # sigmoid(x) - t = num / (1 + e), with num = (1 - t) - t*e for x >= 0 and
+        # (e - t) - t*e below. Where sigmoid(x) and t nearly cancel, 1 - t (t near
+        # sigmoid >= 1/2) and e - t (t near sigmoid in [e/2, e)) are exact by Sterbenz's
+        # lemma and the fma rounds once, so the gradient keeps its relative accuracy
+        # (sigmoid(x) - t rounded on its own loses up to 6e-8 absolute; for a binary
+        # target and |x| = 10 that is a relative error of 1e-3).
+        num = tl.fma(-t, e, tl.where(x >= 0.0, 1.0 - t, e - t))
+        grad = num / (1.0 + e)
+    else:
+        log_p = tl.maximum(tl.log(x), -100.0, propagate_nan=tl.PropagateNan.ALL)
+        log_q = tl.maximum(_log1p(-x), -100.0, propagate_nan=tl.PropagateNan.ALL)
+        nll = -(t * log_p + (1.0 - t) * log_q)
+        grad = (x - t) / tl.maximum(x * (1.0 - x), 1e-12, propagate_nan=tl.PropagateNan.ALL)
+    return nll, grad
+
+
+@triton.jit
+def _bernoulli_row_chunk(
+    x_row,  # [D] pointer to this row of the input (unit column stride)
+    t_row,  # [D] pointer to this row of the target
+    g_row,  # [D] pointer to this row of the gradient output (COMPUTE_GRAD)
+    lo,  # first column of the chunk, a multiple of BLOCK
+    hi,  # one past its last column, <= D
+    D,  # row length
+    B,  # batch size: the gradient is divided by it for MEAN
+    ACC: tl.constexpr,  # accumulation dtype
+    FROM_LOGITS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    MEAN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """NLL summed over columns [lo, hi) of one row; writes the gradient of those columns."""
+    cols0 = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(lo, hi, BLOCK):
+        cols = start + cols0
+        # Masking against D, not hi: chunk ends are multiples of BLOCK except the last,
+        # and D's divisibility is what lets the compiler emit 128-bit accesses.
+        mask = cols < D
+        x = tl.load(x_row + cols, mask=mask, other=0.5).to(ACC)
+        t = tl.load(t_row + cols, mask=mask, other=0).to(ACC)
+        nll, grad = _bernoulli_elem(x, t, FROM_LOGITS)
+        acc += tl.where(mask, nll, 0.0)
+        if COMPUTE_GRAD:
+            if MEAN:
+                grad = grad / B
+            tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _scale_row_chunk(
+    g_row,  # [D] pointer to this row of the saved gradient, scaled in place
+    s,  # scalar: the row's scale (fp32 or fp64)
+    lo,  # first column of the chunk, a multiple of BLOCK
+    hi,  # one past its last column, <= D
+    D,  # row length
+    BLOCK: tl.constexpr,
+):
+    # Exactly 1 (the plain loss.backward()) moves no bytes; NaN != 1, so NaN scales.
+    if s != 1.0:
+        cols0 = tl.arange(0, BLOCK)
+        for start in range(lo, hi, BLOCK):
+            cols = start + cols0
+            mask = cols < D
+            g = tl.load(g_row + cols, mask=mask, other=0.0)
+            tl.store(g_row + cols, (g * s).to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gaussian_kl_elem(mu, lv):
+    """mu^2 + exp(min(lv, 60)) - 1 - lv (twice the KL of one latent).
+
+    As mu^2 + (expm1(min(lv, 60)) - lv): near lv = 0, exp(lv) - 1 rounded on its own
+    carries an absolute error of an ulp of 1 into a term of size lv^2 / 2."""
+    return mu * mu + (_expm1(tl.minimum(lv, 60.0, propagate_nan=tl.PropagateNan.ALL)) - lv)
+
+
+@triton.jit
+def _kl_grad_elem(s, mu, lv):
+    """(s * mu, s * 0.5 * expm1(min(lv, 60))): the straight-through clamp's gradient."""
+    em1 = _expm1(tl.minimum(lv, 60.0, propagate_nan=tl.PropagateNan.ALL))
+    return s * mu, s * (0.5 * em1)
+
+
+# ---- reduction of per-row partials ------------------------------------------------------------
+
+
+@triton.jit
+def _finalize_kernel(
+    part_ptr,  # [B, C] acc: partial sums of the first term (NLL), row b, column chunk c
+    kl_ptr,  # [B] acc: per-row KL (HAS_KL only)
+    beta_ptr,  # [] acc: KL weight (HAS_KL only)
+    loss_ptr,  # [B] (REDUCTION 0) or [] acc: first term + beta * KL, or the first term alone
+    rec_ptr,  # [B] or [] acc: the first term (HAS_KL only)
+    kl_out_ptr,  # [B] or [] acc: the KL term (HAS_KL only)
+    B,  # rows
+    C,  # column chunks per row
+    HAS_KL: tl.constexpr,
+    REDUCTION: tl.constexpr,  # 0 none (grid cdiv(B, BLOCK_B)), 1 mean or 2 sum (grid 1)
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    ACC = part_ptr.dtype.element_ty
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_c = tl.arange(0, BLOCK_C)
+    if REDUCTION == 0:
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_B + offs_b
+        rmask = rows < B
+        acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=ACC)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + offs_c
+            m = rmask[:, None] & (cols < C)[None, :]
+            acc += tl.load(part_ptr + rows[:, None] * C + cols[None, :], mask=m, other=0.0)
+        rec = tl.sum(acc, axis=1)
+        if HAS_KL:
+            kl = tl.load(kl_ptr + rows, mask=rmask, other=0.0)
+            beta = tl.load(beta_ptr)
+            tl.store(rec_ptr + rows, rec, mask=rmask)
+            tl.store(kl_out_ptr + rows, kl, mask=rmask)
+            tl.store(loss_ptr + rows, rec + beta * kl, mask=rmask)
+        else:
+            tl.store(loss_ptr + rows, rec, mask=rmask)
+    else:
+        acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=ACC)
+        acc_kl = tl.zeros([BLOCK_B], dtype=ACC)
+        for b0 in range(0, B, BLOCK_B):
+            rows = b0 + offs_b.to(tl.int64)
+            rmask = rows < B
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + offs_c
+                m = rmask[:, None] & (cols < C)[None, :]
+                acc += tl.load(part_ptr + rows[:, None] * C + cols[None, :], mask=m, other=0.0)
+            if HAS_KL:
+                acc_kl += tl.load(kl_ptr + rows, mask=rmask, other=0.0)
+        rec = tl.sum(tl.sum(acc, axis=1), axis=0)
+        kl = tl.sum(acc_kl, axis=0)
+        if REDUCTION == 1:
+            rec = rec / B
+            kl = kl / B
+        if HAS_KL:
+            beta = tl.load(beta_ptr)
+            tl.store(rec_ptr, rec)
+            tl.store(kl_out_ptr, kl)
+            tl.store(loss_ptr, rec + beta * kl)
+        else:
+            tl.store(loss_ptr, rec)
+
+
+def finalize(part, kl, beta, loss, rec, kl_out, reduction: int) -> None:
+    """Reduce the ``[B, C]`` partials (and the ``[B]`` KL rows) into the outputs."""
+    B, C = part.shape
+    has_kl = kl is not None
+    if not has_kl:
+        kl = beta = rec = kl_out = part  # never read: HAS_KL is a constexpr
+    BLOCK_C = min(triton.next_power_of_2(max(C, 1)), 64)
+    BLOCK_B = max(1, min(triton.next_power_of_2(max(B, 1)), 1024 // BLOCK_C))
+    grid = (triton.cdiv(B, BLOCK_B),) if reduction == 0 else (1,)
+    if grid[0] == 0:
+        return
+    _finalize_kernel[grid](
+        part, kl, beta, loss, rec, kl_out, B, C,
+        HAS_KL=has_kl, REDUCTION=reduction, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, num_warps=4,
+    )
+
+
+# ---- launch helpers -----------------------------------------------------------------------------
+
+
+def as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(x', D, row stride) where x' has x's data with unit stride within each row.
+
+    No copy when the non-batch dims are contiguous among themselves, whatever the row
+    stride (a padded row, ``h.chunk(2, dim=1)``, a target broadcast with ``expand``);
+    otherwise (a transposed matrix, a channels-last image) a contiguous copy.
+    """
+    B = x.shape[0]
+    D = x.numel() // B if B else 0
+    expected = 1
+    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:])):
+        if size != 1 and stride != expected:
+            x = x.contiguous()
+            break
+        expected *= size
+    # For one row any stride is as good as another: keep D, which the JIT can
+    # specialize on like the contiguous case.
+    stride = x.stride(0) if B > 1 and x.dim() > 0 else D
+    return x, D, stride
+
+
+def as_loadable(t: torch.Tensor) -> torch.Tensor:
+    """Targets are read in their own width; a bool is loaded as the uint8 it is stored as."""
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+
+def row_config(B: int, D: int, itemsize: int) -> tuple[int, int, int, int]:
+    """(BLOCK, num_warps, C, n_blocks) for a [B, D] image-sized kernel.
+
+    Each program covers ``n_blocks`` column blocks of one row; the grid is (B, C).
+    """
+    if itemsize <= 4:
+        BLOCK = max(128, min(triton.next_power_of_2(max(D, 1)), MAX_BLOCK_BYTES // 4))
+        num_warps = max(1, min(8, BLOCK // 256))  # up to 16 values per thread
+    else:
+        # float64's exp and log are libdevice calls with twice the registers per value:
+        # 4 values per thread (8 took 170-185 registers on sm_90).
+        BLOCK = max(128, min(triton.next_power_of_2(max(D, 1)), MAX_BLOCK_BYTES // 16))
+        num_warps = max(1, min(8, BLOCK // 128))
+    total_blocks = max(1, triton.cdiv(D, BLOCK))
+    want = max(1, min(triton.cdiv(TARGET_PROGRAMS, max(B, 1)), total_blocks))
+    n_blocks = triton.cdiv(total_blocks, want)
+    C = triton.cdiv(total_blocks, n_blocks)
+    return BLOCK, num_warps, C, n_blocks
+
+
+def latent_config(B: int, Z: int, itemsize: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_Z, num_warps) for the [B, Z] latent tiles: rows per program x a
+    column block that the program loops over (Z is small: tens to hundreds).
+
+    8 values per thread at 4 warps, 2 for float64 (libdevice exp/log: 16 float64 values
+    per thread took 255 registers and spilled on sm_80 and sm_90)."""
+    tile = 1024 if itemsize <= 4 else 256
+    BLOCK_Z = max(16, min(triton.next_power_of_2(max(Z, 1)), 256))
+    BLOCK_B = max(1, min(triton.next_power_of_2(max(B, 1)), tile // BLOCK_Z))
+    return BLOCK_B, BLOCK_Z, 4
+
+
+def scale_stride(g: torch.Tensor) -> int:
+    """Stride between the per-row scales of a grad_out of shape () (0) or (B,)."""
+    return g.stride(0) if g.dim() else 0
+
+
+def device_guard(x: torch.Tensor):
+    """Launch on x's device (Triton launches on the current device's current stream)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

@@ -1,0 +1,194 @@
+"""Analytic Gaussian KL to N(0, I): ``vaekern_triton::gaussian_kl`` and its backward.
+
+Math, per latent, with ``v = exp(min(lv, 60))`` (``vaekern.reference``):
+
+* forward:  ``kl = 0.5 * (mu^2 + v - 1 - lv)``, summed over every dim but the first.
+* backward: ``d/dmu = s * mu``, ``d/dlv = s * 0.5 * (v - 1)`` (the straight-through clamp:
+  the clamped variance keeps its sign and size), with the row scale ``s = grad_out[b]``
+  for none, ``grad_out`` for sum and ``grad_out / B`` for mean.
+
+One launch each way over ``[BLOCK_B, BLOCK_Z]`` tiles (rows x latents, the program loops
+over latent blocks). The forward writes one value per row for none; for mean/sum one
+program walks every row in a fixed order and writes the scalar (deterministic, no
+atomics). Above ``SINGLE_PROGRAM_MAX`` latents that single program would be slow, so
+per-row programs run first and ``_finalize_kernel`` reduces their rows (two launches).
+
+Dtypes: mu and logvar float16, bfloat16, float32, float64 (the same for both); math in
+float32 (float64 for float64); the KL is float32/float64, gradients in mu's dtype.
+``min(lv, 60)`` propagates NaN; logvar in [-100, 100] neither overflows nor NaNs.
+
+Saved for backward (by ``_ops.py``): mu and logvar, which are latent-sized; the backward
+recomputes ``exp`` rather than keeping a variance buffer.
+
+Limits: latents are read in place at any row stride (``h.chunk(2, dim=1)`` halves);
+other layouts are copied first. Meant for latent-sized rows (tens to thousands).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vaekern._ops import acc_dtype
+from vaekern._triton._common import (
+    _gaussian_kl_elem,
+    _kl_grad_elem,
+    as_rows,
+    device_guard,
+    finalize,
+    latent_config,
+    scale_stride,
+)
+
+# Up to this many latents a mean/sum is one launch of one program (about 2 MB of
+# float32 mu and logvar); beyond it, per-row programs plus _finalize_kernel.
+SINGLE_PROGRAM_MAX = 1 << 18
+
+
+@triton.jit
+def _gaussian_kl_fwd_kernel(
+    mu_ptr,  # [B, Z] posterior means, row stride stride_mu, unit column stride
+    lv_ptr,  # [B, Z] posterior log-variances, row stride stride_lv
+    out_ptr,  # [B] (REDUCTION 0) or [] acc dtype: KL per row, or reduced over rows
+    B,  # rows
+    Z,  # latents per row
+    stride_mu,  # row stride of mu, in elements
+    stride_lv,  # row stride of logvar, in elements
+    REDUCTION: tl.constexpr,  # 0: grid cdiv(B, BLOCK_B), one value per row; 1 mean, 2 sum: grid 1
+    BLOCK_B: tl.constexpr,
+    BLOCK_Z: tl.constexpr,
+):
+    ACC = out_ptr.dtype.element_ty
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_z = tl.arange(0, BLOCK_Z)
+    if REDUCTION == 0:
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_B + offs_b
+        rmask = rows < B
+        acc = tl.zeros([BLOCK_B, BLOCK_Z], dtype=ACC)
+        for z0 in range(0, Z, BLOCK_Z):
+            cols = z0 + offs_z
+            m = rmask[:, None] & (cols < Z)[None, :]
+            mu = tl.load(mu_ptr + rows[:, None] * stride_mu + cols[None, :], mask=m, other=0.0).to(ACC)
+            lv = tl.load(lv_ptr + rows[:, None] * stride_lv + cols[None, :], mask=m, other=0.0).to(ACC)
+            acc += tl.where(m, _gaussian_kl_elem(mu, lv), 0.0)
+        tl.store(out_ptr + rows, 0.5 * tl.sum(acc, axis=1), mask=rmask)
+    else:
+        # One program walks every row in a fixed order: one launch, deterministic.
+        acc = tl.zeros([BLOCK_B, BLOCK_Z], dtype=ACC)
+        for b0 in range(0, B, BLOCK_B):
+            rows = b0 + offs_b.to(tl.int64)
+            rmask = rows < B
+            for z0 in range(0, Z, BLOCK_Z):
+                cols = z0 + offs_z
+                m = rmask[:, None] & (cols < Z)[None, :]
+                mu = tl.load(mu_ptr + rows[:, None] * stride_mu + cols[None, :], mask=m, other=0.0).to(ACC)
+                lv = tl.load(lv_ptr + rows[:, None] * stride_lv + cols[None, :], mask=m, other=0.0).to(ACC)
+                acc += tl.where(m, _gaussian_kl_elem(mu, lv), 0.0)
+        total = 0.5 * tl.sum(tl.sum(acc, axis=1), axis=0)
+        if REDUCTION == 1:
+            total = total / B
+        tl.store(out_ptr, total)
+
+
+@triton.jit
+def _gaussian_kl_bwd_kernel(
+    go_ptr,  # [B] or [] fp32/fp64: upstream gradient of the reduced KL
+    mu_ptr,  # [B, Z] posterior means, row stride stride_mu
+    lv_ptr,  # [B, Z] posterior log-variances, row stride stride_lv
+    gmu_ptr,  # [B, Z] contiguous, mu's dtype: d/dmu
+    glv_ptr,  # [B, Z] contiguous, logvar's dtype: d/dlogvar
+    B,  # rows
+    Z,  # latents per row
+    stride_go,  # 0 for a scalar grad_out, else its stride
+    stride_mu,  # row stride of mu, in elements
+    stride_lv,  # row stride of logvar, in elements
+    MEAN: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_Z: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    s = tl.load(go_ptr + rows * stride_go, mask=rmask, other=0.0)
+    if MEAN:
+        s = s / B
+    for z0 in range(0, Z, BLOCK_Z):
+        cols = z0 + tl.arange(0, BLOCK_Z)
+        m = rmask[:, None] & (cols < Z)[None, :]
+        mu = tl.load(mu_ptr + rows[:, None] * stride_mu + cols[None, :], mask=m, other=0.0)
+        lv = tl.load(lv_ptr + rows[:, None] * stride_lv + cols[None, :], mask=m, other=0.0)
+        # s is fp32 or fp64: mu * s promotes fp16/bf16 to it.
+        g_mu, g_lv = _kl_grad_elem(s[:, None], mu.to(s.dtype), lv.to(s.dtype))
+        out = rows[:, None] * Z + cols[None, :]
+        tl.store(gmu_ptr + out, g_mu.to(gmu_ptr.dtype.element_ty), mask=m)
+        tl.store(glv_ptr + out, g_lv.to(glv_ptr.dtype.element_ty), mask=m)
+
+
+def kl_rows(mu, logvar, out, reduction: int = 0) -> None:
+    """The KL of ``[B, ...]`` latents: per row into ``out`` of shape ``(B,)`` for
+    reduction 0, else reduced into the 0-d ``out`` by a single program."""
+    B = mu.shape[0]
+    m, Z, stride_mu = as_rows(mu)
+    lv, _, stride_lv = as_rows(logvar)
+    BLOCK_B, BLOCK_Z, num_warps = latent_config(B, Z, mu.element_size())
+    grid = (triton.cdiv(B, BLOCK_B),) if reduction == 0 else (1,)
+    if grid[0] > 0:
+        _gaussian_kl_fwd_kernel[grid](
+            m, lv, out, B, Z, stride_mu, stride_lv,
+            REDUCTION=reduction, BLOCK_B=BLOCK_B, BLOCK_Z=BLOCK_Z, num_warps=num_warps,
+        )
+
+
+def kl_grads(scale, mu, logvar, reduction: int, gmu, glv) -> None:
+    """Write ``scale``-weighted KL gradients into the contiguous ``gmu``, ``glv``."""
+    B = mu.shape[0]
+    m, Z, stride_mu = as_rows(mu)
+    lv, _, stride_lv = as_rows(logvar)
+    BLOCK_B, BLOCK_Z, num_warps = latent_config(B, Z, mu.element_size())
+    if B > 0:
+        _gaussian_kl_bwd_kernel[(triton.cdiv(B, BLOCK_B),)](
+            scale, m, lv, gmu, glv, B, Z, scale_stride(scale), stride_mu, stride_lv,
+            MEAN=reduction == 1, BLOCK_B=BLOCK_B, BLOCK_Z=BLOCK_Z, num_warps=num_warps,
+        )
+
+
+def gaussian_kl(mu, logvar, reduction: int):
+    """KL(N(mu, exp(logvar)) || N(0, I)) (schema ``vaekern_triton::gaussian_kl``).
+
+    Args:
+        mu: ``[B, ...]`` posterior means.
+        logvar: ``[B, ...]`` log-variances, same shape and dtype.
+        reduction: 0 none, 1 mean, 2 sum.
+
+    Returns:
+        Shape ``(B,)`` or ``()``, float32 (float64 for float64 inputs).
+    """
+    acc = acc_dtype(mu, logvar)
+    B = mu.shape[0]
+    out = mu.new_empty((B,) if reduction == 0 else (), dtype=acc)
+    with device_guard(mu):
+        if reduction == 0 or mu.numel() <= SINGLE_PROGRAM_MAX:
+            kl_rows(mu, logvar, out, reduction)
+        else:
+            rows = mu.new_empty((B,), dtype=acc)
+            kl_rows(mu, logvar, rows)
+            finalize(rows.view(B, 1), None, None, out, None, None, reduction)
+    return out
+
+
+def gaussian_kl_backward(grad_out, mu, logvar, reduction: int):
+    """Gradients of the reduced KL (schema ``vaekern_triton::gaussian_kl_backward``).
+
+    Args:
+        grad_out: ``()`` or ``(B,)`` upstream gradient, float32/float64.
+        mu, logvar: the forward's inputs.
+        reduction: 0 none, 1 mean, 2 sum.
+
+    Returns:
+        ``(grad_mu, grad_logvar)``, contiguous, in mu's and logvar's dtypes.
+    """
+    gmu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+    glv = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)
+    with device_guard(mu):
+        kl_grads(grad_out, mu, logvar, reduction, gmu, glv)
+    return gmu, glv

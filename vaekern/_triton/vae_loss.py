@@ -1,0 +1,230 @@
+"""The fused negative ELBO: ``vaekern_triton::vae_loss`` and ``vae_loss_backward_``.
+
+Math (``vaekern.reference``), with ``reduce`` the batch reduction (mean, sum or none):
+
+* ``recon = reduce(sum_d nll(x[b, d], t[b, d]))`` with ``nll`` of ``bernoulli_nll.py``
+  (softplus form for logits, -100-clamped logs for probabilities);
+* ``kl = reduce(0.5 * sum_z (mu^2 + exp(min(lv, 60)) - 1 - lv))``;
+* ``loss = recon + beta * kl``, beta a 0-d tensor (read in the kernel: no host sync,
+  and annealing it in place needs no recompile).
+
+Backward, for upstream gradients ``(g_loss, g_recon, g_kl)``, each () or (B,):
+
+* ``d/dx[b] = (g_loss + g_recon)[b] * grad_recon[b]``, where ``grad_recon`` is the
+  gradient for an upstream 1, written by the forward (``/B`` folded in for mean) and
+  scaled in place; a row whose scale is exactly 1 is not touched.
+* ``d/dmu = s * mu``, ``d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)``, with
+  ``s = (g_loss * beta + g_kl)[b]``, divided by B for mean.
+
+Launches. Forward: ``_vae_loss_fwd_kernel`` over a (B, C) grid: program (b, c) reads
+column chunk c of row b once (NLL partial sum + gradient), and program (b, 0) also sums
+row b's KL; then ``_finalize_kernel`` (a second, tiny launch) reduces the ``[B, C]`` and
+``[B]`` partials in a fixed order and forms ``loss = recon + beta * kl``. No atomics: two
+runs are bitwise equal. Backward: ``_vae_loss_bwd_kernel``, one launch over the same
+grid; program (b, 0) also writes row b's latent gradients.
+
+Dtypes: recon float16, bfloat16, float32, float64; target any float dtype, bool or uint8;
+mu/logvar the same float dtype as each other. Losses in float32, or float64 if any of
+recon/mu/logvar is float64; gradients in each input's dtype.
+
+Saved for backward (by ``_ops.py``): the reconstruction gradient written here (our own
+buffer), mu, logvar and beta.
+
+Limits: as ``bernoulli_nll.py`` and ``gaussian_kl.py`` (row strides read in place,
+other layouts copied; D below 2**31 - 2**16).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vaekern._ops import acc_dtype
+from vaekern._triton._common import (
+    _bernoulli_row_chunk,
+    _gaussian_kl_elem,
+    _kl_grad_elem,
+    _scale_row_chunk,
+    as_loadable,
+    as_rows,
+    device_guard,
+    finalize,
+    row_config,
+    scale_stride,
+)
+
+
+@triton.jit
+def _vae_loss_fwd_kernel(
+    x_ptr,  # [B, D] decoder logits or probabilities, row stride stride_x, unit column stride
+    t_ptr,  # [B, D] targets (float, or uint8 for bool/uint8), row stride stride_t
+    grad_ptr,  # [B, D] contiguous, x's dtype: d(reduced recon)/dx (COMPUTE_GRAD)
+    part_ptr,  # [B, C] acc dtype: NLL of row b summed over column chunk c
+    mu_ptr,  # [B, Z] posterior means, row stride stride_mu
+    lv_ptr,  # [B, Z] posterior log-variances, row stride stride_lv
+    kl_ptr,  # [B] acc dtype: KL of row b
+    D,  # pixels per row
+    Z,  # latents per row
+    stride_x,  # row stride of x, in elements
+    stride_t,  # row stride of t, in elements
+    stride_mu,  # row stride of mu, in elements
+    stride_lv,  # row stride of logvar, in elements
+    B,  # rows (the gradient is divided by it for MEAN)
+    n_blocks,  # column blocks per chunk; chunk c covers [c, c+1) * n_blocks * BLOCK
+    FROM_LOGITS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    MEAN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_Z: tl.constexpr,
+):
+    ACC = part_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    C = tl.num_programs(1)
+    lo = chunk * n_blocks * BLOCK
+    hi = tl.minimum(lo + n_blocks * BLOCK, D)
+    total = _bernoulli_row_chunk(
+        x_ptr + row * stride_x, t_ptr + row * stride_t, grad_ptr + row * D,
+        lo, hi, D, B,
+        ACC, FROM_LOGITS, COMPUTE_GRAD, MEAN, BLOCK,
+    )
+    tl.store(part_ptr + row * C + chunk, total)
+    if chunk == 0:
+        acc = tl.zeros([BLOCK_Z], dtype=ACC)
+        for z0 in range(0, Z, BLOCK_Z):
+            cols = z0 + tl.arange(0, BLOCK_Z)
+            m = cols < Z
+            mu = tl.load(mu_ptr + row * stride_mu + cols, mask=m, other=0.0).to(ACC)
+            lv = tl.load(lv_ptr + row * stride_lv + cols, mask=m, other=0.0).to(ACC)
+            acc += tl.where(m, _gaussian_kl_elem(mu, lv), 0.0)
+        tl.store(kl_ptr + row, 0.5 * tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _vae_loss_bwd_kernel(
+    grad_ptr,  # [B, D] contiguous: the saved reconstruction gradient, scaled in place
+    gl_ptr,  # [B] or [] acc dtype: upstream gradient of the loss
+    gr_ptr,  # [B] or [] acc dtype: upstream gradient of the recon term
+    gk_ptr,  # [B] or [] acc dtype: upstream gradient of the KL term
+    beta_ptr,  # [] acc dtype: KL weight
+    mu_ptr,  # [B, Z] posterior means, row stride stride_mu
+    lv_ptr,  # [B, Z] posterior log-variances, row stride stride_lv
+    gmu_ptr,  # [B, Z] contiguous, mu's dtype: d/dmu
+    glv_ptr,  # [B, Z] contiguous, logvar's dtype: d/dlogvar
+    D,  # pixels per row (0: no reconstruction gradient to scale)
+    Z,  # latents per row
+    stride_gl,  # 0 for a scalar grad, else its stride (likewise the next two)
+    stride_gr,
+    stride_gk,
+    stride_mu,  # row stride of mu, in elements
+    stride_lv,  # row stride of logvar, in elements
+    B,  # rows (the KL scale is divided by it for MEAN)
+    n_blocks,  # column blocks per chunk (as in the forward)
+    MEAN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_Z: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    g_loss = tl.load(gl_ptr + row * stride_gl)
+    if chunk == 0:
+        s = g_loss * tl.load(beta_ptr) + tl.load(gk_ptr + row * stride_gk)
+        if MEAN:
+            s = s / B
+        for z0 in range(0, Z, BLOCK_Z):
+            cols = z0 + tl.arange(0, BLOCK_Z)
+            m = cols < Z
+            mu = tl.load(mu_ptr + row * stride_mu + cols, mask=m, other=0.0)
+            lv = tl.load(lv_ptr + row * stride_lv + cols, mask=m, other=0.0)
+            g_mu, g_lv = _kl_grad_elem(s, mu.to(s.dtype), lv.to(s.dtype))
+            tl.store(gmu_ptr + row * Z + cols, g_mu.to(gmu_ptr.dtype.element_ty), mask=m)
+            tl.store(glv_ptr + row * Z + cols, g_lv.to(glv_ptr.dtype.element_ty), mask=m)
+    lo = chunk * n_blocks * BLOCK
+    hi = tl.minimum(lo + n_blocks * BLOCK, D)
+    _scale_row_chunk(grad_ptr + row * D, g_loss + tl.load(gr_ptr + row * stride_gr), lo, hi, D, BLOCK)
+
+
+def _block_z(Z: int, num_warps: int, itemsize: int) -> int:
+    """Latent block of the row's KL: up to 4 values per thread (1 for float64, see
+    ``_common.latent_config``), looped over for longer latent rows."""
+    per_thread = 4 if itemsize <= 4 else 1
+    return max(16, min(triton.next_power_of_2(max(Z, 1)), 32 * num_warps * per_thread))
+
+
+def vae_loss(recon, target, mu, logvar, beta, from_logits: bool, reduction: int, compute_grad: bool):
+    """Fused negative ELBO (schema ``vaekern_triton::vae_loss``).
+
+    Args:
+        recon: ``[B, ...]`` decoder logits (or probabilities).
+        target: same shape; any float dtype, bool or uint8.
+        mu, logvar: ``[B, ...]`` posterior parameters, same shape and dtype.
+        beta: 0-d tensor in the loss dtype, the KL weight.
+        from_logits: whether ``recon`` holds logits.
+        reduction: 0 none, 1 mean, 2 sum.
+        compute_grad: whether to write the reconstruction gradient.
+
+    Returns:
+        ``(loss, recon_term, kl_term, grad_recon)``: three losses of shape ``(B,)`` or
+        ``()`` in float32 (float64 if any of recon/mu/logvar is), and the gradient of the
+        reduced recon term for an upstream 1 (contiguous, recon's dtype) or an empty tensor.
+    """
+    acc = acc_dtype(recon, mu, logvar)
+    B = recon.shape[0]
+    x, D, stride_x = as_rows(recon)
+    t, _, stride_t = as_rows(as_loadable(target))
+    m, Z, stride_mu = as_rows(mu)
+    lv, _, stride_lv = as_rows(logvar)
+    grad = torch.empty(recon.shape, dtype=recon.dtype, device=recon.device) if compute_grad else None
+    shape = (B,) if reduction == 0 else ()
+    loss, rec, kl = (recon.new_empty(shape, dtype=acc) for _ in range(3))
+    BLOCK, num_warps, C, n_blocks = row_config(B, D, recon.element_size())
+    part = torch.empty((B, C), dtype=acc, device=recon.device)
+    kl_rows = torch.empty((B,), dtype=acc, device=recon.device)
+    with device_guard(recon):
+        if B > 0:
+            _vae_loss_fwd_kernel[(B, C)](
+                x, t, grad if compute_grad else x, part, m, lv, kl_rows,
+                D, Z, stride_x, stride_t, stride_mu, stride_lv, B, n_blocks,
+                FROM_LOGITS=from_logits, COMPUTE_GRAD=compute_grad, MEAN=reduction == 1,
+                BLOCK=BLOCK, BLOCK_Z=_block_z(Z, num_warps, mu.element_size()), num_warps=num_warps,
+            )
+        finalize(part, kl_rows, beta, loss, rec, kl, reduction)
+    return loss, rec, kl, grad if compute_grad else recon.new_empty((0,))
+
+
+def vae_loss_backward_(grad_recon, grad_loss, grad_recon_term, grad_kl_term, mu, logvar, beta, reduction: int):
+    """Backward of the fused loss (schema ``vaekern_triton::vae_loss_backward_``).
+
+    Args:
+        grad_recon: ``[B, ...]`` the forward's saved gradient, scaled in place; may be
+            empty (numel 0) when recon needs no gradient.
+        grad_loss, grad_recon_term, grad_kl_term: ``()`` or ``(B,)`` upstream gradients.
+        mu, logvar: the forward's latents.
+        beta: the forward's 0-d KL weight.
+        reduction: 0 none, 1 mean, 2 sum.
+
+    Returns:
+        ``(grad_mu, grad_logvar)``, contiguous, in mu's and logvar's dtypes.
+    """
+    B = mu.shape[0]
+    m, Z, stride_mu = as_rows(mu)
+    lv, _, stride_lv = as_rows(logvar)
+    gmu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+    glv = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)
+    if grad_recon.numel():
+        if not grad_recon.is_contiguous():
+            raise ValueError("vae_loss_backward_: grad_recon must be the contiguous saved gradient")
+        D = grad_recon.numel() // B
+        BLOCK, num_warps, C, n_blocks = row_config(B, D, grad_recon.element_size())
+    else:
+        grad_recon, D, BLOCK, num_warps, C, n_blocks = gmu, 0, 128, 4, 1, 1
+    if B > 0:
+        with device_guard(mu):
+            _vae_loss_bwd_kernel[(B, C)](
+                grad_recon, grad_loss, grad_recon_term, grad_kl_term, beta, m, lv, gmu, glv,
+                D, Z, scale_stride(grad_loss), scale_stride(grad_recon_term), scale_stride(grad_kl_term),
+                stride_mu, stride_lv, B, n_blocks,
+                MEAN=reduction == 1, BLOCK=BLOCK, BLOCK_Z=_block_z(Z, num_warps, mu.element_size()), num_warps=num_warps,
+            )
+    return gmu, glv
