@@ -22,7 +22,7 @@ namespace cuda {
 namespace {
 
 template <bool kLogits, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
     bernoulli_nll_fwd_kernel(ReconArgs<scalar_t, acc_t> a,
                              acc_t* __restrict__ partials,  // [B, tiles_per_row] per-tile sums
                              int64_t B, int64_t tiles_per_row, int G) {

@@ -42,6 +42,7 @@ namespace cuda {
 using at::Tensor;
 
 constexpr int kThreads = 256;          // threads per block of the tiled kernels
+constexpr int kFwdMinBlocks = 4;       // of the stage-1 loss kernels per SM: <= 64 registers
 constexpr int kIters = 8;              // vector loads per lane per tile, at most
 constexpr int64_t kWantTiles = 8192;   // about one warp per slot of a 132-SM H100
 constexpr int kFinalThreads = 512;     // threads of a block-wide stage-2 block

@@ -55,7 +55,7 @@ __device__ __forceinline__ acc_t latent_tile(const LatentArgs& l, int64_t b, int
 }
 
 template <bool kLogits, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
     vae_loss_fwd_kernel(ReconArgs<scalar_t, acc_t> a, LatentArgs l,
                         acc_t* __restrict__ recon_partials,  // [B, tiles_per_row]
                         acc_t* __restrict__ kl_partials,     // [B, kl_tiles]
