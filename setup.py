@@ -56,7 +56,8 @@ def _extensions():
     kind = cpp_extension.CppExtension
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
+        # torch 2.14 headers need C++20 (std::strong_ordering in c10/util/intrusive_ptr.h).
+        extra["nvcc"] = ["-O3", "-std=c++20", "-lineinfo"]
         kind = cpp_extension.CUDAExtension
     # Last, and the widest last: an inline function (a c10 header's, say) that several
     # objects emit is linked from the first object that has it, so code of plain objects

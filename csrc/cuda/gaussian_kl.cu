@@ -1,0 +1,141 @@
+// gaussian_kl and gaussian_kl_backward on CUDA.
+//
+// Math (see losses.cuh): kl = 0.5*(mu^2 + exp(min(lv, 60)) - 1 - lv) per element, summed
+// per row, reduced over rows. Backward, with s = grad_out (grad_out / B for mean):
+//   grad_mu = s * mu,  grad_logvar = s * 0.5 * (exp(min(lv, 60)) - 1)
+// (the straight-through clamp of vaekern.reference: no -0.5 plateau above lv = 60).
+//
+// Dtypes: mu and logvar float16, bfloat16, float32 or float64, the same for both;
+// accumulated in float (double for double). The loss is float32, float64 for float64.
+// Nothing is saved by forward beyond the inputs themselves.
+// Limits: latents are small, so loads are scalar (coalesced across the group).
+#include "losses.cuh"
+
+namespace vaekern {
+namespace cuda {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    gaussian_kl_fwd_kernel(const scalar_t* __restrict__ mu,  // [B, D], rows mu_stride apart
+                           const scalar_t* __restrict__ lv,  // [B, D], rows lv_stride apart
+                           acc_t* __restrict__ partials,     // [B, tiles_per_row] per-tile sums
+                           int64_t mu_stride, int64_t lv_stride, int64_t B, int64_t D, int64_t tile_len,
+                           int64_t tiles_per_row, int G) {
+  const GroupPos pos = group_pos(G);
+  const int64_t ntiles = B * tiles_per_row;
+  for (int64_t first = pos.first; first < ntiles; first += pos.stride) {
+    const int64_t tile = first + pos.group;
+    acc_t v = 0;
+    if (tile < ntiles) {
+      const int64_t b = tile / tiles_per_row;
+      const int64_t start = (tile - b * tiles_per_row) * tile_len;
+      v = kl_tile<scalar_t, acc_t>(mu + b * mu_stride, lv + b * lv_stride, start, min(start + tile_len, D), pos.sub,
+                                   G);
+    }
+    v = group_sum(v, G);
+    if (pos.sub == 0 && tile < ntiles) partials[tile] = v;
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    gaussian_kl_bwd_kernel(const scalar_t* __restrict__ mu,  // [B, D] contiguous
+                           const scalar_t* __restrict__ lv,  // [B, D] contiguous
+                           scalar_t* __restrict__ grad_mu,   // [B, D] contiguous
+                           scalar_t* __restrict__ grad_lv,   // [B, D] contiguous
+                           RowScale scale, int64_t n, int64_t D) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const acc_t s = static_cast<acc_t>(scale(i / D));
+    grad_mu[i] = static_cast<scalar_t>(s * to_acc<scalar_t, acc_t>(mu[i]));
+    grad_lv[i] = static_cast<scalar_t>(s * kl_grad_lv(to_acc<scalar_t, acc_t>(lv[i])));
+  }
+}
+
+void check_latents(const Tensor& mu, const Tensor& logvar) {
+  check_cuda(mu, "mu", mu);
+  check_cuda(logvar, "logvar", mu);
+  check_float(mu, "mu");
+  TORCH_CHECK(logvar.scalar_type() == mu.scalar_type(), "vaekern (cuda): logvar has dtype ", logvar.scalar_type(),
+              " but mu has dtype ", mu.scalar_type());
+  TORCH_CHECK(mu.sizes() == logvar.sizes(), "vaekern (cuda): logvar has shape ", logvar.sizes(),
+              " but mu has shape ", mu.sizes());
+  TORCH_CHECK(mu.dim() >= 1, "vaekern (cuda): mu must have a batch dim");
+}
+
+}  // namespace
+
+Tensor gaussian_kl_cuda(const Tensor& mu, const Tensor& logvar, int64_t reduction) {
+  check_latents(mu, logvar);
+  check_reduction(reduction);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Rows m = as_rows(mu);
+  const Rows l = as_rows(logvar);
+  const int64_t B = m.B, D = m.D;
+  Tensor out = at::empty(loss_shape(reduction, B),
+                         mu.options().dtype(acc_scalar(mu.scalar_type())));
+  if (B == 0 && reduction == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "gaussian_kl_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const int G = pow2_at_least(D, 32);
+    const int64_t len = kl_tile_len(G);
+    const int64_t tiles = std::max<int64_t>(1, ceil_div(D, len));
+    const bool direct = reduction == 0 && tiles == 1;
+    Tensor partials = direct ? out : at::empty({B * tiles}, out.options());
+    if (B > 0) {
+      gaussian_kl_fwd_kernel<scalar_t, acc_t><<<blocks_for(B * tiles * G), kThreads, 0, stream>>>(
+          m.t.data_ptr<scalar_t>(), l.t.data_ptr<scalar_t>(), partials.data_ptr<acc_t>(), m.row_stride,
+          l.row_stride, B, D, len, tiles, G);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (!direct) {
+      reduce_partials<acc_t>(partials, tiles, Tensor(), 0, B, reduction, Tensor(), out, Tensor(), Tensor(), stream);
+    }
+  });
+  return out;
+}
+
+// The latent gradients for a RowScale s: shared with vae_loss_backward_ (vae_loss.cu).
+std::tuple<Tensor, Tensor> gaussian_kl_grads_cuda(const Tensor& mu, const Tensor& logvar, const RowScale& scale,
+                                                  cudaStream_t stream) {
+  const Tensor m = mu.contiguous();
+  const Tensor l = logvar.contiguous();
+  Tensor grad_mu = at::empty(mu.sizes(), mu.options());
+  Tensor grad_lv = at::empty(logvar.sizes(), logvar.options());
+  const int64_t n = m.numel();
+  if (n == 0) return {grad_mu, grad_lv};
+  const int64_t D = n / m.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "gaussian_kl_backward_cuda", [&] {
+    gaussian_kl_bwd_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        m.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(), grad_mu.data_ptr<scalar_t>(), grad_lv.data_ptr<scalar_t>(),
+        scale, n, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_mu, grad_lv};
+}
+
+std::tuple<Tensor, Tensor> gaussian_kl_backward_cuda(const Tensor& grad_out, const Tensor& mu, const Tensor& logvar,
+                                                     int64_t reduction) {
+  check_latents(mu, logvar);
+  check_reduction(reduction);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t B = mu.size(0);
+  int64_t stride = 0;
+  const Tensor go = scale_operand(grad_out, mu, B, "grad_out", &stride);
+  const RowScale scale{go.data_ptr(), nullptr, nullptr, stride, 0, kind_of(go.scalar_type()), kF32, kF32,
+                       reduction == 1 ? static_cast<double>(B) : 1.0};
+  return gaussian_kl_grads_cuda(mu, logvar, scale, stream);
+}
+
+TORCH_LIBRARY_IMPL(vaekern, CUDA, m) {
+  m.impl("gaussian_kl", &gaussian_kl_cuda);
+  m.impl("gaussian_kl_backward", &gaussian_kl_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace vaekern

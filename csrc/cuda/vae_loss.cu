@@ -1,0 +1,214 @@
+// vae_loss and vae_loss_backward_ on CUDA: the negative ELBO of a Bernoulli-decoder VAE.
+//
+// Math (see losses.cuh): per row b,
+//   recon_b = sum_j nll(recon[b, j], target[b, j]),  kl_b = sum_k kl(mu[b, k], logvar[b, k])
+//   loss = R(recon) + beta * R(kl), with R the reduction over rows (none, mean, sum).
+// Backward, for upstream gradients gL (loss), gR (recon term), gK (kl term):
+//   grad_recon[b] = (gL + gR)_b * d R(recon) / d recon[b]   (the gradient saved by forward)
+//   grad_mu, grad_logvar = gaussian_kl's gradients for the scale gL * beta + gK (/ B for mean)
+//
+// Forward is one stage-1 launch: row b has tiles_per_row reconstruction tiles plus
+// kl_tiles latent tiles, each summed by one group of lanes, so a single pass covers the
+// pixels and the latents; the gradient of the reduced reconstruction term (upstream 1) is
+// written on the way. Stage 2 (common.cuh) reduces both streams of partials in a fixed
+// order and forms loss = recon + beta * kl with beta read on the device.
+// Backward scales the saved gradient in place (rows whose factor is exactly 1 are left
+// untouched) and computes the latent gradients.
+//
+// Dtypes: recon float16, bfloat16, float32, float64; target any float dtype, bool or uint8;
+// mu and logvar any float dtype (both the same), independently of recon. Accumulation and
+// the losses are float64 if any of recon, mu, logvar is float64, else float32.
+// Limits: misaligned reconstruction rows take scalar loads; latents always do.
+#include "losses.cuh"
+
+namespace vaekern {
+namespace cuda {
+namespace {
+
+struct LatentArgs {
+  const void* mu;  // [B, Dz] latents of kind `kind`, rows mu_stride apart
+  const void* lv;  // [B, Dz] same kind, rows lv_stride apart
+  int64_t mu_stride, lv_stride, D, tile_len;
+  int kind;
+};
+
+template <typename lat_t, typename acc_t>
+__device__ __forceinline__ acc_t latent_tile_as(const LatentArgs& l, int64_t b, int64_t start, int64_t end, int sub,
+                                                int G) {
+  return kl_tile<lat_t, acc_t>(static_cast<const lat_t*>(l.mu) + b * l.mu_stride,
+                               static_cast<const lat_t*>(l.lv) + b * l.lv_stride, start, end, sub, G);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t latent_tile(const LatentArgs& l, int64_t b, int64_t start, int sub, int G) {
+  const int64_t end = min(start + l.tile_len, l.D);
+  switch (l.kind) {
+    case kF16: return latent_tile_as<at::Half, acc_t>(l, b, start, end, sub, G);
+    case kBF16: return latent_tile_as<at::BFloat16, acc_t>(l, b, start, end, sub, G);
+    case kF64:
+      // float64 latents make the accumulation float64 (the host checks), so no float
+      // instance needs this case.
+      if constexpr (std::is_same_v<acc_t, double>) return latent_tile_as<double, acc_t>(l, b, start, end, sub, G);
+      return acc_t(0);
+    default: return latent_tile_as<float, acc_t>(l, b, start, end, sub, G);
+  }
+}
+
+template <bool kLogits, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
+    vae_loss_fwd_kernel(ReconArgs<scalar_t, acc_t> a, LatentArgs l,
+                        acc_t* __restrict__ recon_partials,  // [B, tiles_per_row]
+                        acc_t* __restrict__ kl_partials,     // [B, kl_tiles]
+                        int64_t B, int64_t tiles_per_row, int64_t kl_tiles, int G) {
+  const GroupPos pos = group_pos(G);
+  const int64_t per_row = tiles_per_row + kl_tiles;
+  const int64_t ntiles = B * per_row;
+  for (int64_t first = pos.first; first < ntiles; first += pos.stride) {
+    const int64_t tile = first + pos.group;
+    acc_t v = 0;
+    int64_t b = 0, j = 0;
+    if (tile < ntiles) {
+      b = tile / per_row;
+      j = tile - b * per_row;
+      v = j < tiles_per_row ? recon_tile<kLogits>(a, b, j * a.tile_len, pos.sub, G)
+                            : latent_tile<acc_t>(l, b, (j - tiles_per_row) * l.tile_len, pos.sub, G);
+    }
+    v = group_sum(v, G);  // after the branches: every lane of the warp takes part
+    if (pos.sub == 0 && tile < ntiles) {
+      if (j < tiles_per_row) {
+        recon_partials[b * tiles_per_row + j] = v;
+      } else {
+        kl_partials[b * kl_tiles + (j - tiles_per_row)] = v;
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void vae_loss_launch(const Rows& x, const Rows& t, at::ScalarType t_dtype, const Rows& m, const Rows& lv,
+                     at::ScalarType lat_dtype, const Tensor& beta, bool from_logits, int64_t reduction,
+                     const Tensor& grad, const Tensor& loss, const Tensor& rec, const Tensor& kl,
+                     cudaStream_t stream) {
+  const int64_t B = x.B;
+  const Tiling tl = tiling(B, x.D, recon_vec<scalar_t, acc_t>(), m.D);
+  const int G = tl.G;
+  const int64_t tile_len = tl.tile_len, tiles = tl.tiles_per_row;
+  const int64_t kl_len = kl_tile_len(G);
+  const int64_t kl_tiles = std::max<int64_t>(1, ceil_div(m.D, kl_len));
+  Tensor pr = at::empty({B * tiles}, loss.options());
+  Tensor pk = at::empty({B * kl_tiles}, loss.options());
+  const ReconArgs<scalar_t, acc_t> a{x.t.data_ptr<scalar_t>(),
+                                     t.t.data_ptr(),
+                                     grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr,
+                                     x.row_stride,
+                                     t.row_stride,
+                                     x.D,
+                                     tile_len,
+                                     kind_of(t_dtype),
+                                     reduction == 1 ? acc_t(1) / static_cast<acc_t>(B) : acc_t(1)};
+  const LatentArgs l{m.t.data_ptr(), lv.t.data_ptr(), m.row_stride, lv.row_stride, m.D, kl_len, kind_of(lat_dtype)};
+  if (B > 0) {
+    const unsigned blocks = blocks_for(B * (tiles + kl_tiles) * G);
+    if (from_logits) {
+      vae_loss_fwd_kernel<true><<<blocks, kThreads, 0, stream>>>(a, l, pr.data_ptr<acc_t>(), pk.data_ptr<acc_t>(), B,
+                                                                 tiles, kl_tiles, G);
+    } else {
+      vae_loss_fwd_kernel<false><<<blocks, kThreads, 0, stream>>>(a, l, pr.data_ptr<acc_t>(), pk.data_ptr<acc_t>(), B,
+                                                                  tiles, kl_tiles, G);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  reduce_partials<acc_t>(pr, tiles, pk, kl_tiles, B, reduction, beta, rec, kl, loss, stream);
+}
+
+void check_beta(const Tensor& beta, const Tensor& like) {
+  check_cuda(beta, "beta", like);
+  check_float(beta, "beta");
+  TORCH_CHECK(beta.numel() == 1, "vaekern (cuda): beta must be a 0-d tensor, got shape ", beta.sizes());
+}
+
+void check_latents(const Tensor& mu, const Tensor& logvar, const Tensor& like) {
+  check_cuda(mu, "mu", like);
+  check_cuda(logvar, "logvar", like);
+  check_float(mu, "mu");
+  TORCH_CHECK(logvar.scalar_type() == mu.scalar_type(), "vaekern (cuda): logvar has dtype ", logvar.scalar_type(),
+              " but mu has dtype ", mu.scalar_type());
+  TORCH_CHECK(mu.sizes() == logvar.sizes(), "vaekern (cuda): logvar has shape ", logvar.sizes(),
+              " but mu has shape ", mu.sizes());
+  TORCH_CHECK(mu.dim() >= 1, "vaekern (cuda): mu must have a batch dim");
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(const Tensor& recon, const Tensor& target, const Tensor& mu,
+                                                         const Tensor& logvar, const Tensor& beta, bool from_logits,
+                                                         int64_t reduction, bool compute_grad) {
+  check_cuda(recon, "recon", recon);
+  check_cuda(target, "target", recon);
+  check_float(recon, "recon");
+  kind_of(target.scalar_type());
+  TORCH_CHECK(recon.sizes() == target.sizes(), "vaekern (cuda): target has shape ", target.sizes(),
+              " but recon has shape ", recon.sizes());
+  check_latents(mu, logvar, recon);
+  check_beta(beta, recon);
+  check_reduction(reduction);
+  const c10::cuda::CUDAGuard guard(recon.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  const Rows x = as_rows(recon), t = as_rows(target), m = as_rows(mu), l = as_rows(logvar);
+  TORCH_CHECK(m.B == x.B, "vaekern (cuda): mu has batch size ", m.B, " but recon has batch size ", x.B);
+  const bool dbl = recon.scalar_type() == at::kDouble || mu.scalar_type() == at::kDouble;
+  const auto opts = recon.options().dtype(dbl ? at::kDouble : at::kFloat);
+  const std::vector<int64_t> shape = loss_shape(reduction, x.B);
+  Tensor loss = at::empty(shape, opts), rec = at::empty(shape, opts), kl = at::empty(shape, opts);
+  Tensor grad = compute_grad ? at::empty(recon.sizes(), recon.options()) : at::empty({0}, recon.options());
+  if (x.B == 0 && reduction == 0) return {loss, rec, kl, grad};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "vae_loss_cuda", [&] {
+    if (dbl) {
+      vae_loss_launch<scalar_t, double>(x, t, target.scalar_type(), m, l, mu.scalar_type(), beta, from_logits,
+                                        reduction, grad, loss, rec, kl, stream);
+    } else if constexpr (!std::is_same_v<scalar_t, double>) {
+      vae_loss_launch<scalar_t, float>(x, t, target.scalar_type(), m, l, mu.scalar_type(), beta, from_logits,
+                                       reduction, grad, loss, rec, kl, stream);
+    }
+  });
+  return {loss, rec, kl, grad};
+}
+
+std::tuple<Tensor, Tensor> vae_loss_backward__cuda(const Tensor& grad_recon, const Tensor& grad_loss,
+                                                   const Tensor& grad_recon_term, const Tensor& grad_kl_term,
+                                                   const Tensor& mu, const Tensor& logvar, const Tensor& beta,
+                                                   int64_t reduction) {
+  check_latents(mu, logvar, mu);
+  check_beta(beta, mu);
+  check_reduction(reduction);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t B = mu.size(0);
+  int64_t s_loss = 0, s_rec = 0, s_kl = 0;
+  const Tensor gl = scale_operand(grad_loss, mu, B, "grad_loss", &s_loss);
+  const Tensor gr = scale_operand(grad_recon_term, mu, B, "grad_recon_term", &s_rec);
+  const Tensor gk = scale_operand(grad_kl_term, mu, B, "grad_kl_term", &s_kl);
+  if (grad_recon.numel() > 0) {
+    check_cuda(grad_recon, "grad_recon", mu);
+    check_float(grad_recon, "grad_recon");
+    TORCH_CHECK(grad_recon.size(0) == B, "vaekern (cuda): grad_recon has batch size ", grad_recon.size(0),
+                " but mu has batch size ", B);
+    // The saved gradient already holds d R(recon) / d recon: scale row b by gL_b + gR_b.
+    const RowScale rs{gl.data_ptr(), nullptr, gr.data_ptr(), s_loss, s_rec, kind_of(gl.scalar_type()), kF32,
+                      kind_of(gr.scalar_type()), 1.0};
+    scale_rows_(grad_recon, rs, stream);
+  }
+  const RowScale ks{gl.data_ptr(), beta.data_ptr(), gk.data_ptr(), s_loss, s_kl, kind_of(gl.scalar_type()),
+                    kind_of(beta.scalar_type()), kind_of(gk.scalar_type()), reduction == 1 ? static_cast<double>(B) : 1.0};
+  return gaussian_kl_grads_cuda(mu, logvar, ks, stream);
+}
+
+TORCH_LIBRARY_IMPL(vaekern, CUDA, m) {
+  m.impl("vae_loss", &vae_loss_cuda);
+  m.impl("vae_loss_backward_", &vae_loss_backward__cuda);
+}
+
+}  // namespace cuda
+}  // namespace vaekern
