@@ -24,26 +24,14 @@ constexpr double kDenMin = 1e-12;
 //
 // Logits: sigmoid(x) - t = num / (1 + e) with e = exp(-|x|), num = (1 - t) - t*e for x >= 0
 // and (e - t) - t*e below. Where sigmoid(x) and t nearly cancel, 1 - t or e - t is exact
-// (Sterbenz) and the fma rounds once, so only the rounding of e itself is left; in float
-// that is still an absolute error of about t*e*6e-8 in num, which an upstream 1024 turns
-// into more than the float32 gradient tolerance (one rounding of the result). So for
-// float32 input (kWideExp) e is evaluated in double for the gradient: one double exp and
-// one double fma per element (cheap on A100/H100; slow on GeForce cards' 1/64-rate FP64),
-// the rest in float. float16/bfloat16 gradients round far more coarsely and stay in float.
+// (Sterbenz) and the fma rounds once, so only the rounding of e itself is left: an absolute
+// error of about t*e*6e-8 in float, the size of PyTorch's own float32 gradient error.
 // NaN x takes the second branch and gives NaN.
-template <bool kLogits, bool kWideExp, typename acc_t>
+template <bool kLogits, typename acc_t>
 __device__ __forceinline__ acc_t bce(acc_t x, acc_t t, acc_t* grad) {
   if constexpr (kLogits) {
-    acc_t e;  // in (0, 1]: no overflow for any logit
-    if constexpr (kWideExp && std::is_same_v<acc_t, float>) {
-      const double xd = x, td = t;
-      const double ed = exp(-fabs(xd));
-      e = static_cast<float>(ed);
-      *grad = static_cast<float>(fma(-td, ed, xd >= 0.0 ? 1.0 - td : ed - td)) / (1.0f + e);
-    } else {
-      e = dexp(-dabs(x));
-      *grad = dfma(-t, e, x >= acc_t(0) ? acc_t(1) - t : e - t) / (acc_t(1) + e);
-    }
+    const acc_t e = dexp(-dabs(x));  // in (0, 1]: no overflow for any logit
+    *grad = dfma(-t, e, x >= acc_t(0) ? acc_t(1) - t : e - t) / (acc_t(1) + e);
     return dfma(-x, t, x > acc_t(0) ? x : acc_t(0)) + dlog1p(e);
   } else {
     const acc_t lp = clamp_min(dlog(x), acc_t(kLogMin));
@@ -100,7 +88,7 @@ __device__ __forceinline__ acc_t recon_tile(const ReconArgs<scalar_t, acc_t>& a,
   const unsigned t_align = VEC * tsize < 16 ? VEC * tsize : 16;
   if (is_aligned(x, kBytes) && is_aligned(t, t_align) && (g == nullptr || is_aligned(g, kBytes))) {
     const int64_t vend = start + (end - start) / VEC * VEC;
-#pragma unroll 1  // ~40 KB in flight per SM at this occupancy covers HBM latency; 2 spills with the double exp
+#pragma unroll 1  // ~40 KB in flight per SM at this occupancy covers HBM latency
     for (int64_t e = start + sub * VEC; e < vend; e += G * VEC) {
       const Vec<scalar_t, VEC> xv = load_vec<scalar_t, VEC>(x + e);
       acc_t tv[VEC];
@@ -109,7 +97,7 @@ __device__ __forceinline__ acc_t recon_tile(const ReconArgs<scalar_t, acc_t>& a,
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         acc_t gi;
-        sum += bce<kLogits, std::is_same_v<scalar_t, float>>(to_acc<scalar_t, acc_t>(xv.v[i]), tv[i], &gi);
+        sum += bce<kLogits>(to_acc<scalar_t, acc_t>(xv.v[i]), tv[i], &gi);
         gv.v[i] = static_cast<scalar_t>(gi * a.grad_scale);
       }
       if (g != nullptr) store_vec(g + e, gv);
@@ -118,7 +106,7 @@ __device__ __forceinline__ acc_t recon_tile(const ReconArgs<scalar_t, acc_t>& a,
   }
   for (int64_t e = e0 + sub; e < end; e += G) {
     acc_t gi;
-    sum += bce<kLogits, std::is_same_v<scalar_t, float>>(to_acc<scalar_t, acc_t>(x[e]), load_kind<acc_t>(t, e, a.t_kind), &gi);
+    sum += bce<kLogits>(to_acc<scalar_t, acc_t>(x[e]), load_kind<acc_t>(t, e, a.t_kind), &gi);
     if (g != nullptr) g[e] = static_cast<scalar_t>(gi * a.grad_scale);
   }
   return sum;
