@@ -43,7 +43,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIELDS = (
     "op", "size", "batch", "dim", "latent", "dtype", "target_dtype", "mode", "provider", "status",
     "median_ms", "p20_ms", "p80_ms", "reps", "timer", "floor_bytes", "gbps", "pct_copy_bw",
-    "speedup_vs_eager", "speedup_vs_compile", "peak_mem_bytes", "check_err", "check_ok",
+    "speedup_vs_eager", "speedup_vs_compile", "peak_mem_bytes", "peak_alloc_bytes", "peak_rss_bytes",
+    "check_err", "check_ok",
     "first_call_s", "n_sets",
 )  # fmt: skip
 
@@ -181,12 +182,38 @@ def measure(case: Case, provider: str, sets, timer, *, memory: bool, checks: dic
     row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps, timer=t.timer)
     row["gbps"] = row["floor_bytes"] / (t.median_ms * 1e-3) / 1e9
     if memory:
-        if case.mode == "bwd":
-            row["peak_mem_bytes"] = timing.peak_bytes(case.device, step.backward, step.setup)
-        else:
-            row["peak_mem_bytes"] = timing.peak_bytes(case.device, step)
+        add_memory(row, step)
     row["status"] = "ok"
     return row
+
+
+def add_memory(row: dict, step: cases.Step) -> None:
+    if step.case.mode == "bwd":
+        mem = timing.peak_bytes(step.case.device, step.backward, step.setup)
+    else:
+        mem = timing.peak_bytes(step.case.device, step)
+    row["peak_mem_bytes"] = mem["peak"]
+    row["peak_alloc_bytes"] = mem.get("alloc", "")
+    row["peak_rss_bytes"] = "" if mem.get("rss") is None else mem["rss"]
+
+
+def cpu_memory_pass(rows: list[dict], device: torch.device, bar) -> None:
+    """Peak memory of every measured CPU row, after all timings (see timing.py: it changes
+    glibc's allocation policy for the rest of the process)."""
+    timing.fixed_mmap_threshold()
+    groups: dict = {}
+    for r in rows:
+        if r["status"] == "ok":
+            groups.setdefault((r["op"], r["size"], r["dtype"], r["target_dtype"]), []).append(r)
+    for (op, size, dtype, tdtype), group in groups.items():
+        proto = Case(op, Size.parse(size), cases.DTYPES[dtype], cases.TARGET_DTYPES[tdtype], "fwd+bwd", device)
+        sets = [cases.make_inputs(proto) for _ in range(2)]
+        for r in group:
+            bar.set_postfix_str(f"memory: {op} {size} {dtype} {r['mode']} {r['provider']}")
+            step = cases.Step(dataclasses.replace(proto, mode=r["mode"]), r["provider"], sets)
+            step.run_once()
+            add_memory(r, step)
+            bar.update()
 
 
 def add_ratios(rows: list[dict], copy_gbps: float) -> None:
@@ -347,6 +374,10 @@ def main(argv=None) -> int:
     bar = _progress(len(combos) * len(args.modes) * len(args.providers), args.no_progress)
     try:
         _run_all(args, combos, device, cache, timer, rows, out, copy_gbps, start, bar)
+        if device.type == "cpu" and not args.no_memory:
+            bar.close()
+            bar = _progress(sum(r["status"] == "ok" for r in rows), args.no_progress)
+            cpu_memory_pass(rows, device, bar)
     except KeyboardInterrupt:  # Ctrl-C, or `timeout -s INT`: keep and report what was measured
         env["interrupted"] = True
         print("\ninterrupted: writing the cases measured so far", file=sys.stderr)
@@ -390,7 +421,9 @@ def _run_all(args, combos, device, cache, timer, rows, out, copy_gbps, start, ba
                 try:
                     if sets is None:
                         sets = [cases.make_inputs(proto) for _ in range(cases.n_sets(proto, cache))]
-                    rows.append(measure(case, provider, sets, timer, memory=not args.no_memory, checks=checks))
+                    # CPU memory is measured after all timings (cpu_memory_pass).
+                    memory = gpu and not args.no_memory
+                    rows.append(measure(case, provider, sets, timer, memory=memory, checks=checks))
                 except Exception as e:  # one failing provider must not end the run
                     bar.write(f"{op} {size} {cases.dtype_name(dtype)} {mode} {provider}: "
                               f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}")

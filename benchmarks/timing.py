@@ -7,10 +7,20 @@ CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with all of torch's threa
 (``bwd`` mode) is timed call by call instead, with ``time.perf_counter`` on CPU.
 
 Peak memory is the most bytes allocated at once during one call, above what was allocated
-before it: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the same quantity from the
-allocation events of torch's CPU allocator, recorded by ``torch.profiler`` with
-``profile_memory=True`` (exact per allocation, unlike an RSS delta, which glibc's reuse of
-freed blocks hides; ``tracemalloc`` does not see torch's allocations at all).
+before it. On GPU: ``torch.cuda.max_memory_allocated``. On CPU, two measures, each blind
+where the other sees, and the larger is reported:
+
+* allocator events: the running sum of the allocations and frees of torch's CPU allocator
+  that ``torch.profiler(profile_memory=True)`` records. Exact for tensors torch allocates,
+  but blind to buffers from another allocator (the cpu backend puts large outputs on huge
+  pages with its own).
+* RSS high-water mark: ``VmHWM`` from /proc/self/status after resetting it through
+  /proc/self/clear_refs, minus the RSS before the call. Sees every page, but not blocks that
+  glibc hands out again without growing the RSS. So that it sees every block of 64 KiB or
+  more, ``fixed_mmap_threshold()`` makes glibc map and unmap each of them; that changes
+  how fast allocation is, so run.py measures CPU memory only after all its timings.
+
+``tracemalloc`` sees neither: torch does not allocate through Python.
 """
 
 from __future__ import annotations
@@ -136,16 +146,21 @@ def make_timer(device: torch.device, **kw):
 # ---- memory ---------------------------------------------------------------------------------
 
 MEMORY_METHOD = {
-    "cuda": "torch.cuda.max_memory_allocated - memory_allocated before the call",
-    "cpu": "torch.profiler(profile_memory=True): peak of the running sum of CPU allocator events",
+    "cuda": "torch.cuda.max_memory_allocated minus memory_allocated before the call",
+    "cpu": "the larger of the torch allocator-event peak (torch.profiler) and the RSS high-water-mark "
+    "delta, above what was allocated before the call",
 }
 
 
-def peak_bytes(device: torch.device, fn, setup=None) -> int:
-    """Most extra bytes allocated at once during one call of ``fn`` (after ``setup``)."""
-    state = setup() if setup is not None else None
-    call = (lambda: fn(state)) if setup is not None else fn
+def peak_bytes(device: torch.device, fn, setup=None) -> dict[str, int | None]:
+    """Most extra bytes allocated at once during one call of ``fn`` (after ``setup``).
+
+    Returns ``{"peak": ...}`` on GPU; on CPU also ``"alloc"`` and ``"rss"``, the two measures
+    of the module docstring, with ``"peak"`` the larger (``"rss"`` is None off Linux).
+    """
     if device.type == "cuda":
+        state = setup() if setup is not None else None
+        call = (lambda: fn(state)) if setup is not None else fn
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -153,8 +168,45 @@ def peak_bytes(device: torch.device, fn, setup=None) -> int:
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
         del out
-        return peak
-    return _cpu_peak_bytes(call)
+        return {"peak": peak}
+    # Separate calls: the profiler's own buffers would count in the RSS.
+    alloc = _cpu_peak_bytes(fn, setup)
+    rss = _rss_peak_bytes(fn, setup)
+    return {"peak": max(alloc, rss or 0), "alloc": alloc, "rss": rss}
+
+
+def fixed_mmap_threshold(nbytes: int = 64 << 10) -> bool:
+    """Make glibc serve every allocation of ``nbytes`` or more with its own mmap, returned to
+    the OS on free (no dynamic threshold, no reuse). False where mallopt is unavailable."""
+    try:
+        import ctypes
+
+        m_mmap_threshold = -3
+        return bool(ctypes.CDLL(None).mallopt(m_mmap_threshold, nbytes))
+    except (OSError, AttributeError):
+        return False
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _rss_peak_bytes(fn, setup=None) -> int | None:
+    state = setup() if setup is not None else None
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux 4.0+)
+        base = _proc_status_bytes("VmRSS")
+    except OSError:
+        return None
+    out = fn(state) if setup is not None else fn()
+    peak = _proc_status_bytes("VmHWM") - base
+    del out
+    return max(peak, 0)
 
 
 @contextlib.contextmanager
@@ -171,12 +223,13 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def _cpu_peak_bytes(call) -> int:
+def _cpu_peak_bytes(fn, setup=None) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
+    state = setup() if setup is not None else None
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = call()
+        out = fn(state) if setup is not None else fn()
     del out
     allocs = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
