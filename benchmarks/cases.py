@@ -57,7 +57,9 @@ PROVIDERS = ("eager", "eager-keras", "compile", "compile-keras", "reference", "t
 VAEKERN_PROVIDERS = ("reference", "triton", "cuda", "cpu")
 # The speed-up columns compare every row with these two providers of the same case.
 BASELINES = ("eager", "compile")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+}
 TARGET_DTYPES = {**DTYPES, "uint8": torch.uint8, "bool": torch.bool}
 # The issue's sizes: MNIST-like, a CIFAR-sized batch, and a large one.
 GPU_SIZES = ("128x784:20", "4096x3072:64", "65536x3072:64")
@@ -317,7 +319,9 @@ class Step:
         return self.backward(self.setup()) if self.case.mode == "bwd" else self()
 
 
-def check(case: Case, provider: str, inputs: dict[str, torch.Tensor], compile_backend: str = "inductor") -> float:
+def check(
+    case: Case, provider: str, inputs: dict[str, torch.Tensor], compile_backend: str = "inductor"
+) -> float:
     """The error of one forward against the float64 reference: relative for the losses, the
     distance from N(0, 1) of the implied noise for ``reparameterize``. NaN or inf when the
     provider's result is not finite (an fp16 sum that overflows, say)."""
@@ -332,7 +336,7 @@ def check(case: Case, provider: str, inputs: dict[str, torch.Tensor], compile_ba
             return max(abs(eps.mean().item()), abs(eps.std().item() - 1.0))
         match case.op:
             case "vae_loss":
-                ref = reference.vae_loss_ref(inputs["recon"], inputs["target"], inputs["mu"], inputs["logvar"])[0]
+                ref = reference.vae_loss_ref(*(inputs[a] for a in ARGS["vae_loss"]))[0]
             case "bernoulli_nll":
                 ref = reference.bernoulli_nll_ref(inputs["recon"], inputs["target"])
             case "gaussian_kl":

@@ -27,7 +27,9 @@ def run_case(benchmark, op: str, provider: str, size: cases.Size, dtype: torch.d
     if reason is not None:
         pytest.skip(f"{provider}: {reason}")
     disabled = getattr(benchmark, "disabled", False)
-    compile_backend = os.environ.get("VAEKERN_BENCH_COMPILE_BACKEND") or ("aot_eager" if disabled else "inductor")
+    compile_backend = os.environ.get("VAEKERN_BENCH_COMPILE_BACKEND") or (
+        "aot_eager" if disabled else "inductor"
+    )
     case = cases.Case(op, size, dtype, dtype, mode, device)
     # Two sets, rotated; inputs for fwd+bwd hold what any mode needs.
     sets = [cases.make_inputs(dataclasses.replace(case, mode="fwd+bwd")) for _ in range(2)]

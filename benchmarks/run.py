@@ -206,7 +206,8 @@ def cpu_memory_pass(rows: list[dict], device: torch.device, bar) -> None:
         if r["status"] == "ok":
             groups.setdefault((r["op"], r["size"], r["dtype"], r["target_dtype"]), []).append(r)
     for (op, size, dtype, tdtype), group in groups.items():
-        proto = Case(op, Size.parse(size), cases.DTYPES[dtype], cases.TARGET_DTYPES[tdtype], "fwd+bwd", device)
+        proto = Case(op, Size.parse(size), cases.DTYPES[dtype], cases.TARGET_DTYPES[tdtype], "fwd+bwd",
+                     device)
         sets = [cases.make_inputs(proto) for _ in range(2)]
         for r in group:
             bar.set_postfix_str(f"memory: {op} {size} {dtype} {r['mode']} {r['provider']}")
@@ -239,10 +240,12 @@ def _fmt(x, spec: str) -> str:
 def markdown(rows: list[dict], env: dict, copy_gbps: float, copy_how: str) -> str:
     head = (
         f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, vaekern {env['vaekern']} "
-        f"({env['git']}), {env['date']}" + (f", {env['threads']} thread{'s' * (env['threads'] != 1)}" if "threads" in env else "")
+        f"({env['git']}), {env['date']}"
+        + (f", {env['threads']} thread{'s' * (env['threads'] != 1)}" if "threads" in env else "")
         + f"\n\nCopy bandwidth: {copy_gbps:.1f} GB/s ({copy_how}, read + write)."
         + f" Peak memory: {env['memory_method']}."
-        + f" Load average (1/5/15 min) at start: {env['loadavg_start']}, at end: {env.get('loadavg_end', '')}.\n\n"
+        + f" Load average (1/5/15 min) at start: {env['loadavg_start']},"
+        + f" at end: {env.get('loadavg_end', '')}.\n\n"
     )
     cols = ["op", "size", "dtype", "mode", "provider", "median ms", "p20-p80 ms", "floor MB", "GB/s",
             "% copy BW", "x eager", "x compile", "peak MB", "check"]
@@ -286,10 +289,10 @@ def plot(rows: list[dict], out: pathlib.Path) -> list[str]:
         print("matplotlib is not installed: no plots", file=sys.stderr)
         return []
     ok = [r for r in rows if r["status"] == "ok"]
-    groups = sorted({(r["op"], r["dtype"], r["target_dtype"], r["mode"]) for r in ok})
+    group = lambda r: (r["op"], r["dtype"], r["target_dtype"], r["mode"])  # noqa: E731
     written = []
-    for op, dtype, tdtype, mode in groups:
-        sel = [r for r in ok if (r["op"], r["dtype"], r["target_dtype"], r["mode"]) == (op, dtype, tdtype, mode)]
+    for op, dtype, tdtype, mode in sorted({group(r) for r in ok}):
+        sel = [r for r in ok if group(r) == (op, dtype, tdtype, mode)]
         sizes = sorted({Size.parse(r["size"]) for r in sel}, key=lambda s: (s.batch * s.dim, s.latent))
         xs = {str(s): i for i, s in enumerate(sizes)}
         fig, (ax_t, ax_bw) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -388,7 +391,8 @@ def main(argv=None) -> int:
     table = markdown(rows, env, copy_gbps, copy_how)
     write_csv(rows, out / "results.csv")
     (out / "results.md").write_text(table)
-    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
+    finite = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+    clean = [{k: finite(v) for k, v in r.items()} for r in rows]
     (out / "results.json").write_text(json.dumps({"environment": env, "rows": clean}, indent=1) + "\n")
     plots = [] if args.no_plots else plot(rows, out)
     print(table)
@@ -410,7 +414,8 @@ def _run_all(args, combos, device, cache, timer, rows, out, copy_gbps, start, ba
             for provider in args.providers:
                 bar.set_postfix_str(f"{op} {size} {cases.dtype_name(dtype)} {mode} {provider}")
                 reason = cases.skip_reason(provider, op, device)
-                if reason is None and args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
+                spent = time.perf_counter() - start
+                if reason is None and args.max_seconds is not None and spent > args.max_seconds:
                     reason = f"time budget of {args.max_seconds:.0f} s spent"
                 if reason is not None:
                     row = _base_row(case, provider)
@@ -428,7 +433,8 @@ def _run_all(args, combos, device, cache, timer, rows, out, copy_gbps, start, ba
                     bar.write(f"{op} {size} {cases.dtype_name(dtype)} {mode} {provider}: "
                               f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}")
                     row = _base_row(case, provider)
-                    row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+                    first_line = str(e).splitlines()[0][:80] if str(e) else ""
+                    row["status"] = f"error: {type(e).__name__}: {first_line}"
                     rows.append(row)
                     if gpu:
                         torch.cuda.empty_cache()

@@ -76,6 +76,12 @@ def cache_bytes(device: torch.device) -> int:
 
 
 class CudaTimer:
+    """Times ``fn()``, or ``fn(setup())`` with the setup untimed, on the current stream.
+
+    A few calls estimate the time; then ``warmup_ms`` of calls, then ``rep_ms`` of timed
+    calls (at least ``min_reps``, at most ``max_reps``), each after an L2 flush.
+    """
+
     def __init__(self, device: torch.device, *, warmup_ms: float = 25, rep_ms: float = 100,
                  min_reps: int = 5, max_reps: int = 500):
         self.device = device
@@ -84,12 +90,17 @@ class CudaTimer:
         self._flush = torch.empty(2 * cache_bytes(device), dtype=torch.int8, device=device)
 
     def _run(self, fn, setup, n: int) -> list[float]:
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        new = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+        events = [(new(), new()) for _ in range(n)]
         for start, end in events:
             self._flush.zero_()
-            state = setup() if setup is not None else None
-            start.record()
-            fn(state) if setup is not None else fn()
+            if setup is None:
+                start.record()
+                fn()
+            else:
+                state = setup()
+                start.record()
+                fn(state)
             end.record()
         torch.cuda.synchronize(self.device)
         return [s.elapsed_time(e) for s, e in events]
@@ -105,6 +116,8 @@ class CudaTimer:
 
 
 class CpuTimer:
+    """Times ``fn()`` with ``blocked_autorange``, or ``fn(setup())`` call by call."""
+
     def __init__(self, *, min_run_time: float = 1.0, threads: int | None = None):
         self.min_run_time = min_run_time
         self.threads = threads or torch.get_num_threads()
