@@ -308,13 +308,16 @@ inline Tensor scale_operand(const Tensor& g, const Tensor& like, int64_t B, cons
 }
 
 // ---- stage 2 --------------------------------------------------------------------------------
-// Row s of stream r is pr[s*cr, min((s+1)*cr, nr)), likewise for the optional stream k.
-// Writes out_r[s] = sum_r / divisor, out_k[s] = sum_k / divisor and
+// Row s of stream r is pr[s*cr, min((s+1)*cr, nr)), likewise for the optional stream k
+// (present when has_k). Writes out_r[s] = sum_r / divisor, out_k[s] = sum_k / divisor and
 // out_loss[s] = out_r[s] + beta * out_k[s] (each output optional but out_r).
+// has_k is a flag of its own, not pk != nullptr: the data pointer of an empty stream
+// (B = 0) is null, and out_k and out_loss must still be written (NaN for mean, 0 for sum).
 template <typename acc_t>
 struct FinalArgs {
   const acc_t* pr;
   const acc_t* pk;
+  bool has_k;
   int64_t cr, nr, ck, nk, nrows;
   acc_t divisor;
   const void* beta;
@@ -328,7 +331,7 @@ template <typename acc_t>
 __device__ __forceinline__ void final_store(const FinalArgs<acc_t>& a, int64_t s, acc_t r, acc_t k) {
   r = r / a.divisor;
   a.out_r[s] = r;
-  if (a.pk != nullptr) {
+  if (a.has_k) {
     k = k / a.divisor;
     if (a.out_k != nullptr) a.out_k[s] = k;
     if (a.out_loss != nullptr) a.out_loss[s] = r + load_kind<acc_t>(a.beta, 0, a.kbeta) * k;
@@ -351,7 +354,7 @@ __global__ void __launch_bounds__(kThreads) final_group_kernel(FinalArgs<acc_t> 
     acc_t r = 0, k = 0;
     if (s < a.nrows) {
       r = strided_sum(a.pr, s * a.cr, min((s + 1) * a.cr, a.nr), pos.sub, G);
-      if (a.pk != nullptr) k = strided_sum(a.pk, s * a.ck, min((s + 1) * a.ck, a.nk), pos.sub, G);
+      if (a.has_k) k = strided_sum(a.pk, s * a.ck, min((s + 1) * a.ck, a.nk), pos.sub, G);
     }
     r = group_sum(r, G);
     k = group_sum(k, G);
@@ -365,7 +368,7 @@ __global__ void __launch_bounds__(kFinalThreads) final_block_kernel(FinalArgs<ac
   for (int64_t s = blockIdx.x; s < a.nrows; s += gridDim.x) {
     acc_t r = block_sum(strided_sum(a.pr, s * a.cr, min((s + 1) * a.cr, a.nr), threadIdx.x, blockDim.x));
     acc_t k = 0;
-    if (a.pk != nullptr) k = block_sum(strided_sum(a.pk, s * a.ck, min((s + 1) * a.ck, a.nk), threadIdx.x, blockDim.x));
+    if (a.has_k) k = block_sum(strided_sum(a.pk, s * a.ck, min((s + 1) * a.ck, a.nk), threadIdx.x, blockDim.x));
     if (threadIdx.x == 0) final_store(a, s, r, k);
   }
 }
@@ -373,7 +376,7 @@ __global__ void __launch_bounds__(kFinalThreads) final_block_kernel(FinalArgs<ac
 template <typename acc_t>
 inline void launch_final(const FinalArgs<acc_t>& a, cudaStream_t stream) {
   if (a.nrows == 0) return;
-  const int64_t longest = a.pk != nullptr && a.ck > a.cr ? a.ck : a.cr;
+  const int64_t longest = a.has_k && a.ck > a.cr ? a.ck : a.cr;
   if (longest > 256 && a.nrows < 1024) {
     const int64_t blocks = a.nrows < kMaxBlocks ? a.nrows : kMaxBlocks;
     final_block_kernel<acc_t><<<static_cast<unsigned>(blocks), kFinalThreads, 0, stream>>>(a);
@@ -391,7 +394,7 @@ inline Tensor shrink_flat(Tensor p, int64_t* n, cudaStream_t stream) {
   while (*n > kFlatMax) {
     const int64_t segs = ceil_div(*n, kSegment);
     Tensor q = at::empty({segs}, p.options());
-    FinalArgs<acc_t> a{p.data_ptr<acc_t>(), nullptr, kSegment, *n, 0, 0, segs, acc_t(1), nullptr, kF32,
+    FinalArgs<acc_t> a{p.data_ptr<acc_t>(), nullptr, false, kSegment, *n, 0, 0, segs, acc_t(1), nullptr, kF32,
                        q.data_ptr<acc_t>(), nullptr, nullptr};
     launch_final(a, stream);
     p = q;
@@ -413,7 +416,7 @@ inline void reduce_partials(const Tensor& pr, int64_t cr, const Tensor& pk, int6
   acc_t* o_k = out_k.defined() ? out_k.data_ptr<acc_t>() : nullptr;
   acc_t* o_loss = out_loss.defined() ? out_loss.data_ptr<acc_t>() : nullptr;
   if (reduction == 0) {
-    FinalArgs<acc_t> a{pr.data_ptr<acc_t>(), two ? pk.data_ptr<acc_t>() : nullptr, cr, B * cr, ck, B * ck, B,
+    FinalArgs<acc_t> a{pr.data_ptr<acc_t>(), two ? pk.data_ptr<acc_t>() : nullptr, two, cr, B * cr, ck, B * ck, B,
                        acc_t(1), beta_ptr, kbeta, out_r.data_ptr<acc_t>(), o_k, o_loss};
     launch_final(a, stream);
     return;
@@ -423,7 +426,7 @@ inline void reduce_partials(const Tensor& pr, int64_t cr, const Tensor& pk, int6
   Tensor qk = two ? shrink_flat<acc_t>(pk, &nk, stream) : pk;
   // mean over B = 0 rows is 0/0 = NaN, as torch's mean of an empty tensor.
   const acc_t divisor = reduction == 1 ? static_cast<acc_t>(B) : acc_t(1);
-  FinalArgs<acc_t> a{qr.data_ptr<acc_t>(), two ? qk.data_ptr<acc_t>() : nullptr, nr, nr, nk, nk, 1,
+  FinalArgs<acc_t> a{qr.data_ptr<acc_t>(), two ? qk.data_ptr<acc_t>() : nullptr, two, nr, nr, nk, nk, 1,
                      divisor, beta_ptr, kbeta, out_r.data_ptr<acc_t>(), o_k, o_loss};
   final_block_kernel<acc_t><<<1, kFinalThreads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
