@@ -13,7 +13,6 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cud
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" ninja setuptools wheel
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo,bench]"
 	touch $@

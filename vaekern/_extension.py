@@ -25,6 +25,7 @@ def load() -> bool:
     return True
 
 
+@functools.cache  # asked on every call; registrations are only ever added, at import of _C
 def has_kernels(dispatch_key: str) -> bool:
     """True if the extension registered every vaekern op for ``dispatch_key`` ("CPU", "CUDA")."""
     from vaekern._ops import SCHEMAS
