@@ -86,7 +86,11 @@ __device__ __forceinline__ acc_t recon_tile(const ReconArgs<scalar_t, acc_t>& a,
   acc_t sum = 0;
   int64_t e0 = start;
   const unsigned t_align = VEC * tsize < 16 ? VEC * tsize : 16;
-  if (is_aligned(x, kBytes) && is_aligned(t, t_align) && (g == nullptr || is_aligned(g, kBytes))) {
+  // The path (and so the order of the sum) depends on the inputs' alignment only: a
+  // misaligned gradient row (a row-strided input with an odd row length, say) is stored
+  // element by element, so the loss is bitwise the same with and without compute_grad.
+  if (is_aligned(x, kBytes) && is_aligned(t, t_align)) {
+    const bool g_vec = g != nullptr && is_aligned(g, kBytes);
     const int64_t vend = start + (end - start) / VEC * VEC;
 #pragma unroll 1  // ~40 KB in flight per SM at this occupancy covers HBM latency
     for (int64_t e = start + sub * VEC; e < vend; e += G * VEC) {
@@ -100,7 +104,12 @@ __device__ __forceinline__ acc_t recon_tile(const ReconArgs<scalar_t, acc_t>& a,
         sum += bce<kLogits>(to_acc<scalar_t, acc_t>(xv.v[i]), tv[i], &gi);
         gv.v[i] = static_cast<scalar_t>(gi * a.grad_scale);
       }
-      if (g != nullptr) store_vec(g + e, gv);
+      if (g_vec) {
+        store_vec(g + e, gv);
+      } else if (g != nullptr) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) g[e + i] = gv.v[i];
+      }
     }
     e0 = vend;
   }
