@@ -31,6 +31,21 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 import torch
 
+try:  # run by the interpreter (conftest) or on a GPU; the AOT script needs neither
+    import triton
+    import triton.language as tl
+
+    from vaekern._triton._common import MAX_ROW, _chunk_bounds, row_config
+
+    @triton.jit
+    def _chunk_bounds_probe(out_ptr, chunk, n_blocks, D, BLOCK: tl.constexpr):
+        lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
+        tl.store(out_ptr, lo)
+        tl.store(out_ptr + 1, hi)
+
+except ImportError:
+    triton = None
+
 ARCHS = (80, 90)
 # Block sizes of a typical launch: rows of 3072 pixels, 64 latents, a batch of 128.
 D_IMAGE, Z_LATENT, B_BATCH = 3072, 64, 128
@@ -116,6 +131,33 @@ def _cases():
                 {"gz_ptr": dt, "lv_ptr": dt, "eps_ptr": dt, "seed_ptr": "i64", "gmu_ptr": dt, "glv_ptr": dt},
                 ("Z", "stride_gz", "stride_lv", "stride_eps"),
                 {"HAS_EPS": has_eps, "BLOCK_B": BLOCK_B, "BLOCK_Z": BLOCK_Z}, lwarps,
+            ))
+    # Mixed precision: float64 latents with narrower logits (or the reverse) make vae_loss
+    # compute in float64, and the launchers size blocks by the math dtype (math_itemsize).
+    for xdt, mdt in (("fp32", "fp64"), ("fp16", "fp64"), ("fp64", "fp32")):
+        BLOCK, warps, _, _ = _common.row_config(B_BATCH, D_IMAGE, 8)
+        from vaekern._triton.vae_loss import _block_z
+
+        VAE_BLOCK_Z = _block_z(Z_LATENT, warps, 8)
+        cases.append((
+            f"vae_loss_fwd x={xdt} t=u8 mu={mdt} logits", "vae_loss", "_vae_loss_fwd_kernel",
+            {"x_ptr": xdt, "t_ptr": "u8", "grad_ptr": xdt, "part_ptr": "fp64", "mu_ptr": mdt, "lv_ptr": mdt, "kl_ptr": "fp64"},
+            ("D", "Z", "stride_x", "stride_t", "stride_mu", "stride_lv"),
+            {"FROM_LOGITS": True, "COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z}, warps,
+        ))
+        BLOCK, warps, _, _ = _common.row_config(B_BATCH, D_IMAGE, DTYPES[xdt])  # backward: by the gradient's size
+        cases.append((
+            f"vae_loss_bwd x={xdt} mu={mdt}", "vae_loss", "_vae_loss_bwd_kernel",
+            {"grad_ptr": xdt, "gl_ptr": "fp64", "gr_ptr": "fp64", "gk_ptr": "fp64", "beta_ptr": "fp64",
+             "mu_ptr": mdt, "lv_ptr": mdt, "gmu_ptr": mdt, "glv_ptr": mdt},
+            ("D", "Z", "stride_mu", "stride_lv"), {"MEAN": True, "BLOCK": BLOCK, "BLOCK_Z": _block_z(Z_LATENT, warps, 8)}, warps,
+        ))
+        if mdt != "fp64":
+            BLOCK_B, BLOCK_Z, lwarps = _common.latent_config(B_BATCH, Z_LATENT, 8)
+            cases.append((
+                f"gaussian_kl_bwd go=fp64 mu={mdt}", "gaussian_kl", "_gaussian_kl_bwd_kernel",
+                {"go_ptr": "fp64", "mu_ptr": mdt, "lv_ptr": mdt, "gmu_ptr": mdt, "glv_ptr": mdt}, ("Z", "stride_mu", "stride_lv"),
+                {"MEAN": True, "BLOCK_B": BLOCK_B, "BLOCK_Z": BLOCK_Z}, lwarps,
             ))
     for acc in ("fp32", "fp64"):
         for red in (0, 1):
@@ -292,6 +334,25 @@ def test_row_strides_read_in_place(split_rows):
     torch.testing.assert_close(tri.gaussian_kl(mu, lv, 2), ref.gaussian_kl(mu, lv, 2), rtol=1e-12, atol=1e-12)
     eps = torch.randn(4, 20, dtype=torch.float64, device=dev)
     torch.testing.assert_close(tri.reparameterize(mu, lv, eps, None), ref.reparameterize(mu, lv, eps, None))
+
+
+@pytest.mark.parametrize("D", [2**31 - 2**17, 2**31 - 2**16 - 1])
+def test_last_chunk_ends_at_row_end(D):
+    """The last column chunk of a row near MAX_ROW ends at D: lo + span passes 2**31 there,
+    and min(lo + span, D) in int32 wrapped to -2**31 and skipped the chunk (its loss
+    dropped, its gradient left unwritten)."""
+    if triton is None:
+        pytest.skip("needs triton")
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    assert D < MAX_ROW
+    BLOCK, _, C, n_blocks = row_config(1, D, 4)
+    assert (C * n_blocks * BLOCK) >= 2**31  # the case that wrapped
+    out = torch.zeros(2, dtype=torch.int64, device="cuda" if torch.cuda.is_available() else "cpu")
+    _chunk_bounds_probe[(1,)](out, C - 1, n_blocks, D, BLOCK=BLOCK)
+    assert out.tolist() == [(C - 1) * n_blocks * BLOCK, D]
+    with pytest.raises(ValueError, match="rows of"):
+        row_config(1, MAX_ROW, 4)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ TARGET_PROGRAMS = 1024
 # Largest column block per loop step, in bytes of input: 16 KiB = 4096 fp32 = 16
 # elements per thread at 8 warps, four 128-bit loads per tensor and step.
 MAX_BLOCK_BYTES = 16384
+# Column indices within a row are int32 (row offsets are int64): a row of the image-sized
+# kernels holds fewer elements than this, so that a column plus one block never wraps.
+MAX_ROW = 2**31 - 2**16
 
 
 # ---- element math ------------------------------------------------------------------------
@@ -85,6 +88,17 @@ def _bernoulli_elem(x, t, FROM_LOGITS: tl.constexpr):
         nll = -(t * log_p + (1.0 - t) * log_q)
         grad = (x - t) / tl.maximum(x * (1.0 - x), 1e-12, propagate_nan=tl.PropagateNan.ALL)
     return nll, grad
+
+
+@triton.jit
+def _chunk_bounds(chunk, n_blocks, D, BLOCK: tl.constexpr):
+    """[lo, hi) of column chunk ``chunk``: n_blocks blocks, the last one cut at D.
+
+    hi as lo + min(span, D - lo), never min(lo + span, D): the last chunk's lo + span can
+    pass 2**31 for rows near MAX_ROW, and the wrapped int32 would skip the chunk."""
+    span = n_blocks * BLOCK
+    lo = chunk * span
+    return lo, lo + tl.minimum(span, D - lo)
 
 
 @triton.jit
@@ -270,7 +284,12 @@ def row_config(B: int, D: int, itemsize: int) -> tuple[int, int, int, int]:
     """(BLOCK, num_warps, C, n_blocks) for a [B, D] image-sized kernel.
 
     Each program covers ``n_blocks`` column blocks of one row; the grid is (B, C).
+    ``itemsize`` is the wider of the input's and the math's element sizes (8 whenever the
+    kernel computes in float64, whatever the input: a float32 block size with float64
+    math took 255 registers and spilled 248 bytes on sm_90).
     """
+    if D >= MAX_ROW:
+        raise ValueError(f"vaekern (triton): rows of {D} elements; at most {MAX_ROW - 1} are supported")
     if itemsize <= 4:
         BLOCK = max(128, min(triton.next_power_of_2(max(D, 1)), MAX_BLOCK_BYTES // 4))
         num_warps = max(1, min(8, BLOCK // 256))  # up to 16 values per thread
@@ -288,7 +307,8 @@ def row_config(B: int, D: int, itemsize: int) -> tuple[int, int, int, int]:
 
 def latent_config(B: int, Z: int, itemsize: int) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_Z, num_warps) for the [B, Z] latent tiles: rows per program x a
-    column block that the program loops over (Z is small: tens to hundreds).
+    column block that the program loops over (Z is small: tens to hundreds). ``itemsize``
+    as for ``row_config``: 8 whenever the math is float64.
 
     8 values per thread at 4 warps, 2 for float64 (libdevice exp/log: 16 float64 values
     per thread took 255 registers and spilled on sm_80 and sm_90)."""
@@ -296,6 +316,11 @@ def latent_config(B: int, Z: int, itemsize: int) -> tuple[int, int, int]:
     BLOCK_Z = max(16, min(triton.next_power_of_2(max(Z, 1)), 256))
     BLOCK_B = max(1, min(triton.next_power_of_2(max(B, 1)), tile // BLOCK_Z))
     return BLOCK_B, BLOCK_Z, 4
+
+
+def math_itemsize(x: torch.Tensor, acc: torch.dtype) -> int:
+    """Element size that sizes a block: x's, or 8 where the math is float64 (``acc``)."""
+    return max(x.element_size(), acc.itemsize)
 
 
 def scale_stride(g: torch.Tensor) -> int:

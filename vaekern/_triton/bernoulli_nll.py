@@ -28,7 +28,8 @@ Saved for backward: only the gradient buffer written here (by ``_ops.py``), neve
 
 Limits: rows with contiguous non-batch dims are read in place at any row stride
 (padding, ``expand``-ed targets); other layouts (a transposed matrix, channels-last) are
-copied with ``.contiguous()`` first (``_common.as_rows``). D = numel/B below 2**31 - 2**16.
+copied with ``.contiguous()`` first (``_common.as_rows``). D = numel/B below 2**31 - 2**16
+(``_common.MAX_ROW``; longer rows raise ValueError).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import triton.language as tl
 from vaekern._ops import acc_dtype
 from vaekern._triton._common import (
     _bernoulli_row_chunk,
+    _chunk_bounds,
     _scale_row_chunk,
     as_loadable,
     as_rows,
@@ -69,8 +71,7 @@ def _bernoulli_nll_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     C = tl.num_programs(1)
-    lo = chunk * n_blocks * BLOCK
-    hi = tl.minimum(lo + n_blocks * BLOCK, D)
+    lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
     total = _bernoulli_row_chunk(
         x_ptr + row * stride_x, t_ptr + row * stride_t, grad_ptr + row * D,
         lo, hi, D, B,
@@ -91,8 +92,7 @@ def _bernoulli_nll_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     s = tl.load(go_ptr + row * stride_go)
-    lo = chunk * n_blocks * BLOCK
-    hi = tl.minimum(lo + n_blocks * BLOCK, D)
+    lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
     _scale_row_chunk(grad_ptr + row * D, s, lo, hi, D, BLOCK)
 
 

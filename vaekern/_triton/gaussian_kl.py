@@ -38,6 +38,7 @@ from vaekern._triton._common import (
     device_guard,
     finalize,
     latent_config,
+    math_itemsize,
     scale_stride,
 )
 
@@ -144,7 +145,8 @@ def kl_grads(scale, mu, logvar, reduction: int, gmu, glv) -> None:
     B = mu.shape[0]
     m, Z, stride_mu = as_rows(mu)
     lv, _, stride_lv = as_rows(logvar)
-    BLOCK_B, BLOCK_Z, num_warps = latent_config(B, Z, mu.element_size())
+    # The math runs in scale's dtype: float64 for vae_loss's float64 recon with float32 latents.
+    BLOCK_B, BLOCK_Z, num_warps = latent_config(B, Z, math_itemsize(mu, scale.dtype))
     if B > 0:
         _gaussian_kl_bwd_kernel[(triton.cdiv(B, BLOCK_B),)](
             scale, m, lv, gmu, glv, B, Z, scale_stride(scale), stride_mu, stride_lv,

@@ -31,7 +31,8 @@ Saved for backward (by ``_ops.py``): the reconstruction gradient written here (o
 buffer), mu, logvar and beta.
 
 Limits: as ``bernoulli_nll.py`` and ``gaussian_kl.py`` (row strides read in place,
-other layouts copied; D below 2**31 - 2**16).
+other layouts copied; D below 2**31 - 2**16, else ValueError). Blocks are sized by
+the math dtype: float32 logits with float64 latents run float64-sized blocks.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import triton.language as tl
 from vaekern._ops import acc_dtype
 from vaekern._triton._common import (
     _bernoulli_row_chunk,
+    _chunk_bounds,
     _gaussian_kl_elem,
     _kl_grad_elem,
     _scale_row_chunk,
@@ -50,6 +52,7 @@ from vaekern._triton._common import (
     as_rows,
     device_guard,
     finalize,
+    math_itemsize,
     row_config,
     scale_stride,
 )
@@ -82,8 +85,7 @@ def _vae_loss_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     C = tl.num_programs(1)
-    lo = chunk * n_blocks * BLOCK
-    hi = tl.minimum(lo + n_blocks * BLOCK, D)
+    lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
     total = _bernoulli_row_chunk(
         x_ptr + row * stride_x, t_ptr + row * stride_t, grad_ptr + row * D,
         lo, hi, D, B,
@@ -140,13 +142,12 @@ def _vae_loss_bwd_kernel(
             g_mu, g_lv = _kl_grad_elem(s, mu.to(s.dtype), lv.to(s.dtype))
             tl.store(gmu_ptr + row * Z + cols, g_mu.to(gmu_ptr.dtype.element_ty), mask=m)
             tl.store(glv_ptr + row * Z + cols, g_lv.to(glv_ptr.dtype.element_ty), mask=m)
-    lo = chunk * n_blocks * BLOCK
-    hi = tl.minimum(lo + n_blocks * BLOCK, D)
+    lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
     _scale_row_chunk(grad_ptr + row * D, g_loss + tl.load(gr_ptr + row * stride_gr), lo, hi, D, BLOCK)
 
 
 def _block_z(Z: int, num_warps: int, itemsize: int) -> int:
-    """Latent block of the row's KL: up to 4 values per thread (1 for float64, see
+    """Latent block of the row's KL: up to 4 values per thread (1 for float64 math, see
     ``_common.latent_config``), looped over for longer latent rows."""
     per_thread = 4 if itemsize <= 4 else 1
     return max(16, min(triton.next_power_of_2(max(Z, 1)), 32 * num_warps * per_thread))
@@ -178,7 +179,8 @@ def vae_loss(recon, target, mu, logvar, beta, from_logits: bool, reduction: int,
     grad = torch.empty(recon.shape, dtype=recon.dtype, device=recon.device) if compute_grad else None
     shape = (B,) if reduction == 0 else ()
     loss, rec, kl = (recon.new_empty(shape, dtype=acc) for _ in range(3))
-    BLOCK, num_warps, C, n_blocks = row_config(B, D, recon.element_size())
+    # Block sizes from the math dtype: float32 logits with float64 latents compute in float64.
+    BLOCK, num_warps, C, n_blocks = row_config(B, D, math_itemsize(recon, acc))
     part = torch.empty((B, C), dtype=acc, device=recon.device)
     kl_rows = torch.empty((B,), dtype=acc, device=recon.device)
     with device_guard(recon):
@@ -187,7 +189,7 @@ def vae_loss(recon, target, mu, logvar, beta, from_logits: bool, reduction: int,
                 x, t, grad if compute_grad else x, part, m, lv, kl_rows,
                 D, Z, stride_x, stride_t, stride_mu, stride_lv, B, n_blocks,
                 FROM_LOGITS=from_logits, COMPUTE_GRAD=compute_grad, MEAN=reduction == 1,
-                BLOCK=BLOCK, BLOCK_Z=_block_z(Z, num_warps, mu.element_size()), num_warps=num_warps,
+                BLOCK=BLOCK, BLOCK_Z=_block_z(Z, num_warps, math_itemsize(mu, acc)), num_warps=num_warps,
             )
         finalize(part, kl_rows, beta, loss, rec, kl, reduction)
     return loss, rec, kl, grad if compute_grad else recon.new_empty((0,))
@@ -225,6 +227,7 @@ def vae_loss_backward_(grad_recon, grad_loss, grad_recon_term, grad_kl_term, mu,
                 grad_recon, grad_loss, grad_recon_term, grad_kl_term, beta, m, lv, gmu, glv,
                 D, Z, scale_stride(grad_loss), scale_stride(grad_recon_term), scale_stride(grad_kl_term),
                 stride_mu, stride_lv, B, n_blocks,
-                MEAN=reduction == 1, BLOCK=BLOCK, BLOCK_Z=_block_z(Z, num_warps, mu.element_size()), num_warps=num_warps,
+                MEAN=reduction == 1, BLOCK=BLOCK, num_warps=num_warps,
+                BLOCK_Z=_block_z(Z, num_warps, math_itemsize(mu, grad_loss.dtype)),
             )
     return gmu, glv
