@@ -264,6 +264,18 @@ inline void check_float(const Tensor& t, const char* name) {
               "vaekern (cuda): ", name, " must be float16, bfloat16, float32 or float64, got ", s);
 }
 
+// mu and logvar of one shape and float dtype, with a batch dim, on like's device.
+inline void check_latents(const Tensor& mu, const Tensor& logvar, const Tensor& like) {
+  check_cuda(mu, "mu", like);
+  check_cuda(logvar, "logvar", like);
+  check_float(mu, "mu");
+  TORCH_CHECK(logvar.scalar_type() == mu.scalar_type(), "vaekern (cuda): logvar has dtype ", logvar.scalar_type(),
+              " but mu has dtype ", mu.scalar_type());
+  TORCH_CHECK(mu.sizes() == logvar.sizes(), "vaekern (cuda): logvar has shape ", logvar.sizes(),
+              " but mu has shape ", mu.sizes());
+  TORCH_CHECK(mu.dim() >= 1, "vaekern (cuda): mu must have a batch dim");
+}
+
 inline void check_reduction(int64_t reduction) {
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "vaekern: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
               reduction);

@@ -54,21 +54,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-void check_latents(const Tensor& mu, const Tensor& logvar) {
-  check_cuda(mu, "mu", mu);
-  check_cuda(logvar, "logvar", mu);
-  check_float(mu, "mu");
-  TORCH_CHECK(logvar.scalar_type() == mu.scalar_type(), "vaekern (cuda): logvar has dtype ", logvar.scalar_type(),
-              " but mu has dtype ", mu.scalar_type());
-  TORCH_CHECK(mu.sizes() == logvar.sizes(), "vaekern (cuda): logvar has shape ", logvar.sizes(),
-              " but mu has shape ", mu.sizes());
-  TORCH_CHECK(mu.dim() >= 1, "vaekern (cuda): mu must have a batch dim");
-}
-
 }  // namespace
 
 Tensor gaussian_kl_cuda(const Tensor& mu, const Tensor& logvar, int64_t reduction) {
-  check_latents(mu, logvar);
+  check_latents(mu, logvar, mu);
   check_reduction(reduction);
   const c10::cuda::CUDAGuard guard(mu.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -120,7 +109,7 @@ std::tuple<Tensor, Tensor> gaussian_kl_grads_cuda(const Tensor& mu, const Tensor
 
 std::tuple<Tensor, Tensor> gaussian_kl_backward_cuda(const Tensor& grad_out, const Tensor& mu, const Tensor& logvar,
                                                      int64_t reduction) {
-  check_latents(mu, logvar);
+  check_latents(mu, logvar, mu);
   check_reduction(reduction);
   const c10::cuda::CUDAGuard guard(mu.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -127,17 +127,6 @@ void check_beta(const Tensor& beta, const Tensor& like) {
   TORCH_CHECK(beta.numel() == 1, "vaekern (cuda): beta must be a 0-d tensor, got shape ", beta.sizes());
 }
 
-void check_latents(const Tensor& mu, const Tensor& logvar, const Tensor& like) {
-  check_cuda(mu, "mu", like);
-  check_cuda(logvar, "logvar", like);
-  check_float(mu, "mu");
-  TORCH_CHECK(logvar.scalar_type() == mu.scalar_type(), "vaekern (cuda): logvar has dtype ", logvar.scalar_type(),
-              " but mu has dtype ", mu.scalar_type());
-  TORCH_CHECK(mu.sizes() == logvar.sizes(), "vaekern (cuda): logvar has shape ", logvar.sizes(),
-              " but mu has shape ", mu.sizes());
-  TORCH_CHECK(mu.dim() >= 1, "vaekern (cuda): mu must have a batch dim");
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(const Tensor& recon, const Tensor& target, const Tensor& mu,
