@@ -209,3 +209,17 @@ def test_narrower_capabilities(capability):
     code = _CAPABILITY_CHECK.format(atol=atol, rtol=rtol)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("t", [0.0, 1.0, 0.3])
+def test_float32_loss_within_two_ulp(t):
+    """The inline vectorized exp/log keep each element's NLL within 2 ulp of float64."""
+    from vaekern.reference import bernoulli_nll_ref
+
+    x = (torch.rand(200_000, 1, dtype=torch.float64) * 60 - 30).float()  # one element per row
+    tt = torch.full_like(x, t)
+    out = vaekern.bernoulli_nll(x, tt, reduction="none", backend="cpu").double()
+    ref = bernoulli_nll_ref(x, tt, reduction="none")
+    mag = ref.float().abs()
+    ulp = (torch.nextafter(mag, torch.tensor(float("inf"))) - mag).double()
+    assert ((out - ref).abs() / ulp).max() <= 2.0
