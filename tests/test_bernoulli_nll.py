@@ -175,3 +175,24 @@ def test_opcheck(backend, device):
     grad = torch.randn(5, 13, device=device)
     torch.library.opcheck(ops.bernoulli_nll_backward_.default, (grad, torch.rand(5, device=device)))
     torch.library.opcheck(ops.bernoulli_nll_backward_.default, (grad, torch.tensor(3.0, device=device)))
+
+
+def test_backward_leaves_rows_scaled_by_one_untouched(backend, device):
+    """The in-place backward skips rows whose scale is exactly 1: it moves no bytes there.
+
+    A signalling NaN detects a write: multiplying it by 1 returns a quiet NaN, other bits.
+    """
+    if backend == "reference":
+        pytest.skip("the oracle scales every row; only the fused kernels skip")
+    from vaekern._backends import namespace
+
+    ops = getattr(torch.ops, namespace(backend, device))
+    grad = torch.full((4, 300), 0x7F800001, dtype=torch.int32).view(torch.float32).to(device)
+    bits = grad.view(torch.int32).clone()
+    ops.bernoulli_nll_backward_(grad, torch.tensor([1.0, 2.0, 1.0, 3.0], device=device))
+    after = grad.view(torch.int32)
+    assert torch.equal(after[[0, 2]], bits[[0, 2]])
+    assert not torch.equal(after[[1, 3]], bits[[1, 3]])
+    g = grad.clone()
+    ops.bernoulli_nll_backward_(g, torch.tensor(1.0, device=device))
+    assert torch.equal(g.view(torch.int32), grad.view(torch.int32))

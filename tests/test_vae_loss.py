@@ -187,3 +187,22 @@ def test_opcheck(backend, device):
         torch.library.opcheck(
             ops.vae_loss_backward_.default, (grad, g(), g(), g(), mu, logvar, beta, reduction)
         )
+
+
+def test_backward_leaves_rows_scaled_by_one_untouched(backend, device):
+    """As in test_bernoulli_nll.py: rows whose recon scale (grad_loss + grad_recon) is 1 are skipped."""
+    if backend == "reference":
+        pytest.skip("the oracle scales every row; only the fused kernels skip")
+    from vaekern._backends import namespace
+
+    ops = getattr(torch.ops, namespace(backend, device))
+    mu, logvar = latents((3, 4), torch.float32, device)
+    grad = torch.full((3, 50), 0x7F800001, dtype=torch.int32).view(torch.float32).to(device)
+    bits = grad.view(torch.int32).clone()
+    grad_loss = torch.tensor([1.0, 0.5, 0.25], device=device)
+    grad_recon = torch.tensor([0.0, 0.5, 0.25], device=device)
+    beta = torch.tensor(1.0, device=device)
+    ops.vae_loss_backward_(grad, grad_loss, grad_recon, torch.zeros(3, device=device), mu, logvar, beta, 0)
+    after = grad.view(torch.int32)
+    assert torch.equal(after[:2], bits[:2])
+    assert not torch.equal(after[2], bits[2])
