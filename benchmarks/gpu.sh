@@ -6,7 +6,8 @@
 # It builds vaekern's extension, runs the whole test suite on CUDA, runs the benchmarks at
 # the issue's sizes, and writes everything (step log, versions, nvidia-smi -q, build, test
 # and benchmark logs, the benchmark tables, CSV, JSON and plots) into one folder: $OUT if
-# set, else results/gpu_<date>.
+# set, else results/gpu_<date>. With ARCHIVE=path.tar.gz it also packs that folder into one
+# file, for a machine from which only a few files come back.
 #
 # Made for an H100 with torch 2.11+cu130, triton 3.6, Python 3.12 and no internet. The whole
 # script stays under 8 minutes: VAEKERN_GPU_BUDGET_S (default 440 s) is shared out between
@@ -131,4 +132,7 @@ step bench_parts "$limit" $PY -m benchmarks --ops bernoulli_nll,gaussian_kl,repa
         [[ -f "$OUT/$d/results.md" ]] && { echo; echo "## $d"; echo; cat "$OUT/$d/results.md"; }
     done
 } >"$OUT/summary.md"
+if [[ -n "${ARCHIVE:-}" ]]; then
+    tar -czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "packed into $ARCHIVE"
+fi
 echo "done in $(elapsed) s; everything is in $OUT (start with summary.md)"

@@ -1,12 +1,18 @@
 """Shared test harness: every test that takes the ``backend`` fixture runs once per backend.
 
-On a machine without a GPU the triton backend runs its kernels in Triton's interpreter
-on CPU tensors; the interpreter must be chosen before triton is first imported, hence
-the environment variable is set here, at collection time. The cuda backend skips, with
-its reason, where it cannot run.
+On a machine without a GPU:
+
+* the triton backend runs its kernels in Triton's interpreter on CPU tensors; the
+  interpreter must be chosen before triton is first imported, hence the environment
+  variable is set here, at collection time;
+* the cuda backend runs csrc/cuda's kernels under the CPU emulation of tests/cuda_emu
+  (test ids ``cuda_emulated``): the same sources, rewritten only at their launches and
+  registered for CPU tensors. It checks their logic, not the GPU: what needs the hardware
+  (CUDA graphs, speed, the device's own math) still needs a GPU.
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -15,6 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import vaekern  # noqa: E402
+from vaekern import _backends  # noqa: E402
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
@@ -38,21 +45,38 @@ SHAPES = ((1, 1), (3, 7), (5, 1, 28, 28), (41, 1271))
 REDUCTIONS = ("mean", "sum", "none")
 
 
+CUDA_EMULATED = not torch.cuda.is_available()
+
+
 def backend_device(backend: str) -> torch.device:
     """Where a backend's tests put their tensors."""
     if backend in ("triton", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
-    if backend == "cuda":
-        return torch.device("cuda")  # skipped below when there is no GPU
     return torch.device("cpu")
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
+def emulate_cuda_backend(monkeypatch) -> str:
+    """Points backend="cuda" at the emulated csrc/cuda kernels, for CPU tensors, for one
+    test. Returns their op namespace. A failed build is an error, not a skip."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("backend cuda: no GPU here, and its CPU emulation needs Linux (ucontext)")
+    from cuda_emu import build
+
+    ns = build.load()
+    why_not = _backends._why_not
+    monkeypatch.setitem(_backends._NAMESPACE, "cuda", ns)
+    monkeypatch.setattr(
+        _backends, "_why_not", lambda b, d: None if (b, d.type) == ("cuda", "cpu") else why_not(b, d)
+    )
+    return ns
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda b: "cuda_emulated" if b == "cuda" and CUDA_EMULATED else b)
+def backend(request, monkeypatch) -> str:
     name = request.param
     device = backend_device(name)
-    if name == "cuda" and not torch.cuda.is_available():
-        pytest.skip("backend cuda: no GPU on this machine")
+    if name == "cuda" and CUDA_EMULATED:
+        emulate_cuda_backend(monkeypatch)
     if name not in vaekern.available_backends(device):
         pytest.skip(f"backend {name}: not available on {device} in this install")
     return name

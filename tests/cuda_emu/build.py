@@ -1,0 +1,108 @@
+"""Builds csrc/cuda as a CPU library that runs its kernels under emulation (vkemu.h).
+
+The sources are rewritten as vkemu.h's header says (kernel launches, the dispatch key, the
+device check), compiled as C++ with ``torch.utils.cpp_extension.load`` and registered as
+the CPU kernels of the namespace ``vaekern_cuda_emu``, which gets the schemas and autograd
+of every other namespace from ``vaekern._ops``. Nothing of csrc/cuda is copied by hand:
+what the GPU runs is what this runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+from vaekern import _ops
+
+NAMESPACE = "vaekern_cuda_emu"
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+CSRC = ROOT / "csrc" / "cuda"
+BUILD = ROOT / "build" / "cuda_emu"
+
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<")
+
+
+def _split_top(text: str) -> list[str]:
+    """``text`` split at the commas outside any brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([{<":
+            depth += 1
+        elif ch in ")]}>":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts]
+
+
+def _closing(text: str, open_at: int) -> int:
+    """Index of the parenthesis that closes the one at ``open_at``."""
+    depth = 0
+    for i in range(open_at, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    raise ValueError("unbalanced parentheses in a kernel launch")
+
+
+def rewrite(source: str) -> str:
+    """One csrc/cuda source as C++ for vkemu.h."""
+    out, pos, launches = [], 0, 0
+    for m in _LAUNCH.finditer(source):
+        if m.start() < pos:
+            continue
+        cfg_end = source.index(">>>", m.end())
+        config = _split_top(source[m.end() : cfg_end])
+        open_at = cfg_end + 3
+        while source[open_at].isspace():
+            open_at += 1
+        assert source[open_at] == "(", source[m.start() : open_at + 20]
+        close = _closing(source, open_at)
+        grid, block = config[0], config[1]
+        assert len(config) <= 2 or config[2] == "0", "dynamic shared memory is not emulated"
+        out.append(source[pos : m.start()])
+        out.append(f"::vkemu::launch({grid}, {block}, [&] {{ {m.group(1)}{source[open_at : close + 1]}; }})")
+        pos = close + 1
+        launches += 1
+    out.append(source[pos:])
+    text = "".join(out)
+    text, n_impl = re.subn(r"TORCH_LIBRARY_IMPL\(vaekern, CUDA, m\)", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, m)", text)
+    text = text.replace(".is_cuda()", ".is_cpu()")
+    assert "<<<" not in text, "a kernel launch was not rewritten"
+    return text
+
+
+@functools.cache
+def load() -> str:
+    """Builds (or reuses) the emulated library, registers its schemas, returns the namespace."""
+    src = BUILD / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for path in sorted(CSRC.iterdir()):
+        target = src / (path.stem + (".cpp" if path.suffix == ".cu" else path.suffix))
+        text = rewrite(path.read_text())
+        if not target.exists() or target.read_text() != text:  # keep ninja's timestamps
+            target.write_text(text)
+        if path.suffix == ".cu":
+            sources.append(str(target))
+    lib = torch.library.Library(NAMESPACE, "DEF")
+    _ops._register(NAMESPACE, lib)
+    cpp_extension.load(
+        name=NAMESPACE,
+        sources=sources,
+        extra_include_paths=[str(HERE / "include"), str(src)],
+        extra_cflags=["-O1", "-std=c++20", "-include", str(HERE / "vkemu.h"), "-fno-strict-aliasing",
+                      "-Wno-unknown-pragmas"],
+        build_directory=str(BUILD),
+        is_python_module=False,
+        verbose=False,
+    )
+    load.library = lib  # the schemas live as long as the process
+    return NAMESPACE
