@@ -12,7 +12,6 @@ On a machine without a GPU:
 """
 
 import os
-import sys
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import vaekern  # noqa: E402
-from vaekern import _backends  # noqa: E402
+from cuda_emu.build import emulate_cuda_backend  # noqa: E402
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
@@ -53,22 +52,6 @@ def backend_device(backend: str) -> torch.device:
     if backend in ("triton", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def emulate_cuda_backend(monkeypatch) -> str:
-    """Points backend="cuda" at the emulated csrc/cuda kernels, for CPU tensors, for one
-    test. Returns their op namespace. A failed build is an error, not a skip."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("backend cuda: no GPU here, and its CPU emulation needs Linux (ucontext)")
-    from cuda_emu import build
-
-    ns = build.load()
-    why_not = _backends._why_not
-    monkeypatch.setitem(_backends._NAMESPACE, "cuda", ns)
-    monkeypatch.setattr(
-        _backends, "_why_not", lambda b, d: None if (b, d.type) == ("cuda", "cpu") else why_not(b, d)
-    )
-    return ns
 
 
 @pytest.fixture(params=BACKENDS, ids=lambda b: "cuda_emulated" if b == "cuda" and CUDA_EMULATED else b)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils import cpp_extension
 
-from vaekern import _ops
+from vaekern import _backends, _ops
 
 NAMESPACE = "vaekern_cuda_emu"
 HERE = Path(__file__).resolve().parent
@@ -106,3 +108,17 @@ def load() -> str:
     )
     load.library = lib  # the schemas live as long as the process
     return NAMESPACE
+
+
+def emulate_cuda_backend(monkeypatch) -> str:
+    """Points backend="cuda" at the emulated csrc/cuda kernels, for CPU tensors, for one
+    test. Returns their op namespace. A failed build is an error, not a skip."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("backend cuda: no GPU here, and its CPU emulation needs Linux (ucontext)")
+    ns = load()
+    why_not = _backends._why_not
+    monkeypatch.setitem(_backends._NAMESPACE, "cuda", ns)
+    monkeypatch.setattr(
+        _backends, "_why_not", lambda b, d: None if (b, d.type) == ("cuda", "cpu") else why_not(b, d)
+    )
+    return ns

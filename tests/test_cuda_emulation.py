@@ -1,0 +1,155 @@
+"""The CPU emulation of CUDA kernels (tests/cuda_emu) checked on its own.
+
+The cuda backend's tests trust it without a GPU, so it must run warps and blocks as the
+hardware does where the kernels depend on it (shuffles, barriers, shared memory, the
+launch grid) and fail where the hardware would hang or be undefined. Small kernels written
+here show both; the source rewriting is checked on the launch forms csrc/cuda uses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cuda_emu import build
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the emulation needs Linux (ucontext)")
+
+KERNELS = r"""
+#include <cstring>
+
+__device__ int warp_sum(int v) {
+  for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__global__ void sums_kernel(int* lane_sums, int* block_sums) {
+  __shared__ int warps[32];
+  const int v = warp_sum(static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x));
+  lane_sums[blockIdx.x * blockDim.x + threadIdx.x] = v;
+  if ((threadIdx.x & 31) == 0) warps[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int s = 0;
+    for (unsigned w = 0; w < blockDim.x / 32; ++w) s += warps[w];
+    block_sums[blockIdx.x] = s;
+  }
+}
+
+__global__ void early_exit_kernel(int* out) {
+  if (threadIdx.x % 32 >= 16) return;
+  out[threadIdx.x] = warp_sum(1);
+}
+
+__global__ void divergent_sync_kernel(int* out) {
+  if (threadIdx.x == 5) return;
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
+
+__global__ void shuffle_in_sync_kernel(int* out) {
+  if (threadIdx.x < 32) {
+    out[threadIdx.x] = warp_sum(1);
+  } else {
+    __syncthreads();
+  }
+}
+
+template <typename F>
+static int run(F f, char* err, int n) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    std::strncpy(err, e.what(), n - 1);
+    err[n - 1] = 0;
+    return 1;
+  }
+}
+
+extern "C" {
+int sums(unsigned grid, unsigned block, int* lane_sums, int* block_sums, char* err, int n) {
+  return run([&] { sums_kernel<<<grid, block, 0, nullptr>>>(lane_sums, block_sums); }, err, n);
+}
+int early_exit(int* out, char* err, int n) {
+  return run([&] { early_exit_kernel<<<1, 64>>>(out); }, err, n);
+}
+int divergent_sync(int* out, char* err, int n) {
+  return run([&] { divergent_sync_kernel<<<2, 64>>>(out); }, err, n);
+}
+int shuffle_in_sync(int* out, char* err, int n) {
+  return run([&] { shuffle_in_sync_kernel<<<1, 64>>>(out); }, err, n);
+}
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    d = tmp_path_factory.mktemp("vkemu")
+    (d / "kernels.cpp").write_text(build.rewrite(KERNELS))
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-include", str(build.HERE / "vkemu.h"),
+           str(d / "kernels.cpp"), "-o", str(d / "kernels.so")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return ctypes.CDLL(str(d / "kernels.so"))
+
+
+def _call(fn, *args):
+    err = ctypes.create_string_buffer(512)
+    rc = fn(*args, err, len(err))
+    return rc, err.value.decode()
+
+
+def test_shuffles_shared_memory_and_barriers_compute_what_the_hardware_does(lib):
+    grid, block = 3, 96
+    lanes = (ctypes.c_int * (grid * block))()
+    blocks = (ctypes.c_int * grid)()
+    rc, err = _call(lib.sums, grid, block, lanes, blocks)
+    assert rc == 0, err
+    for t in range(grid * block):
+        w = t // 32 * 32
+        assert lanes[t] == sum(range(w, w + 32)), t  # every lane holds its warp's sum
+    for b in range(grid):
+        assert blocks[b] == sum(range(b * block, (b + 1) * block))
+
+
+def test_a_shuffle_missing_lanes_is_an_error(lib):
+    rc, err = _call(lib.early_exit, (ctypes.c_int * 64)())
+    assert rc == 1 and "joined by 16 of its 32 lanes" in err
+
+
+def test_a_barrier_that_some_threads_never_reach_is_an_error(lib):
+    rc, err = _call(lib.divergent_sync, (ctypes.c_int * 64)())  # one thread has exited
+    assert rc == 1 and "__syncthreads reached by 63 of 64 threads" in err and "block 0" in err
+    rc, err = _call(lib.shuffle_in_sync, (ctypes.c_int * 64)())  # warp 0 never gets there
+    assert rc == 1 and "__syncthreads reached by 32 of 64 threads" in err
+
+
+def test_a_launch_that_cuda_rejects_is_an_error(lib):
+    for grid, block in ((0, 32), (1, 0), (1, 1025)):
+        rc, err = _call(lib.sums, grid, block, (ctypes.c_int * 2048)(), (ctypes.c_int * 1)())
+        assert rc == 1 and "invalid configuration" in err
+
+
+def test_rewrite_turns_every_launch_form_into_a_call():
+    src = (
+        "k<true><<<blocks, kThreads, 0, stream>>>(a, p.data_ptr<acc_t>(), f(x, y));\n"
+        "g<false, scalar_t><<<blocks_for(B * t.G), kThreads, 0, stream>>>(\n    a, b);\n"
+        "h<<<static_cast<unsigned>(n), 512>>>(a);\n"
+        "TORCH_LIBRARY_IMPL(vaekern, CUDA, m) { x.is_cuda(); }\n"
+    )
+    out = build.rewrite(src)
+    assert "::vkemu::launch(blocks, kThreads, [&] { k<true>(a, p.data_ptr<acc_t>(), f(x, y)); });" in out
+    assert "::vkemu::launch(blocks_for(B * t.G), kThreads, [&] { g<false, scalar_t>(\n    a, b); });" in out
+    assert "::vkemu::launch(static_cast<unsigned>(n), 512, [&] { h(a); });" in out
+    assert f"TORCH_LIBRARY_IMPL({build.NAMESPACE}, CPU, m) {{ x.is_cpu(); }}" in out
+    with pytest.raises(AssertionError, match="dynamic shared memory"):
+        build.rewrite("k<<<1, 32, 1024, s>>>(a);")
