@@ -1,13 +1,16 @@
-"""The compiled CUDA kernels of csrc/cuda: registration, register use, and GPU-only checks.
+"""The compiled CUDA kernels of csrc/cuda: registration, register use, and their special cases.
 
 The shared, backend-parametrized tests (tests/test_<op>.py) check every op of the ``cuda``
-backend against the reference on a GPU. This file adds what is specific to the extension:
+backend against the reference, on a GPU or under the CPU emulation of tests/cuda_emu.
+This file adds what is specific to the extension:
 
 * that vaekern._C registers every op for the CUDA dispatch key (no GPU needed);
 * that every kernel compiles for sm_80 and sm_90 without register spills (needs nvcc only);
-* on a GPU: CUDA-graph capture and replay, bitwise determinism, the layouts and dtype mixes
-  the kernels special-case (row strides, misaligned rows, many tiles per row, many rows),
-  and agreement with the Triton backend.
+* on a GPU or under the emulation (the ``kernels`` fixture): bitwise determinism, the
+  layouts and dtype mixes the kernels special-case (row strides, misaligned rows, many
+  tiles per row, many rows), NaN and extreme values, empty batches, and the in-kernel
+  Philox noise number by number against known answers;
+* on a GPU only: CUDA-graph capture and replay, and agreement with the Triton backend.
 """
 
 from __future__ import annotations
