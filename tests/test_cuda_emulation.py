@@ -9,11 +9,13 @@ here show both; the source rewriting is checked on the launch forms csrc/cuda us
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from cuda_emu import build
 
@@ -59,6 +61,14 @@ __global__ void shuffle_in_sync_kernel(int* out) {
   }
 }
 
+__global__ void racy_kernel(int* out) {
+  __shared__ int x;
+  if (threadIdx.x == 0) x = 7;
+  if (threadIdx.x == 1) x = x + 1;  // no __syncthreads in between: a race
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = x;
+}
+
 template <typename F>
 static int run(F f, char* err, int n) {
   try {
@@ -80,6 +90,9 @@ int early_exit(int* out, char* err, int n) {
 }
 int divergent_sync(int* out, char* err, int n) {
   return run([&] { divergent_sync_kernel<<<2, 64>>>(out); }, err, n);
+}
+int racy(int* out, char* err, int n) {
+  return run([&] { racy_kernel<<<1, 32>>>(out); }, err, n);
 }
 int shuffle_in_sync(int* out, char* err, int n) {
   return run([&] { shuffle_in_sync_kernel<<<1, 64>>>(out); }, err, n);
@@ -137,6 +150,55 @@ def test_a_launch_that_cuda_rejects_is_an_error(lib):
     for grid, block in ((0, 32), (1, 0), (1, 1025)):
         rc, err = _call(lib.sums, grid, block, (ctypes.c_int * 2048)(), (ctypes.c_int * 1)())
         assert rc == 1 and "invalid configuration" in err
+
+
+@pytest.fixture
+def schedule(monkeypatch):
+    """Sets VKEMU_SCHEDULE, which the emulation reads at each launch."""
+    return lambda name: monkeypatch.setenv("VKEMU_SCHEDULE", name)
+
+
+def test_the_schedule_exposes_a_race(lib, schedule):
+    results = {}
+    for name in ("forward", "reverse"):
+        schedule(name)
+        out = (ctypes.c_int * 1)()
+        assert _call(lib.racy, out) == (0, "")
+        results[name] = out[0]
+    assert results == {"forward": 8, "reverse": 7}
+    schedule("sideways")
+    rc, err = _call(lib.racy, (ctypes.c_int * 1)())
+    assert rc == 1 and "VKEMU_SCHEDULE" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the real kernels run on this machine")
+def test_cuda_kernels_give_the_same_bits_in_any_schedule(monkeypatch, schedule):
+    """Blocks and threads in another order must not change a bit of any output: the
+    kernels' barriers and fixed-order reductions leave them no race. The shapes take
+    stage 2 per row in groups and in blocks, and flat with the segment pre-pass."""
+    ops = getattr(torch.ops, build.emulate_cuda_backend(monkeypatch))
+    torch.manual_seed(0)
+    inputs = []
+    # (B, D, Z, reduction); Z = 1 keeps vae_loss's groups at one lane, so the 20 000 rows
+    # (20 000 partials: the flat pre-pass) stay quick to emulate.
+    for B, D, Z, reduction in ((5, 40_000, 20, 0), (5, 40_000, 20, 1), (20_000, 3, 1, 2), (33, 1271, 20, 0)):
+        inputs.append((torch.randn(B, D) * 3, torch.rand(B, D), torch.randn(B, Z), torch.randn(B, Z), reduction))
+    beta, seed = torch.full((), 0.7), torch.tensor([99])
+
+    def outputs():
+        for x, t, mu, lv, r in inputs:
+            yield from ops.vae_loss(x, t, mu, lv, beta, True, r, True)
+            yield from ops.bernoulli_nll(torch.sigmoid(x), t, False, r, True)
+            yield ops.gaussian_kl(mu, lv, r)
+            yield ops.reparameterize(mu, lv, None, seed)
+
+    runs = {}
+    for name in ("forward", "reverse", "shuffled:1"):
+        schedule(name)
+        runs[name] = list(outputs())
+    for name in ("reverse", "shuffled:1"):
+        for a, b in zip(runs["forward"], runs[name]):
+            assert torch.equal(a, b), name
 
 
 def test_rewrite_turns_every_launch_form_into_a_call():

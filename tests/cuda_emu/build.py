@@ -100,8 +100,10 @@ def load() -> str:
         name=NAMESPACE,
         sources=sources,
         extra_include_paths=[str(HERE / "include"), str(src)],
+        # The C++ namespace is renamed too, so that no symbol of vaekern._C, when it is
+        # loaded as well, stands in for one of these.
         extra_cflags=["-O1", "-std=c++20", "-include", str(HERE / "vkemu.h"), "-fno-strict-aliasing",
-                      "-Wno-unknown-pragmas"],
+                      "-Wno-unknown-pragmas", f"-Dvaekern={NAMESPACE}"],
         build_directory=str(BUILD),
         is_python_module=False,
         verbose=False,

@@ -16,8 +16,12 @@
 //     at a __syncthreads);
 //   - a __syncthreads that some thread of the block never reaches;
 //   - a launch configuration that CUDA rejects (empty grid or block, block over 1024 threads).
-// It does not model memory ordering, data races or timing, and device math is the host's
-// libm: results agree with a GPU's to a few ulp, not bitwise.
+// The order in which blocks run, and in which a block's runnable threads are resumed, is
+// VKEMU_SCHEDULE (read at each launch): "forward" (the default), "reverse" or
+// "shuffled:<seed>". The hardware promises no order, so a result that changes with it
+// reveals a race, such as a missing __syncthreads. Beyond that, memory ordering, data
+// races and timing are not modelled, and device math is the host's libm: results agree
+// with a GPU's to a few ulp, not bitwise.
 #pragma once
 
 #include <sys/mman.h>
@@ -26,7 +30,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -73,7 +80,10 @@ inline T max(T a, T b) {
   return a < b ? b : a;
 }
 
-namespace vkemu {
+// Hidden, not internal: the translation units of one library share one Block (inline
+// kernels and helpers are merged across them), but two libraries built on this header (the
+// emulated ops and a test's kernels) must not share it through an exported symbol.
+namespace vkemu __attribute__((visibility("hidden"))) {
 
 enum State { kRunnable, kAtShuffle, kAtSync, kDone };
 
@@ -98,7 +108,28 @@ struct Block {
   Thread* current = nullptr;
   dim3 block_idx, block_dim, grid_dim;
   std::string error;  // set by a thread that hit an error; the scheduler throws it
+  std::vector<unsigned> order;  // of the threads, for the current round
 };
+
+// VKEMU_SCHEDULE: 0 forward, 1 reverse, 2 shuffled with *seed.
+inline int schedule(uint64_t* seed) {
+  const char* s = std::getenv("VKEMU_SCHEDULE");
+  if (s == nullptr || std::strcmp(s, "forward") == 0) return 0;
+  if (std::strcmp(s, "reverse") == 0) return 1;
+  if (std::strncmp(s, "shuffled:", 9) == 0) {
+    *seed = std::strtoull(s + 9, nullptr, 10);
+    return 2;
+  }
+  throw std::runtime_error(std::string("vkemu: VKEMU_SCHEDULE must be forward, reverse or shuffled:<seed>, got ") + s);
+}
+
+// 0..n-1 in the schedule's order.
+inline void arrange(std::vector<unsigned>& v, unsigned n, int mode, std::mt19937_64& rng) {
+  v.resize(n);
+  std::iota(v.begin(), v.end(), 0u);
+  if (mode == 1) std::reverse(v.begin(), v.end());
+  if (mode == 2) std::shuffle(v.begin(), v.end(), rng);
+}
 
 inline Block& block() {
   static Block b;
@@ -134,7 +165,7 @@ inline void fail_in_thread(const std::string& what) {
 }
 
 // Runs every thread of the current block until all have returned.
-inline void run_block() {
+inline void run_block(int mode, std::mt19937_64& rng) {
   Block& b = block();
   for (unsigned i = 0; i < b.n; ++i) {
     Thread& t = b.threads[i];
@@ -152,7 +183,8 @@ inline void run_block() {
     t.state = kRunnable;
   }
   for (;;) {
-    for (unsigned i = 0; i < b.n; ++i) {
+    arrange(b.order, b.n, mode, rng);
+    for (const unsigned i : b.order) {
       if (b.threads[i].state != kRunnable) continue;
       b.current = &b.threads[i];
       swapcontext(&b.scheduler, &b.threads[i].ctx);
@@ -199,9 +231,14 @@ void launch(unsigned grid, unsigned threads, F&& kernel) {
   b.block_dim = dim3{threads, 1, 1};
   b.closure = &kernel;
   b.body = [](void* k) { (*static_cast<std::remove_reference_t<F>*>(k))(); };
-  for (unsigned g = 0; g < grid; ++g) {
+  uint64_t seed = 0;
+  const int mode = schedule(&seed);
+  std::mt19937_64 rng(seed);
+  std::vector<unsigned> blocks;
+  arrange(blocks, grid, mode, rng);
+  for (const unsigned g : blocks) {
     b.block_idx = dim3{g, 1, 1};
-    run_block();
+    run_block(mode, rng);
   }
 }
 
@@ -212,10 +249,10 @@ void launch(unsigned grid, unsigned threads, F&& kernel) {
 #define blockDim (::vkemu::block().block_dim)
 #define gridDim (::vkemu::block().grid_dim)
 
-inline void __syncthreads() { vkemu::yield(vkemu::kAtSync); }
+__attribute__((visibility("hidden"))) inline void __syncthreads() { vkemu::yield(vkemu::kAtSync); }
 
 template <typename T>
-inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+__attribute__((visibility("hidden"))) inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>);
   if (mask != 0xffffffffu) vkemu::fail_in_thread("only full-mask shuffles are emulated");
   if (lane_mask < 0 || lane_mask > 31) vkemu::fail_in_thread("shuffle lane mask " + std::to_string(lane_mask));
