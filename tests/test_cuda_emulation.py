@@ -201,6 +201,22 @@ def test_cuda_kernels_give_the_same_bits_in_any_schedule(monkeypatch, schedule):
             assert torch.equal(a, b), name
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the real kernels run on this machine")
+def test_cuda_kernels_stay_in_bounds_under_asan():
+    """tests/cuda_emu/bounds.py runs every op over the kernels' special-case layouts with
+    AddressSanitizer: any read or write past a tensor's allocation fails here with ASan's
+    report (the GPU's equivalent is compute-sanitizer's memcheck)."""
+    cxx = shutil.which("c++") or shutil.which("g++")
+    libasan = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libasan):
+        pytest.skip(f"{cxx} has no AddressSanitizer runtime")
+    env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0")
+    proc = subprocess.run(
+        [sys.executable, str(build.HERE / "bounds.py")], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0 and "calls in bounds" in proc.stdout, proc.stderr[-8000:]
+
+
 def test_rewrite_turns_every_launch_form_into_a_call():
     src = (
         "k<true><<<blocks, kThreads, 0, stream>>>(a, p.data_ptr<acc_t>(), f(x, y));\n"

@@ -75,15 +75,18 @@ def rewrite(source: str) -> str:
         launches += 1
     out.append(source[pos:])
     text = "".join(out)
-    text, n_impl = re.subn(r"TORCH_LIBRARY_IMPL\(vaekern, CUDA, m\)", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, m)", text)
+    text = text.replace("TORCH_LIBRARY_IMPL(vaekern, CUDA, m)", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, m)")
     text = text.replace(".is_cuda()", ".is_cpu()")
     assert "<<<" not in text, "a kernel launch was not rewritten"
     return text
 
 
 @functools.cache
-def load() -> str:
-    """Builds (or reuses) the emulated library, registers its schemas, returns the namespace."""
+def load(asan: bool = False) -> str:
+    """Builds (or reuses) the emulated library, registers its schemas, returns the namespace.
+
+    With ``asan`` the library is built with AddressSanitizer, for a process that has
+    libasan preloaded (tests/cuda_emu/bounds.py)."""
     src = BUILD / "src"
     src.mkdir(parents=True, exist_ok=True)
     sources = []
@@ -94,17 +97,20 @@ def load() -> str:
             target.write_text(text)
         if path.suffix == ".cu":
             sources.append(str(target))
+    (BUILD / "asan").mkdir(exist_ok=True)
     lib = torch.library.Library(NAMESPACE, "DEF")
     _ops._register(NAMESPACE, lib)
     cpp_extension.load(
-        name=NAMESPACE,
+        name=NAMESPACE + ("_asan" if asan else ""),
         sources=sources,
         extra_include_paths=[str(HERE / "include"), str(src)],
         # The C++ namespace is renamed too, so that no symbol of vaekern._C, when it is
         # loaded as well, stands in for one of these.
         extra_cflags=["-O1", "-std=c++20", "-include", str(HERE / "vkemu.h"), "-fno-strict-aliasing",
-                      "-Wno-unknown-pragmas", f"-Dvaekern={NAMESPACE}"],
-        build_directory=str(BUILD),
+                      "-Wno-unknown-pragmas", f"-Dvaekern={NAMESPACE}"]
+        + (["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []),
+        extra_ldflags=["-fsanitize=address"] if asan else [],
+        build_directory=str(BUILD / "asan" if asan else BUILD),
         is_python_module=False,
         verbose=False,
     )

@@ -1,0 +1,75 @@
+"""Every op of csrc/cuda, under the emulation built with AddressSanitizer, over the layouts
+its kernels special-case: a read or write outside any tensor aborts the process with
+ASan's report. Run by tests/test_cuda_emulation.py in a subprocess that preloads libasan.
+
+Each tensor is its own allocation that ends where its data ends, so ASan's redzone sits
+right after the last element; misaligned inputs are views one element into such an
+allocation, which sends the kernels down their scalar paths.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cuda_emu import build  # noqa: E402
+
+# (B, D, Z, dtypes): one element, odd rows, one tile per row, many tiles per row, latents
+# wider than a group, in every dtype; then, in float32 and float64 only (the others take
+# the same paths with other vector widths, covered above), over 256 tiles a row (stage 2
+# a block per row) and 20 000 rows (the flat pre-pass of stage 2).
+ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SHAPES = [(1, 1, 1, ALL), (3, 7, 5, ALL), (7, 784, 20, ALL), (9, 1271, 33, ALL), (4, 130, 200, ALL),
+          (2, 33_000, 64, ALL[::3]), (20_000, 3, 1, ALL[::3])]  # fmt: skip
+
+
+def exact(t: torch.Tensor, misaligned: bool) -> torch.Tensor:
+    """A copy of t in an allocation that ends with it (and starts one element early)."""
+    if not misaligned:
+        return t.clone()
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def main() -> None:
+    ops = getattr(torch.ops, build.load(asan=True))
+    torch.manual_seed(0)
+    calls = 0
+    for B, D, Z, dtypes in SHAPES:
+        for dtype in dtypes:
+            for misaligned in (False, True):
+                x = exact((torch.randn(B, D) * 3).to(dtype), misaligned)
+                p = exact(torch.rand(B, D).to(dtype), misaligned)
+                mu = exact(torch.randn(B, Z).to(dtype), misaligned)
+                lv = exact(torch.randn(B, Z).to(dtype), misaligned)
+                eps = exact(torch.randn(B, Z).to(dtype), misaligned)
+                beta = torch.full((), 0.5)
+                # A float target with aligned inputs, a bool one (one byte) with misaligned.
+                t = exact(torch.rand(B, D) > 0.5 if misaligned else torch.rand(B, D), misaligned)
+                for r in (0, 1, 2):
+                    scale = torch.rand(B) + 0.5 if r == 0 else torch.full((), 0.7)
+                    for inp, logits in ((x, True), (p, False)):
+                        _, grad = ops.bernoulli_nll(inp, t, logits, r, True)
+                        ops.bernoulli_nll_backward_(grad, scale)
+                        *_, g = ops.vae_loss(inp, t, mu, lv, beta, logits, r, True)
+                        ops.vae_loss_backward_(g, scale, scale, scale, mu, lv, beta, r)
+                        calls += 4
+                    ops.gaussian_kl(mu, lv, r)
+                    ops.gaussian_kl_backward(scale, mu, lv, r)
+                    calls += 2
+                seed = torch.tensor([7])
+                for e, s in ((eps, None), (None, seed)):
+                    z = ops.reparameterize(mu, lv, e, s)
+                    ops.reparameterize_backward(exact(z, misaligned), mu, lv, e, s)
+                    calls += 2
+    print(f"{calls} calls in bounds")
+
+
+if __name__ == "__main__":
+    main()
