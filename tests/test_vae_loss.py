@@ -64,6 +64,34 @@ def test_noncontiguous(backend, device):
     )
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_row_strided_and_broadcast_inputs(backend, device, reduction):
+    """Layouts that the fused kernels read in place, with a row stride: padded rows of a
+    wider buffer (an odd stride, so rows are misaligned too), a target broadcast over the
+    batch (row stride 0), and mu and logvar as the two halves of one encoder output.
+    Gradients flow to the buffers, so they are checked there, padding included."""
+    padded = logits((6, 1, 161), torch.float32, device, scale=4.0)
+    t = target((1, 1, 130), "float", device).expand(6, 1, 130)
+    h = torch.cat(latents((6, 9), torch.float32, device), dim=1)
+    results = []
+    for buf, hh in ((leaf(padded), leaf(h)), (leaf(padded.double()), leaf(h.double()))):
+        recon, (mu, logvar) = buf[..., :130], hh.chunk(2, dim=1)
+        assert recon.stride(0) == 161 and t.stride(0) == 0 and mu.stride(0) == 18
+        parts = vaekern.vae_loss(
+            recon, t, mu, logvar, beta=0.5, reduction=reduction, return_parts=True,
+            backend=backend if buf.dtype == torch.float32 else "reference",
+        )  # fmt: skip
+        ups = [upstream(parts.loss) * w for w in (1.0, 0.5, 2.0)] if not results else [u.double() for u in results[0][1]]
+        torch.autograd.backward(list(parts), ups)
+        results.append((parts, ups, buf.grad, hh.grad))
+    (got, _, g_buf, g_h), (want, _, w_buf, w_h) = results
+    for a, b in zip(got, want):
+        assert_loss_close(a, b, torch.float32)
+    assert_grad_close(g_buf, w_buf, torch.float32)
+    assert torch.all(g_buf[..., 130:] == 0)
+    assert_grad_close(g_h, w_h, torch.float32)
+
+
 def test_pytorch_examples_loss_is_reduction_sum(backend, device):
     """pytorch/examples/vae: BCE(recon, x, reduction='sum') + KLD, from probabilities."""
     x = torch.rand(8, 784, device=device, dtype=torch.float64)
