@@ -102,11 +102,15 @@ $PY -c "import vaekern, torch; print('available backends on cuda:', vaekern.avai
 # ---- tests -----------------------------------------------------------------------------------
 # At most 150 s, and never so long that the benchmarks get less than 170 s.
 limit=$(( $(left) - 170 )); (( limit > 150 )) && limit=150
+# On a fresh machine most of that time is Triton compiling each kernel specialization once:
+# with pytest-xdist, 8 workers compile in parallel (one GPU is plenty for them).
+parallel=()
+$PY -c 'import xdist' 2>/dev/null && parallel=(-n 8)
 # pytest reports and writes its XML on SIGINT, but only if SIGINT is not ignored (as it is
 # in a background job), hence the handler.
 step tests "$limit" $PY -c 'import signal, sys, pytest
 signal.signal(signal.SIGINT, signal.default_int_handler)
-sys.exit(pytest.main(sys.argv[1:]))' tests -q -p no:cacheprovider --durations=15 --junitxml="$OUT/tests.xml"
+sys.exit(pytest.main(sys.argv[1:]))' tests -q -p no:cacheprovider --durations=15 --junitxml="$OUT/tests.xml" "${parallel[@]}"
 tail -n 3 "$OUT/tests.log" 2>/dev/null | tee -a "$OUT/steps.txt"
 
 # ---- benchmarks --------------------------------------------------------------------------------

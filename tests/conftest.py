@@ -7,7 +7,8 @@ On a machine without a GPU:
   variable is set here, at collection time;
 * the cuda backend runs csrc/cuda's kernels under the CPU emulation of tests/cuda_emu
   (test ids ``cuda_emulated``): the same sources, rewritten only at their launches and
-  registered for CPU tensors. It checks their logic, not the GPU: what needs the hardware
+  registered for CPU tensors; and again with tiny tiling and grid constants
+  (``cuda_emulated_small``), which takes small inputs down the paths of huge ones. It checks their logic, not the GPU: what needs the hardware
   (CUDA graphs, speed, the device's own math) still needs a GPU.
 """
 
@@ -54,12 +55,24 @@ def backend_device(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-@pytest.fixture(params=BACKENDS, ids=lambda b: "cuda_emulated" if b == "cuda" and CUDA_EMULATED else b)
+# (backend, emulated variant of csrc/cuda) per test; without a GPU the cuda backend runs
+# twice, the second time with tiny tiling constants (tests/cuda_emu/build.py VARIANTS).
+_PARAMS = [(b, "" if b == "cuda" and CUDA_EMULATED else None) for b in BACKENDS]
+if CUDA_EMULATED:
+    _PARAMS.append(("cuda", "small"))
+
+
+def _param_id(param) -> str:
+    name, variant = param
+    return name if variant is None else "_".join(filter(None, (name, "emulated", variant)))
+
+
+@pytest.fixture(params=_PARAMS, ids=_param_id)
 def backend(request, monkeypatch) -> str:
-    name = request.param
+    name, variant = request.param
     device = backend_device(name)
-    if name == "cuda" and CUDA_EMULATED:
-        emulate_cuda_backend(monkeypatch)
+    if variant is not None:
+        emulate_cuda_backend(monkeypatch, variant)
     if name not in vaekern.available_backends(device):
         pytest.skip(f"backend {name}: not available on {device} in this install")
     return name

@@ -2,8 +2,8 @@
 
 The sources are rewritten as vkemu.h's header says (kernel launches, the dispatch key, the
 device check), compiled as C++ with ``torch.utils.cpp_extension.load`` and registered as
-the CPU kernels of the namespace ``vaekern_cuda_emu``, which gets the schemas and autograd
-of every other namespace from ``vaekern._ops``. Nothing of csrc/cuda is copied by hand:
+the CPU kernels of the namespace ``vaekern_cuda_emu`` (or ``vaekern_cuda_emu_<variant>``),
+which gets the schemas and autograd of every other namespace from ``vaekern._ops``. Nothing of csrc/cuda is copied by hand:
 what the GPU runs is what this runs.
 """
 
@@ -54,8 +54,8 @@ def _closing(text: str, open_at: int) -> int:
     raise ValueError("unbalanced parentheses in a kernel launch")
 
 
-def rewrite(source: str) -> str:
-    """One csrc/cuda source as C++ for vkemu.h."""
+def rewrite(source: str, ns: str = NAMESPACE) -> str:
+    """One csrc/cuda source as C++ for vkemu.h, registering its ops in namespace ``ns``."""
     out, pos, launches = [], 0, 0
     for m in _LAUNCH.finditer(source):
         if m.start() < pos:
@@ -75,55 +75,86 @@ def rewrite(source: str) -> str:
         launches += 1
     out.append(source[pos:])
     text = "".join(out)
-    text = text.replace("TORCH_LIBRARY_IMPL(vaekern, CUDA, m)", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, m)")
+    text = text.replace("TORCH_LIBRARY_IMPL(vaekern, CUDA, m)", f"TORCH_LIBRARY_IMPL({ns}, CPU, m)")
     text = text.replace(".is_cuda()", ".is_cpu()")
     assert "<<<" not in text, "a kernel launch was not rewritten"
     return text
 
 
-@functools.cache
-def load(asan: bool = False) -> str:
-    """Builds (or reuses) the emulated library, registers its schemas, returns the namespace.
+# Builds of the same sources. "small" shrinks the tiling and grid constants of common.cuh
+# so that small tests take the paths that otherwise only inputs of millions of elements
+# take: several vector loads per lane in a tile, grid-stride loops past the grid cap, and
+# several passes of stage 2's segment pre-pass. "asan" adds AddressSanitizer, for a
+# process that has libasan preloaded (tests/cuda_emu/bounds.py).
+VARIANTS = {
+    "": {},
+    "small": {"kWantTiles": "1", "kMaxBlocks": "3", "kFlatMax": "40", "kSegment": "7"},
+    "asan": {},
+}
 
-    With ``asan`` the library is built with AddressSanitizer, for a process that has
-    libasan preloaded (tests/cuda_emu/bounds.py)."""
-    src = BUILD / "src"
+_LIBRARIES = {}  # the schemas of each loaded variant live as long as the process
+
+
+def _with_constants(text: str, constants: dict[str, str]) -> tuple[str, set[str]]:
+    """``constexpr <type> <name> = <value>;`` lines with new values; the names replaced."""
+    done = set()
+    for name, value in constants.items():
+        text, n = re.subn(rf"(constexpr\s+\w+\s+{name}\s*=\s*)[^;]+;", rf"\g<1>{value};", text)
+        if n:
+            done.add(name)
+    return text, done
+
+
+def namespace(variant: str = "") -> str:
+    return NAMESPACE + (f"_{variant}" if variant else "")
+
+
+@functools.cache
+def load(variant: str = "") -> str:
+    """Builds (or reuses) one variant of the emulated library, registers its schemas, and
+    returns its op namespace."""
+    ns = namespace(variant)
+    out = BUILD / (variant or "default")
+    src = out / "src"
     src.mkdir(parents=True, exist_ok=True)
-    sources = []
+    sources, replaced = [], set()
     for path in sorted(CSRC.iterdir()):
         target = src / (path.stem + (".cpp" if path.suffix == ".cu" else path.suffix))
-        text = rewrite(path.read_text())
+        text, done = _with_constants(rewrite(path.read_text(), ns), VARIANTS[variant])
+        replaced |= done
         if not target.exists() or target.read_text() != text:  # keep ninja's timestamps
             target.write_text(text)
         if path.suffix == ".cu":
             sources.append(str(target))
-    (BUILD / "asan").mkdir(exist_ok=True)
-    lib = torch.library.Library(NAMESPACE, "DEF")
-    _ops._register(NAMESPACE, lib)
+    missing = set(VARIANTS[variant]) - replaced
+    assert not missing, f"constants not found in csrc/cuda: {missing}"
+    _LIBRARIES[ns] = torch.library.Library(ns, "DEF")
+    _ops._register(ns, _LIBRARIES[ns])
+    asan = variant == "asan"
     cpp_extension.load(
-        name=NAMESPACE + ("_asan" if asan else ""),
+        name=ns,
         sources=sources,
         extra_include_paths=[str(HERE / "include"), str(src)],
-        # The C++ namespace is renamed too, so that no symbol of vaekern._C, when it is
-        # loaded as well, stands in for one of these.
+        # The C++ namespace is renamed too, so that no symbol of vaekern._C or of another
+        # variant, when it is loaded as well, stands in for one of these.
         extra_cflags=["-O1", "-std=c++20", "-include", str(HERE / "vkemu.h"), "-fno-strict-aliasing",
-                      "-Wno-unknown-pragmas", f"-Dvaekern={NAMESPACE}"]
+                      "-Wno-unknown-pragmas", f"-Dvaekern={ns}"]
         + (["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []),
         extra_ldflags=["-fsanitize=address"] if asan else [],
-        build_directory=str(BUILD / "asan" if asan else BUILD),
+        build_directory=str(out),
         is_python_module=False,
         verbose=False,
     )
-    load.library = lib  # the schemas live as long as the process
-    return NAMESPACE
+    return ns
 
 
-def emulate_cuda_backend(monkeypatch) -> str:
-    """Points backend="cuda" at the emulated csrc/cuda kernels, for CPU tensors, for one
-    test. Returns their op namespace. A failed build is an error, not a skip."""
+def emulate_cuda_backend(monkeypatch, variant: str = "") -> str:
+    """Points backend="cuda" at the emulated csrc/cuda kernels (one of VARIANTS), for CPU
+    tensors, for one test. Returns their op namespace. A failed build is an error, not a
+    skip."""
     if not sys.platform.startswith("linux"):
         pytest.skip("backend cuda: no GPU here, and its CPU emulation needs Linux (ucontext)")
-    ns = load()
+    ns = load(variant)
     why_not = _backends._why_not
     monkeypatch.setitem(_backends._NAMESPACE, "cuda", ns)
     monkeypatch.setattr(
