@@ -163,15 +163,17 @@ ptxas info    : Used 30 registers, used 0 barriers
 
 
 # ---- the kernels' special cases: on a GPU, or under the CPU emulation -------------------------
-@pytest.fixture
-def kernels(monkeypatch):
+@pytest.fixture(params=[None] if torch.cuda.is_available() else ["", "small"],
+                ids=lambda v: "gpu" if v is None else "_".join(filter(None, ("emulated", v))))  # fmt: skip
+def kernels(request, monkeypatch):
     """(ops, device) of csrc/cuda's kernels: on the GPU where there is one, else the same
-    sources under the CPU emulation of tests/cuda_emu, on CPU tensors."""
-    if torch.cuda.is_available():
+    sources under the CPU emulation of tests/cuda_emu (as built, and with tiny tiling
+    constants), on CPU tensors."""
+    if request.param is None:
         if not _has_cuda_kernels():
             pytest.skip("vaekern._C was built without CUDA kernels")
         return torch.ops.vaekern, torch.device("cuda")
-    return getattr(torch.ops, emulate_cuda_backend(monkeypatch)), torch.device("cpu")
+    return getattr(torch.ops, emulate_cuda_backend(monkeypatch, request.param)), torch.device("cpu")
 
 
 def _close(actual, expected, dtype=torch.float32, atol=None, rtol=None):
