@@ -69,6 +69,14 @@ __global__ void racy_kernel(int* out) {
   if (threadIdx.x == 0) out[0] = x;
 }
 
+struct alignas(16) Float4 {
+  float v[4];
+};
+
+__global__ void vector_copy_kernel(const float* in, float* out) {
+  *reinterpret_cast<Float4*>(out + 4 * threadIdx.x) = *reinterpret_cast<const Float4*>(in + 4 * threadIdx.x);
+}
+
 template <typename F>
 static int run(F f, char* err, int n) {
   try {
@@ -93,6 +101,9 @@ int divergent_sync(int* out, char* err, int n) {
 }
 int racy(int* out, char* err, int n) {
   return run([&] { racy_kernel<<<1, 32>>>(out); }, err, n);
+}
+int vector_copy(const float* in, float* out, char* err, int n) {
+  return run([&] { vector_copy_kernel<<<1, 32>>>(in, out); }, err, n);
 }
 int shuffle_in_sync(int* out, char* err, int n) {
   return run([&] { shuffle_in_sync_kernel<<<1, 64>>>(out); }, err, n);
@@ -150,6 +161,16 @@ def test_a_launch_that_cuda_rejects_is_an_error(lib):
     for grid, block in ((0, 32), (1, 0), (1, 1025)):
         rc, err = _call(lib.sums, grid, block, (ctypes.c_int * 2048)(), (ctypes.c_int * 1)())
         assert rc == 1 and "invalid configuration" in err
+
+
+def test_a_misaligned_vector_access_is_an_error(lib):
+    src = (ctypes.c_float * 132)(*range(132))  # ctypes arrays of floats are 16-byte aligned
+    dst = (ctypes.c_float * 132)()
+    assert ctypes.addressof(src) % 16 == 0 and ctypes.addressof(dst) % 16 == 0
+    assert _call(lib.vector_copy, src, dst) == (0, "")
+    assert list(dst)[:128] == list(src)[:128]
+    rc, err = _call(lib.vector_copy, ctypes.byref(src, 4), dst)
+    assert rc == 1 and "misaligned address: a 16-byte access needs 16-byte alignment" in err
 
 
 @pytest.fixture

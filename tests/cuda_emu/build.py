@@ -27,6 +27,8 @@ CSRC = ROOT / "csrc" / "cuda"
 BUILD = ROOT / "build" / "cuda_emu"
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<")
+# A pointer cast: how the kernels make vector accesses (load_vec, store_vec).
+_POINTER_CAST = re.compile(r"reinterpret_cast<((?:const\s+)?[A-Za-z_][\w:]*(?:<[^<>]*>)?)\s*\*>\(")
 
 
 def _split_top(text: str) -> list[str]:
@@ -77,7 +79,11 @@ def rewrite(source: str, ns: str = NAMESPACE) -> str:
     text = "".join(out)
     text = text.replace("TORCH_LIBRARY_IMPL(vaekern, CUDA, m)", f"TORCH_LIBRARY_IMPL({ns}, CPU, m)")
     text = text.replace(".is_cuda()", ".is_cpu()")
+    # Every access through a cast pointer is checked for the alignment its type needs:
+    # x86 forgives a misaligned vector load, the GPU faults ("misaligned address").
+    text = _POINTER_CAST.sub(r"::vkemu::aligned_ptr<\1>(", text)
     assert "<<<" not in text, "a kernel launch was not rewritten"
+    assert not re.search(r"reinterpret_cast<(?!uintptr_t>)", text), "a pointer cast was not rewritten"
     return text
 
 

@@ -7,6 +7,7 @@
 //   kernel<<<grid, block, smem, stream>>>(args)  ->  vkemu::launch(grid, block, [&] { kernel(args); })
 //   TORCH_LIBRARY_IMPL(vaekern, CUDA, m)        ->  TORCH_LIBRARY_IMPL(vaekern_cuda_emu, CPU, m)
 //   .is_cuda()                                  ->  .is_cpu()
+//   reinterpret_cast<V*>(p)                     ->  vkemu::aligned_ptr<V>(p)  (checks alignof(V))
 //
 // The model. Blocks run one after another. The threads of a block are fibers (ucontext) on
 // one OS thread, switched only at __syncthreads and __shfl_xor_sync, so a run is
@@ -15,7 +16,8 @@
 //   - a full-mask shuffle that some lane of the warp never joins (it has exited, or it waits
 //     at a __syncthreads);
 //   - a __syncthreads that some thread of the block never reaches;
-//   - a launch configuration that CUDA rejects (empty grid or block, block over 1024 threads).
+//   - a launch configuration that CUDA rejects (empty grid or block, block over 1024 threads);
+//   - an access through a cast pointer (a vector load or store) below its type's alignment.
 // The order in which blocks run, and in which a block's runnable threads are resumed, is
 // VKEMU_SCHEDULE (read at each launch): "forward" (the default), "reverse" or
 // "shuffled:<seed>". The hardware promises no order, so a result that changes with it
@@ -150,7 +152,7 @@ inline void entry() {
 }
 
 // Thrown by the scheduler, never on a fiber's stack (it has no handler to unwind to).
-[[noreturn]] inline void fail(const std::string& what) {
+[[noreturn]] inline void fail(std::string what) {  // a copy: it may be Block::error
   Block& b = block();
   const std::string where = " in block " + std::to_string(b.block_idx.x);
   b.error.clear();
@@ -217,6 +219,18 @@ inline void run_block(int mode, std::mt19937_64& rng) {
     }
     for (unsigned i = 0; i < b.n; ++i) b.threads[i].state = kRunnable;
   }
+}
+
+// p as a V*, for an access that the device makes only at V's alignment.
+template <typename V, typename T>
+V* aligned_ptr(T* p) {
+  const auto address = reinterpret_cast<uintptr_t>(p);
+  if (address % alignof(V) != 0) {
+    fail_in_thread("misaligned address: a " + std::to_string(sizeof(V)) + "-byte access needs " +
+                   std::to_string(alignof(V)) + "-byte alignment, at an address " +
+                   std::to_string(address % alignof(V)) + " bytes past it");
+  }
+  return reinterpret_cast<V*>(p);
 }
 
 template <typename F>
