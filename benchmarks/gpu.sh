@@ -22,7 +22,7 @@ BUDGET=${VAEKERN_GPU_BUDGET_S:-440}
 OUT=${OUT:-results/gpu_$(date +%Y%m%d_%H%M%S)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # python3: some images have no "python"
 export PYTHONUNBUFFERED=1
 # Importable from the source tree even if the editable install below fails.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
