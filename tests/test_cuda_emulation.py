@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 
 KERNELS = r"""
 #include <cstring>
+#include <stdexcept>
 
 __device__ int warp_sum(int v) {
   for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -69,6 +70,60 @@ __global__ void racy_kernel(int* out) {
   if (threadIdx.x == 0) out[0] = x;
 }
 
+// block_sum of common.cuh without its first barrier, called twice: warp 1 may overwrite
+// its partial of the first call before warp 0 has read it.
+__device__ int block_sum_without_first_barrier(int v) {
+  __shared__ int warps[32];
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) warps[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x >= 32) return 0;
+  return warp_sum(threadIdx.x < blockDim.x / 32 ? warps[threadIdx.x] : 0);
+}
+
+__global__ void two_sums_kernel(int* out) {
+  const int a = block_sum_without_first_barrier(1);
+  const int b = block_sum_without_first_barrier(2);
+  if (threadIdx.x == 0) {
+    out[0] = a;
+    out[1] = b;
+  }
+}
+
+__global__ void split_shuffle_kernel(int* out) {
+  // Lanes 0-15 and 16-31 at different shuffles: undefined on the device.
+  if (threadIdx.x < 16) {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
+  } else {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 2, 1);
+  }
+}
+
+__global__ void split_lane_mask_kernel(int* out) {
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, threadIdx.x < 16 ? 1 : 2);
+}
+
+__global__ void split_sync_kernel(int* out) {
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
+__global__ void stale_shared_kernel(int* out) {
+  __shared__ int slot;
+  if (blockIdx.x == 0) slot = 42;  // the other blocks read it without writing it
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = slot;
+}
+
+__global__ void throwing_kernel(int* out) {
+  if (threadIdx.x == 3) throw std::runtime_error("boom");
+  out[threadIdx.x] = 1;
+}
+
 struct alignas(16) Float4 {
   float v[4];
 };
@@ -101,6 +156,24 @@ int divergent_sync(int* out, char* err, int n) {
 }
 int racy(int* out, char* err, int n) {
   return run([&] { racy_kernel<<<1, 32>>>(out); }, err, n);
+}
+int two_sums(int* out, char* err, int n) {
+  return run([&] { two_sums_kernel<<<1, 64>>>(out); }, err, n);
+}
+int split_shuffle(int* out, char* err, int n) {
+  return run([&] { split_shuffle_kernel<<<1, 32>>>(out); }, err, n);
+}
+int split_lane_mask(int* out, char* err, int n) {
+  return run([&] { split_lane_mask_kernel<<<1, 32>>>(out); }, err, n);
+}
+int split_sync(int* out, char* err, int n) {
+  return run([&] { split_sync_kernel<<<1, 64>>>(out); }, err, n);
+}
+int stale_shared(int* out, char* err, int n) {
+  return run([&] { stale_shared_kernel<<<3, 32>>>(out); }, err, n);
+}
+int throwing(int* out, char* err, int n) {
+  return run([&] { throwing_kernel<<<1, 32>>>(out); }, err, n);
 }
 int vector_copy(const float* in, float* out, char* err, int n) {
   return run([&] { vector_copy_kernel<<<1, 32>>>(in, out); }, err, n);
@@ -163,6 +236,26 @@ def test_a_launch_that_cuda_rejects_is_an_error(lib):
         assert rc == 1 and "invalid configuration" in err
 
 
+def test_lanes_at_different_shuffles_or_barriers_are_an_error(lib):
+    rc, err = _call(lib.split_shuffle, (ctypes.c_int * 32)())
+    assert rc == 1 and "lanes at different shuffles" in err
+    rc, err = _call(lib.split_lane_mask, (ctypes.c_int * 32)())
+    assert rc == 1 and "lane mask 1" in err and "lane mask 2" in err
+    rc, err = _call(lib.split_sync, (ctypes.c_int * 64)())
+    assert rc == 1 and "__syncthreads at different call sites" in err
+
+
+def test_shared_memory_starts_each_block_fresh(lib):
+    out = (ctypes.c_int * 3)()
+    assert _call(lib.stale_shared, out) == (0, "")
+    assert list(out) == [42, -1, -1]  # 0xFFFFFFFF: what block 0 left is not there
+
+
+def test_an_exception_inside_a_thread_is_an_error(lib):
+    rc, err = _call(lib.throwing, (ctypes.c_int * 32)())
+    assert rc == 1 and "exception in a thread: boom" in err and "(thread 3)" not in err
+
+
 def test_a_misaligned_vector_access_is_an_error(lib):
     src = (ctypes.c_float * 132)(*range(132))  # ctypes arrays of floats are 16-byte aligned
     dst = (ctypes.c_float * 132)()
@@ -187,6 +280,16 @@ def test_the_schedule_exposes_a_race(lib, schedule):
         assert _call(lib.racy, out) == (0, "")
         results[name] = out[0]
     assert results == {"forward": 8, "reverse": 7}
+    # Warps in lockstep read a block's partials before any warp moves on; the greedy
+    # schedule runs warp 1 through its second sum first, which the missing barrier allows.
+    sums = {}
+    for name in ("forward", "reverse", "shuffled:3", "greedy"):
+        schedule(name)
+        out = (ctypes.c_int * 2)()
+        assert _call(lib.two_sums, out) == (0, "")
+        sums[name] = tuple(out)
+    assert sums["forward"] == sums["reverse"] == sums["shuffled:3"] == (64, 128)
+    assert sums["greedy"] != (64, 128)
     schedule("sideways")
     rc, err = _call(lib.racy, (ctypes.c_int * 1)())
     assert rc == 1 and "VKEMU_SCHEDULE" in err
@@ -214,10 +317,10 @@ def test_cuda_kernels_give_the_same_bits_in_any_schedule(monkeypatch, schedule):
             yield ops.reparameterize(mu, lv, None, seed)
 
     runs = {}
-    for name in ("forward", "reverse", "shuffled:1"):
+    for name in ("forward", "reverse", "shuffled:1", "greedy"):
         schedule(name)
         runs[name] = list(outputs())
-    for name in ("reverse", "shuffled:1"):
+    for name in ("reverse", "shuffled:1", "greedy"):
         for a, b in zip(runs["forward"], runs[name]):
             assert torch.equal(a, b), name
 
@@ -235,7 +338,7 @@ def test_cuda_kernels_stay_in_bounds_under_asan():
     proc = subprocess.run(
         [sys.executable, str(build.HERE / "bounds.py")], env=env, capture_output=True, text=True, timeout=900
     )
-    assert proc.returncode == 0 and "calls in bounds" in proc.stdout, proc.stderr[-8000:]
+    assert proc.returncode == 0 and proc.stdout.count("calls in bounds") == 2, proc.stderr[-8000:]
 
 
 def test_rewrite_turns_every_launch_form_into_a_call():
@@ -244,11 +347,21 @@ def test_rewrite_turns_every_launch_form_into_a_call():
         "g<false, scalar_t><<<blocks_for(B * t.G), kThreads, 0, stream>>>(\n    a, b);\n"
         "h<<<static_cast<unsigned>(n), 512>>>(a);\n"
         "TORCH_LIBRARY_IMPL(vaekern, CUDA, m) { x.is_cuda(); }\n"
+        "__shared__ float sums[32];\n"
+        "*reinterpret_cast<const Vec<T, N>*>(p);\n"
     )
     out = build.rewrite(src)
-    assert "::vkemu::launch(blocks, kThreads, [&] { k<true>(a, p.data_ptr<acc_t>(), f(x, y)); });" in out
-    assert "::vkemu::launch(blocks_for(B * t.G), kThreads, [&] { g<false, scalar_t>(\n    a, b); });" in out
-    assert "::vkemu::launch(static_cast<unsigned>(n), 512, [&] { h(a); });" in out
+    call = "::vkemu::launch({}, {}, [&] {{ std::apply([](auto&... a) {{ {}(a...); }}, vkemu_args); }}); }}"
+    assert "{ auto vkemu_args = std::make_tuple(a, p.data_ptr<acc_t>(), f(x, y)); " + call.format(
+        "blocks", "kThreads", "k<true>") in out
+    assert "{ auto vkemu_args = std::make_tuple(\n    a, b); " + call.format(
+        "blocks_for(B * t.G)", "kThreads", "g<false, scalar_t>") in out
+    assert "{ auto vkemu_args = std::make_tuple(a); " + call.format("static_cast<unsigned>(n)", "512", "h") in out
     assert f"TORCH_LIBRARY_IMPL({build.NAMESPACE}, CPU, m) {{ x.is_cpu(); }}" in out
-    with pytest.raises(AssertionError, match="dynamic shared memory"):
-        build.rewrite("k<<<1, 32, 1024, s>>>(a);")
+    assert "__shared__ float sums[32]; ::vkemu::fresh_shared(&sums, sizeof(sums));" in out
+    assert "*::vkemu::aligned_ptr<const Vec<T, N>>(p);" in out
+    for bad, why in (("k<<<1, 32, 1024, s>>>(a);", "dynamic shared memory"),
+                     ("TORCH_LIBRARY_IMPL(other, CUDA, m) {}", "CUDA registration"),
+                     ("*reinterpret_cast<const float *const *>(p);", "pointer cast")):  # fmt: skip
+        with pytest.raises(AssertionError, match=why):
+            build.rewrite(bad)

@@ -10,6 +10,7 @@ what the GPU runs is what this runs.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ BUILD = ROOT / "build" / "cuda_emu"
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<")
 # A pointer cast: how the kernels make vector accesses (load_vec, store_vec).
+_SHARED = re.compile(r"(__shared__\s+[^;]*?\b(\w+)\s*(?:\[[^\]]*\]\s*)*;)")
 _POINTER_CAST = re.compile(r"reinterpret_cast<((?:const\s+)?[A-Za-z_][\w:]*(?:<[^<>]*>)?)\s*\*>\(")
 
 
@@ -58,7 +60,7 @@ def _closing(text: str, open_at: int) -> int:
 
 def rewrite(source: str, ns: str = NAMESPACE) -> str:
     """One csrc/cuda source as C++ for vkemu.h, registering its ops in namespace ``ns``."""
-    out, pos, launches = [], 0, 0
+    out, pos = [], 0
     for m in _LAUNCH.finditer(source):
         if m.start() < pos:
             continue
@@ -71,17 +73,25 @@ def rewrite(source: str, ns: str = NAMESPACE) -> str:
         close = _closing(source, open_at)
         grid, block = config[0], config[1]
         assert len(config) <= 2 or config[2] == "0", "dynamic shared memory is not emulated"
+        # The arguments are evaluated once, on the host, as for a real launch: an exception
+        # there is an ordinary C++ exception, not one inside a thread.
         out.append(source[pos : m.start()])
-        out.append(f"::vkemu::launch({grid}, {block}, [&] {{ {m.group(1)}{source[open_at : close + 1]}; }})")
+        out.append(
+            f"{{ auto vkemu_args = std::make_tuple{source[open_at : close + 1]}; "
+            f"::vkemu::launch({grid}, {block}, [&] {{ std::apply([](auto&... a) {{ {m.group(1)}(a...); }}, vkemu_args); }}); }}"
+        )
         pos = close + 1
-        launches += 1
     out.append(source[pos:])
     text = "".join(out)
     text = text.replace("TORCH_LIBRARY_IMPL(vaekern, CUDA, m)", f"TORCH_LIBRARY_IMPL({ns}, CPU, m)")
+    assert not re.search(r"TORCH_LIBRARY_IMPL\([^)]*CUDA", text), "a CUDA registration was not rewritten"
     text = text.replace(".is_cuda()", ".is_cpu()")
     # Every access through a cast pointer is checked for the alignment its type needs:
     # x86 forgives a misaligned vector load, the GPU faults ("misaligned address").
     text = _POINTER_CAST.sub(r"::vkemu::aligned_ptr<\1>(", text)
+    # Shared memory holds 0xFF bytes at the start of each block, not the last block's data.
+    text, n_shared = _SHARED.subn(r"\1 ::vkemu::fresh_shared(&\2, sizeof(\2));", text)
+    assert n_shared == text.count("__shared__"), "a __shared__ declaration was not rewritten"
     assert "<<<" not in text, "a kernel launch was not rewritten"
     assert not re.search(r"reinterpret_cast<(?!uintptr_t>)", text), "a pointer cast was not rewritten"
     return text
@@ -90,13 +100,10 @@ def rewrite(source: str, ns: str = NAMESPACE) -> str:
 # Builds of the same sources. "small" shrinks the tiling and grid constants of common.cuh
 # so that small tests take the paths that otherwise only inputs of millions of elements
 # take: several vector loads per lane in a tile, grid-stride loops past the grid cap, and
-# several passes of stage 2's segment pre-pass. "asan" adds AddressSanitizer, for a
-# process that has libasan preloaded (tests/cuda_emu/bounds.py).
-VARIANTS = {
-    "": {},
-    "small": {"kWantTiles": "1", "kMaxBlocks": "3", "kFlatMax": "40", "kSegment": "7"},
-    "asan": {},
-}
+# several passes of stage 2's segment pre-pass. "asan" and "asan_small" add
+# AddressSanitizer, for a process that has libasan preloaded (tests/cuda_emu/bounds.py).
+_SMALL = {"kWantTiles": "1", "kMaxBlocks": "3", "kFlatMax": "40", "kSegment": "7"}
+VARIANTS = {"": {}, "small": _SMALL, "asan": {}, "asan_small": _SMALL}
 
 _LIBRARIES = {}  # the schemas of each loaded variant live as long as the process
 
@@ -129,14 +136,14 @@ def load(variant: str = "") -> str:
         text, done = _with_constants(rewrite(path.read_text(), ns), VARIANTS[variant])
         replaced |= done
         if not target.exists() or target.read_text() != text:  # keep ninja's timestamps
-            target.write_text(text)
+            tmp = target.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, target)  # whole, for another process building at the same time
         if path.suffix == ".cu":
             sources.append(str(target))
     missing = set(VARIANTS[variant]) - replaced
     assert not missing, f"constants not found in csrc/cuda: {missing}"
-    _LIBRARIES[ns] = torch.library.Library(ns, "DEF")
-    _ops._register(ns, _LIBRARIES[ns])
-    asan = variant == "asan"
+    asan = variant.startswith("asan")
     cpp_extension.load(
         name=ns,
         sources=sources,
@@ -151,6 +158,10 @@ def load(variant: str = "") -> str:
         is_python_module=False,
         verbose=False,
     )
+    # After the build: a failed one leaves no half-registered namespace to hide its error
+    # behind on the next try. Kernels may be registered before their schema.
+    _LIBRARIES[ns] = torch.library.Library(ns, "DEF")
+    _ops._register(ns, _LIBRARIES[ns])
     return ns
 
 
