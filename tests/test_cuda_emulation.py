@@ -124,6 +124,8 @@ __global__ void throwing_kernel(int* out) {
   out[threadIdx.x] = 1;
 }
 
+__global__ void __launch_bounds__(32) small_kernel(int* out) { out[threadIdx.x] = 1; }
+
 struct alignas(16) Float4 {
   float v[4];
 };
@@ -174,6 +176,9 @@ int stale_shared(int* out, char* err, int n) {
 }
 int throwing(int* out, char* err, int n) {
   return run([&] { throwing_kernel<<<1, 32>>>(out); }, err, n);
+}
+int small(unsigned block, int* out, char* err, int n) {
+  return run([&] { small_kernel<<<1, block>>>(out); }, err, n);
 }
 int vector_copy(const float* in, float* out, char* err, int n) {
   return run([&] { vector_copy_kernel<<<1, 32>>>(in, out); }, err, n);
@@ -234,6 +239,9 @@ def test_a_launch_that_cuda_rejects_is_an_error(lib):
     for grid, block in ((0, 32), (1, 0), (1, 1025)):
         rc, err = _call(lib.sums, grid, block, (ctypes.c_int * 2048)(), (ctypes.c_int * 1)())
         assert rc == 1 and "invalid configuration" in err
+    assert _call(lib.small, 32, (ctypes.c_int * 64)()) == (0, "")
+    rc, err = _call(lib.small, 64, (ctypes.c_int * 64)())
+    assert rc == 1 and "over the kernel's __launch_bounds__ of 32" in err
 
 
 def test_lanes_at_different_shuffles_or_barriers_are_an_error(lib):
@@ -350,13 +358,16 @@ def test_rewrite_turns_every_launch_form_into_a_call():
         "__shared__ float sums[32];\n"
         "*reinterpret_cast<const Vec<T, N>*>(p);\n"
     )
-    out = build.rewrite(src)
-    call = "::vkemu::launch({}, {}, [&] {{ std::apply([](auto&... a) {{ {}(a...); }}, vkemu_args); }}); }}"
+    out = build.rewrite(src, bounds={"k": "kThreads"})
+    call = "::vkemu::launch({}, {}, [&] {{ std::apply([](auto&... a) {{ {}(a...); }}, vkemu_args); }}, {}); }}"
     assert "{ auto vkemu_args = std::make_tuple(a, p.data_ptr<acc_t>(), f(x, y)); " + call.format(
-        "blocks", "kThreads", "k<true>") in out
+        "blocks", "kThreads", "k<true>", "kThreads") in out
     assert "{ auto vkemu_args = std::make_tuple(\n    a, b); " + call.format(
-        "blocks_for(B * t.G)", "kThreads", "g<false, scalar_t>") in out
-    assert "{ auto vkemu_args = std::make_tuple(a); " + call.format("static_cast<unsigned>(n)", "512", "h") in out
+        "blocks_for(B * t.G)", "kThreads", "g<false, scalar_t>", "1024") in out
+    assert "{ auto vkemu_args = std::make_tuple(a); " + call.format(
+        "static_cast<unsigned>(n)", "512", "h", "1024") in out
+    assert build.launch_bounds("__global__ void __launch_bounds__(kThreads, kMin)\n    fwd_kernel(int a) {}") == {
+        "fwd_kernel": "kThreads"}
     assert f"TORCH_LIBRARY_IMPL({build.NAMESPACE}, CPU, m) {{ x.is_cpu(); }}" in out
     assert "__shared__ float sums[32]; ::vkemu::fresh_shared(&sums, sizeof(sums));" in out
     assert "*::vkemu::aligned_ptr<const Vec<T, N>>(p);" in out

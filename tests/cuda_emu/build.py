@@ -29,6 +29,7 @@ BUILD = ROOT / "build" / "cuda_emu"
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<")
 # A pointer cast: how the kernels make vector accesses (load_vec, store_vec).
+_BOUNDS = re.compile(r"__launch_bounds__\(\s*([^,)]+?)\s*(?:,[^)]*)?\)\s*(\w+)\s*\(")
 _SHARED = re.compile(r"(__shared__\s+[^;]*?\b(\w+)\s*(?:\[[^\]]*\]\s*)*;)")
 _POINTER_CAST = re.compile(r"reinterpret_cast<((?:const\s+)?[A-Za-z_][\w:]*(?:<[^<>]*>)?)\s*\*>\(")
 
@@ -58,8 +59,16 @@ def _closing(text: str, open_at: int) -> int:
     raise ValueError("unbalanced parentheses in a kernel launch")
 
 
-def rewrite(source: str, ns: str = NAMESPACE) -> str:
-    """One csrc/cuda source as C++ for vkemu.h, registering its ops in namespace ``ns``."""
+def launch_bounds(source: str) -> dict[str, str]:
+    """Kernel name -> the max-threads expression of its __launch_bounds__."""
+    return {name: bound for bound, name in _BOUNDS.findall(source)}
+
+
+def rewrite(source: str, ns: str = NAMESPACE, bounds: dict[str, str] | None = None) -> str:
+    """One csrc/cuda source as C++ for vkemu.h, registering its ops in namespace ``ns``.
+
+    ``bounds`` adds the launch bounds of kernels declared in other files (headers)."""
+    bounds = {**(bounds or {}), **launch_bounds(source)}
     out, pos = [], 0
     for m in _LAUNCH.finditer(source):
         if m.start() < pos:
@@ -76,9 +85,12 @@ def rewrite(source: str, ns: str = NAMESPACE) -> str:
         # The arguments are evaluated once, on the host, as for a real launch: an exception
         # there is an ordinary C++ exception, not one inside a thread.
         out.append(source[pos : m.start()])
+        # A block larger than the kernel's __launch_bounds__ fails on the device.
+        bound = bounds.get(re.match(r"\w+", m.group(1)).group(0), "1024")
         out.append(
             f"{{ auto vkemu_args = std::make_tuple{source[open_at : close + 1]}; "
-            f"::vkemu::launch({grid}, {block}, [&] {{ std::apply([](auto&... a) {{ {m.group(1)}(a...); }}, vkemu_args); }}); }}"
+            f"::vkemu::launch({grid}, {block}, [&] {{ std::apply([](auto&... a) {{ {m.group(1)}(a...); }}, vkemu_args); }}, "
+            f"{bound}); }}"
         )
         pos = close + 1
     out.append(source[pos:])
@@ -131,9 +143,11 @@ def load(variant: str = "") -> str:
     src = out / "src"
     src.mkdir(parents=True, exist_ok=True)
     sources, replaced = [], set()
-    for path in sorted(CSRC.iterdir()):
+    paths = sorted(CSRC.iterdir())
+    bounds = {name: bound for path in paths for name, bound in launch_bounds(path.read_text()).items()}
+    for path in paths:
         target = src / (path.stem + (".cpp" if path.suffix == ".cu" else path.suffix))
-        text, done = _with_constants(rewrite(path.read_text(), ns), VARIANTS[variant])
+        text, done = _with_constants(rewrite(path.read_text(), ns, bounds), VARIANTS[variant])
         replaced |= done
         if not target.exists() or target.read_text() != text:  # keep ninja's timestamps
             tmp = target.with_suffix(f".{os.getpid()}.tmp")

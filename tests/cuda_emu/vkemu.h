@@ -5,7 +5,8 @@
 // this header force-included (-include) and with include/ (fake c10/cuda headers) first on
 // the include path:
 //   kernel<<<grid, block, smem, stream>>>(args)  ->  the args evaluated once, on the host, then
-//                                                   vkemu::launch(grid, block, <kernel(args) per thread>)
+//                                                   vkemu::launch(grid, block, <kernel(args) per thread>,
+//                                                                 <the kernel's __launch_bounds__>)
 //   TORCH_LIBRARY_IMPL(vaekern, CUDA, m)        ->  TORCH_LIBRARY_IMPL(vaekern_cuda_emu, CPU, m)
 //   .is_cuda()                                  ->  .is_cpu()
 //   reinterpret_cast<V*>(p)                     ->  vkemu::aligned_ptr<V>(p)  (checks alignof(V))
@@ -21,7 +22,8 @@
 //     reach one shuffle through different calls of a helper are not told apart);
 //   - a __syncthreads that some thread of the block never reaches, or reaches at another
 //     call site;
-//   - a launch configuration that CUDA rejects (empty grid or block, block over 1024 threads);
+//   - a launch configuration that CUDA rejects (empty grid or block, block over 1024 threads
+//     or over the kernel's __launch_bounds__);
 //   - an access through a cast pointer (a vector load or store) below its type's alignment;
 //   - an exception thrown inside a thread.
 // Shared memory starts each block as 0xFF bytes (NaN as floats), as the device gives no
@@ -373,12 +375,18 @@ V* aligned_ptr(T* p) {
   return reinterpret_cast<V*>(p);
 }
 
-// Runs kernel() as every thread of a grid x threads launch, to completion.
+// Runs kernel() as every thread of a grid x threads launch, to completion; max_threads is
+// the kernel's __launch_bounds__ (1024 without).
 template <typename F>
-void launch(unsigned grid, unsigned threads, F&& kernel) {
+void launch(unsigned grid, unsigned threads, F&& kernel, unsigned max_threads) {
   if (grid == 0 || threads == 0 || threads > kMaxThreads || grid > 0x7fffffffu) {
     throw std::runtime_error("vkemu (CUDA emulation): invalid configuration argument: grid " + std::to_string(grid) +
                              ", block " + std::to_string(threads));
+  }
+  if (threads > max_threads) {
+    throw std::runtime_error("vkemu (CUDA emulation): too many resources requested for launch: block " +
+                             std::to_string(threads) + " over the kernel's __launch_bounds__ of " +
+                             std::to_string(max_threads));
   }
   static std::mutex one_at_a_time;  // one Block: ops called from two threads take turns
   const std::lock_guard<std::mutex> lock(one_at_a_time);
