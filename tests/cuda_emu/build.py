@@ -1,10 +1,11 @@
 """Builds csrc/cuda as a CPU library that runs its kernels under emulation (vkemu.h).
 
 The sources are rewritten as vkemu.h's header says (kernel launches, the dispatch key, the
-device check), compiled as C++ with ``torch.utils.cpp_extension.load`` and registered as
-the CPU kernels of the namespace ``vaekern_cuda_emu`` (or ``vaekern_cuda_emu_<variant>``),
-which gets the schemas and autograd of every other namespace from ``vaekern._ops``. Nothing of csrc/cuda is copied by hand:
-what the GPU runs is what this runs.
+device check, pointer casts, shared memory), compiled as C++ with
+``torch.utils.cpp_extension.load`` and registered as the CPU kernels of the namespace
+``vaekern_cuda_emu`` (``vaekern_cuda_emu_<variant>`` for the other VARIANTS), which gets
+the schemas and autograd of every other namespace from ``vaekern._ops``. Nothing of
+csrc/cuda is copied by hand: what the GPU runs is what this runs.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ CSRC = ROOT / "csrc" / "cuda"
 BUILD = ROOT / "build" / "cuda_emu"
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<")
-# A pointer cast: how the kernels make vector accesses (load_vec, store_vec).
 _BOUNDS = re.compile(r"__launch_bounds__\(\s*([^,)]+?)\s*(?:,[^)]*)?\)\s*(\w+)\s*\(")
 _SHARED = re.compile(r"(__shared__\s+[^;]*?\b(\w+)\s*(?:\[[^\]]*\]\s*)*;)")
+# A pointer cast: how the kernels make vector accesses (load_vec, store_vec).
 _POINTER_CAST = re.compile(r"reinterpret_cast<((?:const\s+)?[A-Za-z_][\w:]*(?:<[^<>]*>)?)\s*\*>\(")
 
 
@@ -82,11 +83,11 @@ def rewrite(source: str, ns: str = NAMESPACE, bounds: dict[str, str] | None = No
         close = _closing(source, open_at)
         grid, block = config[0], config[1]
         assert len(config) <= 2 or config[2] == "0", "dynamic shared memory is not emulated"
-        # The arguments are evaluated once, on the host, as for a real launch: an exception
-        # there is an ordinary C++ exception, not one inside a thread.
-        out.append(source[pos : m.start()])
         # A block larger than the kernel's __launch_bounds__ fails on the device.
         bound = bounds.get(re.match(r"\w+", m.group(1)).group(0), "1024")
+        out.append(source[pos : m.start()])
+        # The arguments are evaluated once, on the host, as for a real launch: an exception
+        # there is an ordinary C++ exception, not one inside a thread.
         out.append(
             f"{{ auto vkemu_args = std::make_tuple{source[open_at : close + 1]}; "
             f"::vkemu::launch({grid}, {block}, [&] {{ std::apply([](auto&... a) {{ {m.group(1)}(a...); }}, vkemu_args); }}, "
