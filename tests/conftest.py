@@ -8,8 +8,9 @@ On a machine without a GPU:
 * the cuda backend runs csrc/cuda's kernels under the CPU emulation of tests/cuda_emu
   (test ids ``cuda_emulated``): the same sources, rewritten only at their launches and
   registered for CPU tensors; and again with tiny tiling and grid constants
-  (``cuda_emulated_small``), which takes small inputs down the paths of huge ones. It checks their logic, not the GPU: what needs the hardware
-  (CUDA graphs, speed, the device's own math) still needs a GPU.
+  (``cuda_emulated_small``), which takes small inputs down the paths of huge ones.
+  It checks their logic, not the GPU: what needs the hardware (CUDA graphs, speed, the
+  device's own math) still needs a GPU.
 """
 
 import os
