@@ -34,6 +34,7 @@ from torch import Tensor
 __all__ = [
     "LOGVAR_MAX",
     "BCE_LOG_MIN",
+    "BCE_GRAD_EPS",
     "bernoulli_nll_ref",
     "gaussian_kl_ref",
     "reparameterize_ref",
@@ -43,6 +44,8 @@ __all__ = [
 
 LOGVAR_MAX = 60.0
 BCE_LOG_MIN = -100.0
+# The floor of p*(1-p) in the probability gradient: aten's binary_cross_entropy_backward's EPSILON.
+BCE_GRAD_EPS = 1e-12
 
 
 def reduce_rows(rows: Tensor, reduction: str) -> Tensor:
