@@ -13,6 +13,7 @@ On a machine without a GPU:
   device's own math) still needs a GPU.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -22,7 +23,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import vaekern  # noqa: E402
-from cuda_emu.build import emulate_cuda_backend  # noqa: E402
+from cuda_emu.build import emulated_cuda_backend  # noqa: E402
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
@@ -69,14 +70,15 @@ def _param_id(param) -> str:
 
 
 @pytest.fixture(params=_PARAMS, ids=_param_id)
-def backend(request, monkeypatch) -> str:
+def backend(request):
     name, variant = request.param
     device = backend_device(name)
-    if variant is not None:
-        emulate_cuda_backend(monkeypatch, variant)
-    if name not in vaekern.available_backends(device):
-        pytest.skip(f"backend {name}: not available on {device} in this install")
-    return name
+    with contextlib.ExitStack() as stack:
+        if variant is not None:
+            stack.enter_context(emulated_cuda_backend(variant))
+        if name not in vaekern.available_backends(device):
+            pytest.skip(f"backend {name}: not available on {device} in this install")
+        yield name
 
 
 @pytest.fixture

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
+import pytest
 from conftest import GRAD_TOL, LOSS_TOL
+
+import vaekern
+from vaekern import reference
 
 
 def logits(shape, dtype, device, scale=3.0) -> torch.Tensor:
@@ -68,3 +72,75 @@ def upstream(out: torch.Tensor) -> torch.Tensor:
 
 def leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().clone().requires_grad_(True)
+
+
+class ReferenceKernels:
+    """The kernel ops' interface (the schemas of vaekern._ops), computed by vaekern.reference
+    in float64 under plain autograd: the oracle for tests that call kernels directly."""
+
+    _NAMES = {0: "none", 1: "mean", 2: "sum"}
+
+    @staticmethod
+    def _acc(*tensors):
+        return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+    def _grads(self, out, inputs, scale=None):
+        """d(sum of out * scale)/d(inputs), each in float64."""
+        return torch.autograd.grad(out, inputs, scale if scale is not None else torch.ones_like(out))
+
+    def bernoulli_nll(self, input, target, from_logits, reduction, compute_grad):
+        x = input.detach().double().requires_grad_()
+        out = reference.bernoulli_nll_ref(x, target, from_logits=from_logits, reduction=self._NAMES[reduction])
+        grad = self._grads(out, x)[0].to(input.dtype) if compute_grad else input.new_empty((0,))
+        return out.detach().to(self._acc(input)), grad
+
+    def bernoulli_nll_backward_(self, grad_input, grad_out):
+        grad_input.mul_(grad_out.reshape((-1,) + (1,) * (grad_input.dim() - 1)) if grad_out.dim() else grad_out)
+
+    def gaussian_kl(self, mu, logvar, reduction):
+        return reference.gaussian_kl_ref(mu, logvar, reduction=self._NAMES[reduction]).to(self._acc(mu, logvar))
+
+    def gaussian_kl_backward(self, grad_out, mu, logvar, reduction):
+        m, lv = (x.detach().double().requires_grad_() for x in (mu, logvar))
+        out = reference.gaussian_kl_ref(m, lv, reduction=self._NAMES[reduction])
+        g_mu, g_lv = self._grads(out, (m, lv), grad_out.double().expand_as(out))
+        return g_mu.to(mu.dtype), g_lv.to(logvar.dtype)
+
+    def vae_loss(self, recon, target, mu, logvar, beta, from_logits, reduction, compute_grad):
+        acc = self._acc(recon, mu, logvar)
+        loss, rec, kl = reference.vae_loss_ref(
+            recon, target, mu, logvar, beta=beta, from_logits=from_logits, reduction=self._NAMES[reduction]
+        )
+        grad = self.bernoulli_nll(recon, target, from_logits, reduction, True)[1] if compute_grad else recon.new_empty((0,))
+        return loss.to(acc), rec.to(acc), kl.to(acc), grad
+
+    def vae_loss_backward_(self, grad_recon, grad_loss, grad_recon_term, grad_kl_term, mu, logvar, beta, reduction):
+        if grad_recon.numel():
+            self.bernoulli_nll_backward_(grad_recon, grad_loss + grad_recon_term)
+        return self.gaussian_kl_backward(grad_loss * beta + grad_kl_term, mu, logvar, reduction)
+
+
+reference_kernels = ReferenceKernels()
+
+
+def _hiding(*names: str) -> str:
+    """Python source that makes ``importlib.util.find_spec`` miss ``names``, as on an install
+    without them; run it first in a fresh interpreter, before vaekern is imported."""
+    return (
+        "import importlib.util as _u\n"
+        "_find = _u.find_spec\n"
+        f"_u.find_spec = lambda name, *a: None if name in {names!r} else _find(name, *a)\n"
+    )
+
+
+HIDE_EXTENSION = _hiding("vaekern._C")
+HIDE_TRITON_AND_EXTENSION = _hiding("vaekern._C", "triton")
+
+
+def kernels_of(backend: str, device: torch.device):
+    """The registered kernel ops that serve ``backend`` (``kernels.vae_loss`` is an
+    OpOverload); skips for the reference, which is plain PyTorch with no ops of its own."""
+    kernels = vaekern.backends.resolve(backend, device)
+    if kernels is None:
+        pytest.skip("the reference backend is plain PyTorch under autograd: no registered ops")
+    return kernels

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import vaekern
+from helpers import HIDE_TRITON_AND_EXTENSION
+
 from vaekern import BackendUnavailableError
 
 
@@ -83,18 +85,32 @@ def test_available_backends():
 
 
 def test_auto_picks_by_device():
-    from vaekern._backends import auto
+    assert vaekern.backends.auto(torch.device("cpu")) == "cpu"
+    assert vaekern.backends.auto(torch.device("meta")) == "reference"
 
-    assert auto(torch.device("cpu")) == "cpu"
-    assert auto(torch.device("meta")) == "reference"
+
+def test_import_imports_no_triton():
+    """Triton's launchers are registered at import, but triton loads on the first launch."""
+    code = "import sys, vaekern; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
 
 
 def test_import_needs_no_gpu_triton_or_extension():
-    code = (
-        "import sys, vaekern; "
-        "assert 'triton' not in sys.modules, 'triton imported'; "
-        "assert 'vaekern._C' not in sys.modules, 'extension imported'; "
-        "assert 'vaekern._triton' not in sys.modules"
+    """Without triton and vaekern._C, vaekern imports and serves the reference backend."""
+    code = HIDE_TRITON_AND_EXTENSION + (
+        "import sys, torch, vaekern\n"
+        "assert 'triton' not in sys.modules and 'vaekern._C' not in sys.modules\n"
+        "assert vaekern.available_backends('cpu') == ['reference'], vaekern.available_backends('cpu')\n"
+        "x = torch.randn(2, 3, requires_grad=True)\n"
+        "vaekern.vae_loss(x, torch.rand(2, 3), torch.randn(2, 1), torch.randn(2, 1)).backward()\n"
+        "assert x.grad is not None\n"
+        "for name in ('cpu', 'triton'):\n"
+        "    try:\n"
+        "        vaekern.bernoulli_nll(x, torch.rand(2, 3), backend=name)\n"
+        "    except vaekern.BackendUnavailableError as e:\n"
+        "        assert name in str(e)\n"
+        "    else:\n"
+        "        raise AssertionError(name)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
 

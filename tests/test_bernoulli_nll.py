@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DTYPES, REDUCTIONS, SHAPES
-from helpers import assert_grad_close, assert_loss_close, leaf, logits, noncontiguous, probs, target, upstream
+from helpers import assert_grad_close, assert_loss_close, kernels_of, leaf, logits, noncontiguous, probs, target, upstream
 
 import vaekern
 from vaekern.reference import bernoulli_nll_ref
@@ -131,9 +131,15 @@ def test_gradcheck(backend, device, reduction, from_logits):
     assert torch.autograd.gradcheck(fn, (leaf(x),), fast_mode=True)
 
 
-def test_double_backward_raises(backend, device):
+def test_double_backward(backend, device):
+    """Works on the reference (plain autograd), raises a clear error on the fused backends."""
     x = leaf(logits((3, 7), torch.float64, device))
     t = target((3, 7), "float", device, torch.float64)
+    if backend == "reference":
+        for from_logits, inp in ((True, x), (False, leaf(probs((3, 7), torch.float64, device)))):
+            fn = lambda v: vaekern.bernoulli_nll(v, t, from_logits=from_logits, backend=backend)  # noqa: E731
+            assert torch.autograd.gradgradcheck(fn, (inp,), fast_mode=True)
+        return
     out = vaekern.bernoulli_nll(x, t, backend=backend)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(out, x, create_graph=True)
@@ -157,24 +163,18 @@ def test_no_grad_path_writes_no_gradient(backend, device):
 
 
 def test_opcheck(backend, device):
-    from vaekern._backends import namespace
-
-    ops = getattr(torch.ops, namespace(backend, device))
+    ops = kernels_of(backend, device)
     x = logits((5, 13), torch.float32, device)
     t = target((5, 13), "uint8", device)
     for reduction in (0, 1, 2):
-        torch.library.opcheck(ops.bernoulli_nll.default, (x, t, True, reduction, False))
-        # The eager backward scales the op's own gradient output in place (see _ops.py), which
-        # opcheck's eager-vs-AOT comparison of outputs after backward reads as a difference;
-        # the compiled path is covered by test_vae_loss.py::test_compile_fullgraph.
-        torch.library.opcheck(
-            ops.bernoulli_nll.default,
-            (leaf(x), t, False, reduction, True),
-            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
-        )
+        torch.library.opcheck(ops.bernoulli_nll, (x, t, True, reduction, False))
+        # The registered op's autograd (the traced path) scales the saved gradient out of
+        # place, so every opcheck test applies, eager-versus-AOT gradients included.
+        torch.library.opcheck(ops.bernoulli_nll, (leaf(x), t, False, reduction, True))
+        torch.library.opcheck(ops.bernoulli_nll, (leaf(x), t, True, reduction, False))
     grad = torch.randn(5, 13, device=device)
-    torch.library.opcheck(ops.bernoulli_nll_backward_.default, (grad, torch.rand(5, device=device)))
-    torch.library.opcheck(ops.bernoulli_nll_backward_.default, (grad, torch.tensor(3.0, device=device)))
+    torch.library.opcheck(ops.bernoulli_nll_backward_, (grad, torch.rand(5, device=device)))
+    torch.library.opcheck(ops.bernoulli_nll_backward_, (grad, torch.tensor(3.0, device=device)))
 
 
 def test_backward_leaves_rows_scaled_by_one_untouched(backend, device):
@@ -182,11 +182,7 @@ def test_backward_leaves_rows_scaled_by_one_untouched(backend, device):
 
     A signalling NaN detects a write: multiplying it by 1 returns a quiet NaN, other bits.
     """
-    if backend == "reference":
-        pytest.skip("the oracle scales every row; only the fused kernels skip")
-    from vaekern._backends import namespace
-
-    ops = getattr(torch.ops, namespace(backend, device))
+    ops = kernels_of(backend, device)
     grad = torch.full((4, 300), 0x7F800001, dtype=torch.int32).view(torch.float32).to(device)
     bits = grad.view(torch.int32).clone()
     ops.bernoulli_nll_backward_(grad, torch.tensor([1.0, 2.0, 1.0, 3.0], device=device))

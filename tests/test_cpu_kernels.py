@@ -15,10 +15,10 @@ import textwrap
 import pytest
 import torch
 from conftest import LOSS_TOL
-from helpers import latents, logits, probs, target
+from helpers import HIDE_EXTENSION, latents, logits, probs, target
 
 import vaekern
-from vaekern import _backends, _extension
+from vaekern import _extension, backends
 from vaekern._ops import SCHEMAS
 
 pytestmark = pytest.mark.skipif(
@@ -57,16 +57,21 @@ def test_all_ops_registered_for_cpu():
 
 
 def test_backend_cpu_is_the_extension():
-    assert _backends.namespace("cpu", torch.device("cpu")) == "vaekern"
-    assert _backends.auto(torch.device("cpu")) == "cpu"
+    assert backends.resolve("cpu", torch.device("cpu")).namespace == "vaekern"
+    assert backends.auto(torch.device("cpu")) == "cpu"
 
 
-def test_cpu_unavailable_without_extension(monkeypatch):
-    monkeypatch.setattr(_extension, "has_kernels", lambda key: False)
-    with pytest.raises(vaekern.BackendUnavailableError, match="cpu"):
-        _backends.namespace("cpu", torch.device("cpu"))
-    assert _backends.auto(torch.device("cpu")) == "reference"
-    assert _backends.namespace("auto", torch.device("cpu")) == "vaekern_ref"
+def test_cpu_unavailable_without_extension():
+    """An install without vaekern._C: backend="cpu" raises, auto picks the reference."""
+    code = HIDE_EXTENSION + (
+        "import torch, pytest, vaekern\n"
+        "from vaekern import backends\n"
+        "with pytest.raises(vaekern.BackendUnavailableError, match='cpu.*not built'):\n"
+        "    backends.resolve('cpu', torch.device('cpu'))\n"
+        "assert backends.auto(torch.device('cpu')) == 'reference'\n"
+        "assert backends.resolve('auto', torch.device('cpu')) is None\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("shape", DETERMINISM_SHAPES, ids=str)

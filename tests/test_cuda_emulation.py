@@ -304,11 +304,12 @@ def test_the_schedule_exposes_a_race(lib, schedule):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the real kernels run on this machine")
-def test_cuda_kernels_give_the_same_bits_in_any_schedule(monkeypatch, schedule):
+def test_cuda_kernels_give_the_same_bits_in_any_schedule(schedule):
     """Blocks and threads in another order must not change a bit of any output: the
     kernels' barriers and fixed-order reductions leave them no race. The shapes take
     stage 2 per row in groups and in blocks, and flat with the segment pre-pass."""
-    ops = getattr(torch.ops, build.emulate_cuda_backend(monkeypatch))
+    with build.emulated_cuda_backend() as ns:
+        ops = getattr(torch.ops, ns)
     torch.manual_seed(0)
     inputs = []
     # (B, D, Z, reduction); Z = 1 keeps vae_loss's groups at one lane, so the 20 000 rows

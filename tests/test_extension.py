@@ -27,7 +27,8 @@ import pytest
 import torch
 
 import vaekern
-from cuda_emu.build import emulate_cuda_backend
+from cuda_emu.build import emulated_cuda_backend
+from helpers import reference_kernels
 from vaekern import _extension, reference
 from vaekern._ops import SCHEMAS
 
@@ -165,15 +166,17 @@ ptxas info    : Used 30 registers, used 0 barriers
 # ---- the kernels' special cases: on a GPU, or under the CPU emulation -------------------------
 @pytest.fixture(params=[None] if torch.cuda.is_available() else ["", "small"],
                 ids=lambda v: "gpu" if v is None else "_".join(filter(None, ("emulated", v))))  # fmt: skip
-def kernels(request, monkeypatch):
+def kernels(request):
     """(ops, device) of csrc/cuda's kernels: on the GPU where there is one, else the same
     sources under the CPU emulation of tests/cuda_emu (as built, and with tiny tiling
     constants), on CPU tensors."""
     if request.param is None:
         if not _has_cuda_kernels():
             pytest.skip("vaekern._C was built without CUDA kernels")
-        return torch.ops.vaekern, torch.device("cuda")
-    return getattr(torch.ops, emulate_cuda_backend(monkeypatch, request.param)), torch.device("cpu")
+        yield torch.ops.vaekern, torch.device("cuda")
+        return
+    with emulated_cuda_backend(request.param) as ns:
+        yield getattr(torch.ops, ns), torch.device("cpu")
 
 
 def _close(actual, expected, dtype=torch.float32, atol=None, rtol=None):
@@ -358,7 +361,7 @@ def test_bernoulli_nll_layouts(shape, from_logits, reduction, kernels):
         x = torch.sigmoid(x)
     t = torch.rand(shape, device=dev)
     out, grad = ops.bernoulli_nll(x, t, from_logits, reduction, True)
-    ref_out, ref_grad = torch.ops.vaekern_ref.bernoulli_nll(x, t, from_logits, reduction, True)
+    ref_out, ref_grad = reference_kernels.bernoulli_nll(x, t, from_logits, reduction, True)
     _close(out, ref_out, rtol=1e-5)
     _close(grad, ref_grad, atol=1e-6, rtol=1e-5)
 
@@ -370,7 +373,7 @@ def test_bernoulli_nll_target_dtypes(dtype, target_dtype, kernels):
     x = (torch.randn(9, 3, 16, 16, device=dev) * 3).to(dtype)
     t = (torch.rand(x.shape, device=dev) > 0.5).to(target_dtype)
     out, grad = ops.bernoulli_nll(x, t, True, 0, True)
-    ref_out, ref_grad = torch.ops.vaekern_ref.bernoulli_nll(x, t, True, 0, True)
+    ref_out, ref_grad = reference_kernels.bernoulli_nll(x, t, True, 0, True)
     _close(out, ref_out, dtype)
     _close(grad, ref_grad, atol=1e-3 if dtype != torch.float64 else 1e-10, rtol=1e-2 if dtype == torch.float16 else 1e-5)
 
@@ -380,15 +383,15 @@ def test_row_strided_and_non_contiguous_inputs(kernels):
     base = torch.randn(16, 2, 28, 28, device=dev)
     x = base[:, 0]  # rows 1568 apart: read in place with a row stride
     t = torch.rand(16, 28, 28, device=dev).transpose(1, 2)  # not row-contiguous: copied
-    for impl in (ops, torch.ops.vaekern_ref):
+    for impl in (ops, reference_kernels):
         assert impl.bernoulli_nll(x, t, True, 0, False)[0].shape == (16,)
     out, grad = ops.bernoulli_nll(x, t, True, 2, True)
-    ref_out, ref_grad = torch.ops.vaekern_ref.bernoulli_nll(x, t, True, 2, True)
+    ref_out, ref_grad = reference_kernels.bernoulli_nll(x, t, True, 2, True)
     _close(out, ref_out)
     _close(grad, ref_grad, atol=1e-6, rtol=1e-5)
     assert grad.is_contiguous()
     mu, logvar = torch.randn(16, 8, 3, device=dev)[:, :, 1], torch.randn(16, 8, device=dev)
-    _close(ops.gaussian_kl(mu, logvar, 0), torch.ops.vaekern_ref.gaussian_kl(mu, logvar, 0))
+    _close(ops.gaussian_kl(mu, logvar, 0), reference_kernels.gaussian_kl(mu, logvar, 0))
 
 
 @pytest.mark.parametrize("recon_dtype,latent_dtype", [(torch.float16, torch.float64), (torch.float64, torch.bfloat16),
@@ -403,7 +406,7 @@ def test_vae_loss_mixed_dtypes(recon_dtype, latent_dtype, reduction, kernels):
     acc = torch.float64 if torch.float64 in (recon_dtype, latent_dtype) else torch.float32
     beta = torch.full((), 0.7, device=dev, dtype=acc)
     got = ops.vae_loss(recon, target, mu, logvar, beta, True, reduction, True)
-    ref = torch.ops.vaekern_ref.vae_loss(recon, target, mu, logvar, beta, True, reduction, True)
+    ref = reference_kernels.vae_loss(recon, target, mu, logvar, beta, True, reduction, True)
     for g, r in zip(got[:3], ref[:3]):
         assert g.dtype == r.dtype == acc
         _close(g, r, rtol=1e-5)
@@ -420,7 +423,7 @@ def test_vae_loss_backward_scales(reduction, kernels):
     shape = (B,) if reduction == 0 else ()
     grads = [torch.randn(shape, device=dev) for _ in range(3)]
     outs = {}
-    for name, impl in (("cuda", ops), ("reference", torch.ops.vaekern_ref)):
+    for name, impl in (("cuda", ops), ("reference", reference_kernels)):
         saved = impl.vae_loss(recon, target, mu, logvar, beta, True, reduction, True)[3]
         g_mu, g_lv = impl.vae_loss_backward_(saved, *grads, mu, logvar, beta, reduction)
         outs[name] = (saved, g_mu, g_lv)
@@ -457,7 +460,7 @@ def test_nan_in_nan_out_and_extreme_values(kernels):
     lv = torch.tensor([[100.0, -100.0, 0.0]], device=dev)
     kl = ops.gaussian_kl(mu[:, :2], lv[:, :2], 0)
     assert torch.isfinite(kl).all()
-    _close(kl, torch.ops.vaekern_ref.gaussian_kl(mu[:, :2], lv[:, :2], 0))
+    _close(kl, reference_kernels.gaussian_kl(mu[:, :2], lv[:, :2], 0))
     assert ops.gaussian_kl(mu, lv, 2).isnan()
     assert ops.gaussian_kl(lv, mu, 2).isnan()
 
@@ -467,17 +470,17 @@ def test_empty_batch(kernels):
     x = torch.randn(0, 5, device=dev)
     for red in (0, 1, 2):
         got = ops.bernoulli_nll(x, x, True, red, True)
-        ref = torch.ops.vaekern_ref.bernoulli_nll(x, x, True, red, True)
+        ref = reference_kernels.bernoulli_nll(x, x, True, red, True)
         torch.testing.assert_close(got[0], ref[0], equal_nan=True)
         assert got[1].shape == ref[1].shape
         mu = torch.randn(0, 3, device=dev)
         torch.testing.assert_close(
-            ops.gaussian_kl(mu, mu, red), torch.ops.vaekern_ref.gaussian_kl(mu, mu, red), equal_nan=True
+            ops.gaussian_kl(mu, mu, red), reference_kernels.gaussian_kl(mu, mu, red), equal_nan=True
         )
         # The KL stream of an empty batch has no storage: stage 2 must still write kl and loss.
         beta = torch.full((), 0.5, device=dev)
         got = ops.vae_loss(x, x, mu, mu, beta, True, red, True)
-        ref = torch.ops.vaekern_ref.vae_loss(x, x, mu, mu, beta, True, red, True)
+        ref = reference_kernels.vae_loss(x, x, mu, mu, beta, True, red, True)
         for g, r in zip(got, ref):
             assert g.shape == r.shape and g.dtype == r.dtype
         for g, r in zip(got[:3], ref[:3]):

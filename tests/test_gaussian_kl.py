@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import DTYPES, REDUCTIONS, SHAPES
-from helpers import assert_grad_close, assert_loss_close, latents, leaf, noncontiguous, upstream
+from helpers import assert_grad_close, assert_loss_close, kernels_of, latents, leaf, noncontiguous, upstream
 
 import vaekern
 from vaekern.reference import gaussian_kl_ref
@@ -90,11 +90,9 @@ def test_gradcheck_and_gradgradcheck(backend, device, reduction):
 
 
 def test_opcheck(backend, device):
-    from vaekern._backends import namespace
-
-    ops = getattr(torch.ops, namespace(backend, device))
+    ops = kernels_of(backend, device)
     mu, logvar = latents((5, 13), torch.float32, device)
     for reduction in (0, 1, 2):
-        torch.library.opcheck(ops.gaussian_kl.default, (leaf(mu), leaf(logvar), reduction))
+        torch.library.opcheck(ops.gaussian_kl, (leaf(mu), leaf(logvar), reduction))
         grad_out = torch.rand(5, device=device) if reduction == 0 else torch.tensor(2.5, device=device)
-        torch.library.opcheck(ops.gaussian_kl_backward.default, (grad_out, mu, logvar, reduction))
+        torch.library.opcheck(ops.gaussian_kl_backward, (grad_out, mu, logvar, reduction))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import DTYPES, SHAPES
-from helpers import assert_grad_close, latents, leaf, noncontiguous
+from helpers import assert_grad_close, kernels_of, latents, leaf, noncontiguous
 
 import vaekern
 from vaekern.reference import reparameterize_ref
@@ -108,14 +108,12 @@ def test_gradcheck_and_gradgradcheck(backend, device):
 
 
 def test_opcheck(backend, device):
-    from vaekern._backends import namespace
-
-    ops = getattr(torch.ops, namespace(backend, device))
+    ops = kernels_of(backend, device)
     mu, logvar = latents((5, 13), torch.float32, device)
     eps = torch.randn(5, 13, device=device)
     seed = torch.randint(2**62, (1,), device=device)
-    torch.library.opcheck(ops.reparameterize.default, (leaf(mu), leaf(logvar), eps, None))
-    torch.library.opcheck(ops.reparameterize.default, (leaf(mu), leaf(logvar), None, seed))
+    torch.library.opcheck(ops.reparameterize, (leaf(mu), leaf(logvar), eps, None))
+    torch.library.opcheck(ops.reparameterize, (leaf(mu), leaf(logvar), None, seed))
     g = torch.randn(5, 13, device=device)
-    torch.library.opcheck(ops.reparameterize_backward.default, (g, mu, logvar, eps, None))
-    torch.library.opcheck(ops.reparameterize_backward.default, (g, mu, logvar, None, seed))
+    torch.library.opcheck(ops.reparameterize_backward, (g, mu, logvar, eps, None))
+    torch.library.opcheck(ops.reparameterize_backward, (g, mu, logvar, None, seed))

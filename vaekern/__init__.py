@@ -1,11 +1,12 @@
 """vaekern: fused kernels for the VAE loss (negative ELBO) with a reference oracle.
 
-Importing vaekern needs neither a GPU, nor Triton, nor the compiled extension: backends
-are loaded the first time a call asks for them.
+Importing vaekern needs neither a GPU, nor Triton, nor the compiled extension. It
+registers the backends this install has (``vaekern.backends``): the extension's kernels
+where it is built, and Triton's launchers, which import triton on their first launch.
 """
 
-from vaekern import nn, reference
-from vaekern._backends import BackendUnavailableError, available_backends
+from vaekern import backends, nn, reference
+from vaekern.backends import BackendUnavailableError, available_backends
 from vaekern.functional import VAELossParts, bernoulli_nll, gaussian_kl, reparameterize, vae_loss
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __all__ = [
     "BackendUnavailableError",
     "VAELossParts",
     "available_backends",
+    "backends",
     "bernoulli_nll",
     "gaussian_kl",
     "nn",

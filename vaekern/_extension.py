@@ -1,8 +1,8 @@
-"""Loading of the compiled extension ``vaekern._C`` (csrc/), on demand.
+"""Loading of the compiled extension ``vaekern._C`` (csrc/).
 
 The extension only registers kernels for the ``vaekern`` namespace with
-``TORCH_LIBRARY_IMPL``; it exports nothing else. It is imported the first time a
-backend needs to know what it holds, never when vaekern itself is imported.
+``TORCH_LIBRARY_IMPL``; it exports nothing else. ``vaekern.backends`` loads it, where it is
+built, when vaekern is imported.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ import importlib
 import importlib.util
 
 import torch
+
+from vaekern._ops import SCHEMAS
+
+NAMESPACE = "vaekern"
 
 
 @functools.cache
@@ -25,14 +29,10 @@ def load() -> bool:
     return True
 
 
-@functools.cache  # asked on every call; registrations are only ever added, at import of _C
 def has_kernels(dispatch_key: str) -> bool:
     """True if the extension registered every vaekern op for ``dispatch_key`` ("CPU", "CUDA")."""
-    from vaekern._ops import SCHEMAS
-
     if not load():
         return False
     return all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"vaekern::{name}", dispatch_key)
-        for name in SCHEMAS
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", dispatch_key) for name in SCHEMAS
     )

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     train, test = load_digits(device)
     model = DigitsVAE(latent=args.latent).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    backend = vaekern._backends.auto(device) if args.backend == "auto" else args.backend
+    backend = vaekern.backends.auto(device) if args.backend == "auto" else args.backend
     print(f"vaekern {vaekern.__version__} | device {device} | backend {backend} | "
           f"{len(train)} train / {len(test)} test digits | beta {args.beta}")
 

@@ -11,14 +11,19 @@ never inspected (that would need a device sync), so a NaN in gives a NaN out.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from vaekern import _ops  # noqa: F401  (defines the schemas and the reference backend)
-from vaekern._backends import namespace
-from vaekern._ops import REDUCTIONS, acc_dtype
+from vaekern import reference
+from vaekern._ops._common import REDUCTIONS, acc_dtype, below_autograd
+from vaekern._ops.bernoulli_nll import BernoulliNLLFunction
+from vaekern._ops.gaussian_kl import GaussianKLFunction
+from vaekern._ops.reparameterize import ReparameterizeFunction
+from vaekern._ops.vae_loss import VAELossFunction
+from vaekern.backends import resolve
 
 __all__ = ["VAELossParts", "bernoulli_nll", "gaussian_kl", "reparameterize", "vae_loss"]
 
@@ -88,8 +93,21 @@ def _check_latents(mu, logvar) -> None:
         raise TypeError(f"logvar has dtype {logvar.dtype} but mu has dtype {mu.dtype}")
 
 
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _path(*differentiable: Tensor) -> str:
+    """Which path a kernel call takes: "traced", "eager" or "none".
+
+    While torch.compile traces, the registered op with its out-of-place autograd. In eager
+    mode, the lean ``torch.autograd.Function`` of vaekern._ops when a gradient is needed,
+    else the kernel alone, below autograd (see vaekern._ops and ``below_autograd``)."""
+    if torch.compiler.is_compiling():
+        return "traced"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
+        return "eager"
+    return "none"
+
+
+def _needs_grad(x: Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 def bernoulli_nll(
@@ -120,9 +138,18 @@ def bernoulli_nll(
     _check_target(target, input)
     device = _same_device(("input", input), ("target", target))
     red = _reduction(reduction)
-    ops = getattr(torch.ops, namespace(backend, device))
-    out, _ = ops.bernoulli_nll(input, target, _flag("from_logits", from_logits), red, _needs_grad(input))
-    return out
+    from_logits = _flag("from_logits", from_logits)
+    kernels = resolve(backend, device)
+    if kernels is None:
+        rows = reference.bernoulli_nll_ref(input, target, from_logits=from_logits, reduction=reduction)
+        return rows.to(acc_dtype(input))
+    match _path(input):
+        case "traced":
+            return kernels.bernoulli_nll(input, target, from_logits, red, _needs_grad(input))[0]
+        case "eager":
+            return BernoulliNLLFunction.apply(kernels, input, target, from_logits, red)
+    with below_autograd():
+        return kernels.bernoulli_nll(input, target, from_logits, red, False)[0]
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -141,7 +168,16 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", backend:
     _check_latents(mu, logvar)
     device = _same_device(("mu", mu), ("logvar", logvar))
     red = _reduction(reduction)
-    return getattr(torch.ops, namespace(backend, device)).gaussian_kl(mu, logvar, red)
+    kernels = resolve(backend, device)
+    if kernels is None:
+        return reference.gaussian_kl_ref(mu, logvar, reduction=reduction).to(acc_dtype(mu, logvar))
+    match _path(mu, logvar):
+        case "traced":
+            return kernels.gaussian_kl(mu, logvar, red)
+        case "eager":
+            return GaussianKLFunction.apply(kernels, mu, logvar, red)
+    with below_autograd():
+        return kernels.gaussian_kl(mu, logvar, red)
 
 
 def reparameterize(
@@ -171,6 +207,7 @@ def reparameterize(
     """
     _check_latents(mu, logvar)
     device = _same_device(("mu", mu), ("logvar", logvar))
+    kernels = resolve(backend, device)
     seed = None
     if eps is not None:
         if generator is not None:
@@ -183,8 +220,19 @@ def reparameterize(
     else:
         if generator is not None and torch.device(generator.device).type != device.type:
             raise ValueError(f"generator is on {generator.device} but mu is on {device}")
-        seed = torch.randint(_SEED_HIGH, (1,), device=device, dtype=torch.int64, generator=generator)
-    return getattr(torch.ops, namespace(backend, device)).reparameterize(mu, logvar, eps, seed)
+        if kernels is None:
+            eps = torch.randn(mu.shape, dtype=acc_dtype(mu), device=device, generator=generator)
+        else:
+            seed = torch.randint(_SEED_HIGH, (1,), device=device, dtype=torch.int64, generator=generator)
+    if kernels is None:
+        return reference.reparameterize_ref(mu, logvar, eps).to(mu.dtype).contiguous()
+    match _path(mu, logvar):
+        case "traced":
+            return kernels.reparameterize(mu, logvar, eps, seed)
+        case "eager":
+            return ReparameterizeFunction.apply(kernels, mu, logvar, eps, seed)
+    with below_autograd():
+        return kernels.reparameterize(mu, logvar, eps, seed)
 
 
 def _beta(beta, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -198,8 +246,20 @@ def _beta(beta, dtype: torch.dtype, device: torch.device) -> Tensor:
         return beta.to(dtype)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"beta must be a float or a 0-d floating tensor, got {type(beta).__name__}")
-    # A fill kernel, not a host-to-device copy: no sync, and CUDA graphs can capture it.
-    return torch.full((), float(beta), dtype=dtype, device=device)
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        # Traced: a constant of the graph. Captured: the graph's own fill, so that no
+        # replay reads a cached tensor that the cache may since have dropped.
+        return torch.full((), float(beta), dtype=dtype, device=device)
+    return _beta_tensor(float(beta), dtype, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _beta_tensor(beta: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # A float beta as the 0-d tensor the kernels read, made once per value instead of a
+    # torch.full per call (3 us of a 40 us step on 1x1 tensors). The kernels only read it
+    # and it is never handed to the caller, so sharing it is safe. A fill kernel, not a
+    # host-to-device copy: no sync.
+    return torch.full((), beta, dtype=dtype, device=device)
 
 
 def vae_loss(
@@ -242,11 +302,26 @@ def vae_loss(
     if mu.shape[0] != recon.shape[0]:
         raise ValueError(f"mu has batch size {mu.shape[0]} but recon has batch size {recon.shape[0]}")
     red = _reduction(reduction)
-    beta_t = _beta(beta, acc_dtype(recon, mu, logvar), device)
-    ops = getattr(torch.ops, namespace(backend, device))
-    loss, rec, kl, _ = ops.vae_loss(
-        recon, target, mu, logvar, beta_t, _flag("from_logits", from_logits), red, _needs_grad(recon)
-    )
-    if _flag("return_parts", return_parts):
+    from_logits = _flag("from_logits", from_logits)
+    return_parts = _flag("return_parts", return_parts)
+    dtype = acc_dtype(recon, mu, logvar)
+    beta_t = _beta(beta, dtype, device)
+    kernels = resolve(backend, device)
+    if kernels is None:
+        parts = reference.vae_loss_ref(
+            recon, target, mu, logvar, beta=beta_t, from_logits=from_logits, reduction=reduction
+        )
+        loss, rec, kl = (p.to(dtype) for p in parts)
+    else:
+        args = (recon, target, mu, logvar, beta_t, from_logits, red)
+        match _path(recon, mu, logvar):
+            case "traced":
+                loss, rec, kl, _ = kernels.vae_loss(*args, _needs_grad(recon))
+            case "eager":
+                loss, rec, kl = VAELossFunction.apply(kernels, *args)
+            case _:
+                with below_autograd():
+                    loss, rec, kl, _ = kernels.vae_loss(*args, False)
+    if return_parts:
         return VAELossParts(loss, rec, kl)
     return loss

@@ -10,16 +10,22 @@ Conventions shared by every backend (the kernels implement exactly these):
   or returns the rows (``"none"``).
 * Bernoulli NLL with logits ``l`` and target ``t`` uses the softplus form,
   ``max(l, 0) - l*t + log1p(exp(-|l|))``, which never overflows (logits of +-1e4 are
-  fine). Its gradient is ``sigmoid(l) - t``.
-* Bernoulli NLL with probabilities ``p`` clamps each log at -100, as
-  ``torch.nn.functional.binary_cross_entropy`` does; its gradient is that function's,
-  ``(p - t) / max(p*(1-p), 1e-12)``, so it stays finite at p = 0 or 1.
+  fine). Its gradient is ``sigmoid(l) - t``. Written as ``logaddexp(l, 0) - l*t``, which
+  evaluates exactly that form and whose gradient autograd gets right at l = 0 too.
+* Bernoulli NLL with probabilities ``p`` clamps each log at -100 (``BCE_LOG_MIN``), and its
+  gradient is ``(p - t) / max(p*(1-p), 1e-12)`` (``BCE_GRAD_EPS``), finite at p = 0 or 1:
+  exactly ``torch.nn.functional.binary_cross_entropy``, which is what evaluates it here
+  (its backward is that formula; autograd through the clamped logs would give 0 or NaN
+  at p = 0 and 1).
 * Gaussian KL to N(0, I): ``0.5 * (mu^2 + exp(logvar) - 1 - logvar)``. The variance is
   evaluated as ``exp(min(logvar, LOGVAR_MAX))`` so that float32 cannot overflow for any
   logvar (``exp(88.7)`` already does). The clamp is straight-through: the gradient keeps
   the sign and size of the clamped variance, ``0.5 * (exp(min(logvar, LOGVAR_MAX)) - 1)``,
   instead of the ``-0.5`` that a plain clamp would give, which would push an exploding
-  logvar further up. No realistic encoder reaches logvar = 60 (a std of 1e13).
+  logvar further up. No realistic encoder reaches logvar = 60 (a std of 1e13). The value
+  is exact for every logvar, infinities included (KL = +inf at -inf, -inf at +inf), and so
+  is the gradient for every finite logvar; at logvar = +inf exactly it is -0.5, because an
+  infinite value carries no straight-through gradient under autograd.
 * Reparameterization: ``z = mu + exp(logvar / 2) * eps``; exact, no clamp (it cannot
   overflow float32 for logvar below 177).
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -68,16 +75,21 @@ def bernoulli_nll_ref(
     x = input.double()
     t = target.double()
     if from_logits:
-        # softplus(l) - l*t, written so that exp never sees a positive argument.
-        nll = x.clamp(min=0) - x * t + torch.log1p(torch.exp(-x.abs()))
+        # softplus(l) - l*t; logaddexp is max(l, 0) + log1p(exp(-|l|)), exp never overflows.
+        nll = torch.logaddexp(x, torch.zeros_like(x)) - x * t
     else:
-        nll = -(t * torch.log(x).clamp(min=BCE_LOG_MIN) + (1 - t) * torch.log1p(-x).clamp(min=BCE_LOG_MIN))
+        # -(t*max(log p, -100) + (1-t)*max(log1p(-p), -100)), with the BCE_GRAD_EPS gradient.
+        nll = F.binary_cross_entropy(x, t, reduction="none")
     return reduce_rows(_row_sum(nll), reduction)
 
 
 def _clamped_logvar(logvar: Tensor) -> Tensor:
     # Straight-through clamp: the value of min(logvar, LOGVAR_MAX), the gradient of logvar.
-    return logvar - (logvar - logvar.clamp(max=LOGVAR_MAX)).detach()
+    # lv - lv.detach() is exactly 0 for finite lv, so the value is the clamp's, unrounded
+    # (lv - (lv - min(lv, 60)) loses the 60 above about 1e17); at +-inf it is NaN, so there
+    # it is left out.
+    through = torch.where(logvar.isfinite(), logvar - logvar.detach(), 0.0)
+    return logvar.clamp(max=LOGVAR_MAX).detach() + through
 
 
 def gaussian_kl_ref(mu: Tensor, logvar: Tensor, *, reduction: str = "mean") -> Tensor:

@@ -49,7 +49,11 @@ def check_guarded() -> None:
 
 def run(variant: str) -> int:
     """Every op over SHAPES on one ASan build; returns the number of calls."""
-    ops = getattr(torch.ops, build.load(variant))
+    with build.emulated_cuda_backend(variant) as ns:
+        return _run(getattr(torch.ops, ns))
+
+
+def _run(ops) -> int:
     torch.manual_seed(0)
     calls = 0
     for B, D, Z, dtypes in SHAPES:

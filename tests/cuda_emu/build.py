@@ -4,12 +4,13 @@ The sources are rewritten as vkemu.h's header says (kernel launches, the dispatc
 device check, pointer casts, shared memory), compiled as C++ with
 ``torch.utils.cpp_extension.load`` and registered as the CPU kernels of the namespace
 ``vaekern_cuda_emu`` (``vaekern_cuda_emu_<variant>`` for the other VARIANTS), which gets
-the schemas and autograd of every other namespace from ``vaekern._ops``. Nothing of
+the schemas and autograd of every other namespace through ``vaekern.backends``. Nothing of
 csrc/cuda is copied by hand: what the GPU runs is what this runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -20,7 +21,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from vaekern import _backends, _ops
+import vaekern
 
 NAMESPACE = "vaekern_cuda_emu"
 HERE = Path(__file__).resolve().parent
@@ -118,8 +119,6 @@ def rewrite(source: str, ns: str = NAMESPACE, bounds: dict[str, str] | None = No
 _SMALL = {"kWantTiles": "1", "kMaxBlocks": "3", "kFlatMax": "40", "kSegment": "7"}
 VARIANTS = {"": {}, "small": _SMALL, "asan": {}, "asan_small": _SMALL}
 
-_LIBRARIES = {}  # the schemas of each loaded variant live as long as the process
-
 
 def _with_constants(text: str, constants: dict[str, str]) -> tuple[str, set[str]]:
     """``constexpr <type> <name> = <value>;`` lines with new values; the names replaced."""
@@ -173,23 +172,18 @@ def load(variant: str = "") -> str:
         is_python_module=False,
         verbose=False,
     )
-    # After the build: a failed one leaves no half-registered namespace to hide its error
-    # behind on the next try. Kernels may be registered before their schema.
-    _LIBRARIES[ns] = torch.library.Library(ns, "DEF")
-    _ops._register(ns, _LIBRARIES[ns])
+    # Kernels may be registered before their schema; the registry defines the schemas
+    # (and vaekern's fakes and autograd) when the emulated backend is first put in place.
     return ns
 
 
-def emulate_cuda_backend(monkeypatch, variant: str = "") -> str:
-    """Points backend="cuda" at the emulated csrc/cuda kernels (one of VARIANTS), for CPU
-    tensors, for one test. Returns their op namespace. A failed build is an error, not a
-    skip."""
+@contextlib.contextmanager
+def emulated_cuda_backend(variant: str = ""):
+    """Within the block, backend="cuda" runs the emulated csrc/cuda kernels (one of
+    VARIANTS) on CPU tensors, through vaekern's public backend registry. Yields their op
+    namespace. A failed build is an error, not a skip."""
     if not sys.platform.startswith("linux"):
         pytest.skip("backend cuda: no GPU here, and its CPU emulation needs Linux (ucontext)")
     ns = load(variant)
-    why_not = _backends._why_not
-    monkeypatch.setitem(_backends._NAMESPACE, "cuda", ns)
-    monkeypatch.setattr(
-        _backends, "_why_not", lambda b, d: None if (b, d.type) == ("cuda", "cpu") else why_not(b, d)
-    )
-    return ns
+    with vaekern.backends.override("cuda", "cpu", ns):
+        yield ns

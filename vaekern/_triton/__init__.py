@@ -1,40 +1,53 @@
-"""The Triton backend: registers the ``vaekern_triton`` kernels when imported.
-
-Every schema of ``vaekern._ops`` gets its launcher for the CUDA dispatch key, and for
-the CPU key too when ``TRITON_INTERPRET=1`` (Triton's interpreter runs the same kernels
-on CPU tensors; that is how this backend is tested without a GPU). The schemas, fakes
-and autograd live in ``_ops.py`` and are shared with the other backends.
+"""The Triton backend: the ``vaekern_triton`` namespace's launchers.
 
 One op per module, each with its math, dtypes and limits in its header:
 ``bernoulli_nll.py``, ``gaussian_kl.py``, ``reparameterize.py``, ``vae_loss.py``;
-``_common.py`` holds the shared element math and the deterministic partials reduction.
+``_common.py`` holds the shared element math, tiling and the deterministic reduction.
+
+Importing this package imports no Triton: :func:`register_launchers` binds each kernel op
+to a launcher that imports its module on the first launch. ``vaekern.backends`` calls it
+when vaekern is imported, so the kernels are registered before any trace (which runs the
+fakes of ``vaekern._ops``, never a launcher), and a CPU-only user who never launches a
+Triton kernel never pays for importing triton.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
-from vaekern import _ops  # noqa: F401  (defines the vaekern_triton schemas)
-from vaekern._backends import triton_interpreted
-from vaekern._triton.bernoulli_nll import bernoulli_nll, bernoulli_nll_backward_
-from vaekern._triton.gaussian_kl import gaussian_kl, gaussian_kl_backward
-from vaekern._triton.reparameterize import reparameterize, reparameterize_backward
-from vaekern._triton.vae_loss import vae_loss, vae_loss_backward_
+NAMESPACE = "vaekern_triton"
 
-IMPLS = {
-    "bernoulli_nll": bernoulli_nll,
-    "bernoulli_nll_backward_": bernoulli_nll_backward_,
-    "gaussian_kl": gaussian_kl,
-    "gaussian_kl_backward": gaussian_kl_backward,
-    "reparameterize": reparameterize,
-    "reparameterize_backward": reparameterize_backward,
-    "vae_loss": vae_loss,
-    "vae_loss_backward_": vae_loss_backward_,
+# kernel op -> the module that launches it
+MODULES = {
+    "bernoulli_nll": "bernoulli_nll",
+    "bernoulli_nll_backward_": "bernoulli_nll",
+    "gaussian_kl": "gaussian_kl",
+    "gaussian_kl_backward": "gaussian_kl",
+    "reparameterize": "reparameterize",
+    "reparameterize_backward": "reparameterize",
+    "vae_loss": "vae_loss",
+    "vae_loss_backward_": "vae_loss",
 }
 
-DISPATCH_KEYS = ("CUDA", "CPU") if triton_interpreted() else ("CUDA",)
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+_LAUNCHERS = {}
 
-_lib = torch.library.Library("vaekern_triton", "IMPL")
-for _name, _fn in IMPLS.items():
-    for _key in DISPATCH_KEYS:
-        _lib.impl(_name, _fn, _key)
+
+def _launcher(name: str):
+    def launch(*args):
+        fn = _LAUNCHERS.get(name)
+        if fn is None:
+            fn = _LAUNCHERS[name] = getattr(importlib.import_module(f"{__name__}.{MODULES[name]}"), name)
+        return fn(*args)
+
+    launch.__name__ = name
+    return launch
+
+
+def register_launchers(device_types: tuple[str, ...]) -> None:
+    """Register every kernel op's launcher for the dispatch keys of ``device_types``."""
+    for name in MODULES:
+        for device_type in device_types:
+            _LIB.impl(name, _launcher(name), {"cuda": "CUDA", "cpu": "CPU"}[device_type])

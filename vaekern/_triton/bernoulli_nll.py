@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vaekern._ops import acc_dtype
+from vaekern._ops._common import acc_dtype
 from vaekern._triton._common import (
     _bernoulli_row_chunk,
     _chunk_bounds,

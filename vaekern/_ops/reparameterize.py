@@ -1,0 +1,85 @@
+"""``reparameterize``: schema, fake, and its two autograd paths.
+
+Math: ``z = mu + exp(lv / 2) * eps``; ``d/dmu = g`` and ``d/dlv = g * 0.5 * exp(lv / 2) * eps``.
+
+Kernels: ``reparameterize(mu, logvar, eps, seed) -> z`` and
+``reparameterize_backward(grad_z, mu, logvar, eps, seed) -> (grad_mu, grad_logvar)``.
+Exactly one of ``eps`` (given noise) and ``seed`` (a 1-element int64 tensor on the device
+from which the kernel draws its own noise) is not None.
+
+Autograd: both paths save mu, logvar and eps or the seed: the noise is regenerated in
+backward, never saved. A backward that builds a graph (``create_graph=True``) evaluates
+the gradients with differentiable PyTorch ops; the kernel's own noise is then recovered as
+``reparameterize(0, 0, None, seed)``, which is eps exactly (exp(0) = 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vaekern._ops._common import below_autograd
+
+SCHEMAS = {
+    "reparameterize": "(Tensor mu, Tensor logvar, Tensor? eps, Tensor? seed) -> Tensor",
+    "reparameterize_backward": "(Tensor grad_z, Tensor mu, Tensor logvar, Tensor? eps, Tensor? seed) -> (Tensor, Tensor)",
+}
+
+
+def reparameterize_fake(mu, logvar, eps, seed):
+    return torch.empty_like(mu, memory_format=torch.contiguous_format)
+
+
+def reparameterize_backward_fake(grad_z, mu, logvar, eps, seed):
+    return (
+        torch.empty_like(mu, memory_format=torch.contiguous_format),
+        torch.empty_like(logvar, memory_format=torch.contiguous_format),
+    )
+
+
+def latent_grads(kernels, grad_z, mu, logvar, eps, seed):
+    """The backward of both paths: the kernel, or the differentiable form for double backward."""
+    if not torch.is_grad_enabled():
+        return kernels.reparameterize_backward(grad_z, mu, logvar, eps, seed)
+    if eps is None:
+        zeros = torch.zeros_like(mu)
+        eps = kernels.reparameterize(zeros, zeros, None, seed)
+    return grad_z, grad_z * 0.5 * torch.exp(0.5 * logvar) * eps
+
+
+def _setup_context(ctx, inputs, output):
+    mu, logvar, eps, seed = inputs
+    ctx.save_for_backward(mu, logvar, eps, seed)
+
+
+def _traced_backward(kernels, ctx, grad_z):
+    return (*latent_grads(kernels, grad_z, *ctx.saved_tensors), None, None)
+
+
+class ReparameterizeFunction(torch.autograd.Function):
+    """The eager path: ``apply(kernels, mu, logvar, eps, seed) -> z``."""
+
+    @staticmethod
+    def forward(ctx, kernels, mu, logvar, eps, seed):
+        ctx.kernels = kernels
+        ctx.save_for_backward(mu, logvar, eps, seed)
+        with below_autograd():
+            return kernels.reparameterize(mu, logvar, eps, seed)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        return (None, *latent_grads(ctx.kernels, grad_z, *ctx.saved_tensors), None, None)
+
+
+def register(lib: torch.library.Library, kernels) -> None:
+    """Define the schemas in ``lib``'s namespace, with their fakes and traced autograd."""
+    ns = lib.ns
+    for name, schema in SCHEMAS.items():
+        lib.define(name + schema)
+    torch.library.register_fake(f"{ns}::reparameterize", reparameterize_fake, lib=lib)
+    torch.library.register_fake(f"{ns}::reparameterize_backward", reparameterize_backward_fake, lib=lib)
+    torch.library.register_autograd(
+        f"{ns}::reparameterize",
+        lambda ctx, grad_z: _traced_backward(kernels, ctx, grad_z),
+        setup_context=_setup_context,
+        lib=lib,
+    )

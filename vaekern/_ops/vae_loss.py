@@ -1,0 +1,137 @@
+"""``vae_loss``: schema, fake, and its two autograd paths.
+
+Math (``vaekern.reference``): ``loss = recon + beta * kl``, where ``recon`` is
+``bernoulli_nll`` and ``kl`` is ``gaussian_kl``, each summed per row and reduced over rows
+the same way. Upstream gradients ``g_loss``, ``g_recon``, ``g_kl`` (one per output) reach
+the inputs as ``d/drecon = (g_loss + g_recon) * bernoulli gradient`` and
+``d/dlatents = gaussian_kl's gradient with upstream g_loss * beta + g_kl``.
+
+Kernels:
+
+* ``vae_loss(recon, target, mu, logvar, beta, from_logits, reduction, compute_grad)
+  -> (loss, recon_term, kl_term, grad)``: ``grad`` as in ``bernoulli_nll``.
+* ``vae_loss_backward_(grad, g_loss, g_recon, g_kl, mu, logvar, beta, reduction)
+  -> (grad_mu, grad_logvar)``: scales ``grad`` in place per row by ``g_loss + g_recon``
+  (skipping rows where that is exactly 1, and doing nothing when ``grad`` is empty) and
+  returns the latents' gradients, in one launch.
+
+Autograd, as in ``bernoulli_nll``: eager (:class:`VAELossFunction`) scales the forward's
+gradient in place; traced (registered) scales the saved output out of place. Outputs that
+took no part in the loss get a zero upstream gradient. Double backward raises.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vaekern._ops._common import (
+    acc_dtype,
+    below_autograd,
+    grad_like,
+    loss_like,
+    no_double_backward,
+    scaled_rows,
+    take_saved_grad,
+)
+
+SCHEMAS = {
+    "vae_loss": "(Tensor recon, Tensor target, Tensor mu, Tensor logvar, Tensor beta, bool from_logits, int reduction, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    "vae_loss_backward_": "(Tensor(a!) grad_recon, Tensor grad_loss, Tensor grad_recon_term, Tensor grad_kl_term, Tensor mu, Tensor logvar, Tensor beta, int reduction) -> (Tensor, Tensor)",
+}
+
+
+def vae_loss_fake(recon, target, mu, logvar, beta, from_logits, reduction, compute_grad):
+    dtype = acc_dtype(recon, mu, logvar)
+    loss = loss_like(recon, reduction, dtype)
+    return loss, torch.empty_like(loss), torch.empty_like(loss), grad_like(recon, compute_grad)
+
+
+def vae_loss_backward_fake(grad_recon, grad_loss, grad_recon_term, grad_kl_term, mu, logvar, beta, reduction):
+    return (
+        torch.empty_like(mu, memory_format=torch.contiguous_format),
+        torch.empty_like(logvar, memory_format=torch.contiguous_format),
+    )
+
+
+def _materialized(grads):
+    """The three upstream gradients, a None (an output outside the loss) made zero; None if all are."""
+    present = next((g for g in grads if g is not None), None)
+    if present is None:
+        return None
+    zero = None
+    if any(g is None for g in grads):
+        zero = torch.zeros_like(present)
+    return tuple(zero if g is None else g for g in grads)
+
+
+def _setup_context(ctx, inputs, output):
+    recon, target, mu, logvar, beta, from_logits, reduction, compute_grad = inputs
+    ctx.mark_non_differentiable(output[3])
+    ctx.set_materialize_grads(False)
+    ctx.args = (from_logits, reduction)
+    ctx.save_for_backward(recon, target, mu, logvar, beta, output[3])
+
+
+def _traced_backward(kernels, ctx, grad_loss, grad_recon_term, grad_kl_term, _):
+    no_double_backward("vae_loss")
+    grads = _materialized((grad_loss, grad_recon_term, grad_kl_term))
+    if grads is None:
+        return (None,) * 8
+    grad_loss, grad_recon_term, grad_kl_term = grads
+    recon, target, mu, logvar, beta, grad = ctx.saved_tensors
+    from_logits, reduction = ctx.args
+    g_recon = None
+    if ctx.needs_input_grad[0]:
+        if grad.numel() != recon.numel():  # the forward was asked for no gradient
+            grad = kernels.vae_loss(recon, target, mu, logvar, beta, from_logits, reduction, True)[3]
+        g_recon = scaled_rows(grad, grad_loss + grad_recon_term)
+    g_mu, g_lv = kernels.gaussian_kl_backward(grad_loss * beta + grad_kl_term, mu, logvar, reduction)
+    return g_recon, None, g_mu, g_lv, None, None, None, None
+
+
+class VAELossFunction(torch.autograd.Function):
+    """The eager path: ``apply(kernels, recon, target, mu, logvar, beta, from_logits,
+    reduction) -> (loss, recon_term, kl_term)``."""
+
+    @staticmethod
+    def forward(ctx, kernels, recon, target, mu, logvar, beta, from_logits, reduction):
+        with below_autograd():
+            loss, rec, kl, grad = kernels.vae_loss(
+                recon, target, mu, logvar, beta, from_logits, reduction, recon.requires_grad
+            )
+        ctx.set_materialize_grads(False)
+        ctx.kernels, ctx.args, ctx.saved_grad = kernels, (from_logits, reduction), grad
+        ctx.save_for_backward(recon, target, mu, logvar, beta)
+        return loss, rec, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_recon_term, grad_kl_term):
+        no_double_backward("vae_loss")
+        grads = _materialized((grad_loss, grad_recon_term, grad_kl_term))
+        if grads is None:
+            return (None,) * 8
+        recon, target, mu, logvar, beta = ctx.saved_tensors
+        from_logits, reduction = ctx.args
+        grad = take_saved_grad(ctx)
+        if grad is None:  # a second backward through the same graph
+            grad = ctx.kernels.vae_loss(
+                recon, target, mu, logvar, beta, from_logits, reduction, ctx.needs_input_grad[1]
+            )[3]
+        g_mu, g_lv = ctx.kernels.vae_loss_backward_(grad, *grads, mu, logvar, beta, reduction)
+        g_recon = grad if ctx.needs_input_grad[1] else None
+        return None, g_recon, None, g_mu, g_lv, None, None, None
+
+
+def register(lib: torch.library.Library, kernels) -> None:
+    """Define the schemas in ``lib``'s namespace, with their fakes and traced autograd."""
+    ns = lib.ns
+    for name, schema in SCHEMAS.items():
+        lib.define(name + schema)
+    torch.library.register_fake(f"{ns}::vae_loss", vae_loss_fake, lib=lib)
+    torch.library.register_fake(f"{ns}::vae_loss_backward_", vae_loss_backward_fake, lib=lib)
+    torch.library.register_autograd(
+        f"{ns}::vae_loss",
+        lambda ctx, *grads: _traced_backward(kernels, ctx, *grads),
+        setup_context=_setup_context,
+        lib=lib,
+    )
