@@ -44,7 +44,7 @@ def _extensions():
         sys.exit("VAEKERN_BUILD_EXT=1 needs a CUDA build of torch and a CUDA toolkit (set CUDA_HOME)")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
-    sources = ["csrc/vaekern.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/vaekern.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # CPU kernels: one portable build with run-time dispatch, no -march. The vectorized
     # loops are compiled three times, by csrc/cpu/capability/{default,avx2,avx512}.cpp, each
     # selecting its instruction set itself (a target pragma), because setuptools gives all

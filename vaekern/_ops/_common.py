@@ -58,6 +58,12 @@ def scaled_rows(saved: Tensor, scale: Tensor) -> Tensor:
 below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
+def has_native_autograd(qualname: str) -> bool:
+    """True if ``ns::op`` has a kernel at the Autograd key already: the extension registers
+    its ops' autograd in C++ (csrc/autograd.cpp), and then no Python formula is added."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd")
+
+
 def no_double_backward(op: str) -> None:
     """Raise if backward is asked to build a graph (``create_graph=True``)."""
     if torch.is_grad_enabled():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from vaekern._ops._common import below_autograd
+from vaekern._ops._common import below_autograd, has_native_autograd
 
 SCHEMAS = {
     "reparameterize": "(Tensor mu, Tensor logvar, Tensor? eps, Tensor? seed) -> Tensor",
@@ -71,15 +71,17 @@ class ReparameterizeFunction(torch.autograd.Function):
 
 
 def register(lib: torch.library.Library, kernels) -> None:
-    """Define the schemas in ``lib``'s namespace, with their fakes and traced autograd."""
+    """Define the schemas in ``lib``'s namespace, with their fakes and, unless the
+    namespace has its own (the extension's, in C++), the autograd of both paths."""
     ns = lib.ns
     for name, schema in SCHEMAS.items():
         lib.define(name + schema)
     torch.library.register_fake(f"{ns}::reparameterize", reparameterize_fake, lib=lib)
     torch.library.register_fake(f"{ns}::reparameterize_backward", reparameterize_backward_fake, lib=lib)
-    torch.library.register_autograd(
-        f"{ns}::reparameterize",
-        lambda ctx, grad_z: _traced_backward(kernels, ctx, grad_z),
-        setup_context=_setup_context,
-        lib=lib,
-    )
+    if not has_native_autograd(f"{ns}::reparameterize"):
+        torch.library.register_autograd(
+            f"{ns}::reparameterize",
+            lambda ctx, grad_z: _traced_backward(kernels, ctx, grad_z),
+            setup_context=_setup_context,
+            lib=lib,
+        )

@@ -28,6 +28,7 @@ from vaekern._ops._common import (
     acc_dtype,
     below_autograd,
     grad_like,
+    has_native_autograd,
     loss_like,
     no_double_backward,
     scaled_rows,
@@ -123,15 +124,17 @@ class VAELossFunction(torch.autograd.Function):
 
 
 def register(lib: torch.library.Library, kernels) -> None:
-    """Define the schemas in ``lib``'s namespace, with their fakes and traced autograd."""
+    """Define the schemas in ``lib``'s namespace, with their fakes and, unless the
+    namespace has its own (the extension's, in C++), the autograd of both paths."""
     ns = lib.ns
     for name, schema in SCHEMAS.items():
         lib.define(name + schema)
     torch.library.register_fake(f"{ns}::vae_loss", vae_loss_fake, lib=lib)
     torch.library.register_fake(f"{ns}::vae_loss_backward_", vae_loss_backward_fake, lib=lib)
-    torch.library.register_autograd(
-        f"{ns}::vae_loss",
-        lambda ctx, *grads: _traced_backward(kernels, ctx, *grads),
-        setup_context=_setup_context,
-        lib=lib,
-    )
+    if not has_native_autograd(f"{ns}::vae_loss"):
+        torch.library.register_autograd(
+            f"{ns}::vae_loss",
+            lambda ctx, *grads: _traced_backward(kernels, ctx, *grads),
+            setup_context=_setup_context,
+            lib=lib,
+        )
