@@ -48,6 +48,18 @@ MAX_BLOCK_BYTES = 16384
 # kernels holds fewer elements than this, so that a column plus one block never wraps.
 MAX_ROW = 2**31 - 2**16
 
+# Numeric limits, the same values as ``vaekern.reference`` (a test ties them together):
+# the KL's clamp of logvar before exp, the clamp of each log of the probability NLL, and
+# the floor of p*(1-p) in the probability gradient.
+LOGVAR_MAX = 60.0
+BCE_LOG_MIN = -100.0
+BCE_GRAD_EPS = 1e-12
+# The same limits as constexprs: a @triton.jit function reads a global only in this form
+# (tl.constexpr(60.0) is not a float that Python code can compare or convert).
+_LOGVAR_MAX = tl.constexpr(LOGVAR_MAX)
+_BCE_LOG_MIN = tl.constexpr(BCE_LOG_MIN)
+_BCE_GRAD_EPS = tl.constexpr(BCE_GRAD_EPS)
+
 
 # ---- element math ------------------------------------------------------------------------
 
@@ -83,10 +95,10 @@ def _bernoulli_elem(x, t, FROM_LOGITS: tl.constexpr):
         num = tl.fma(-t, e, tl.where(x >= 0.0, 1.0 - t, e - t))
         grad = num / (1.0 + e)
     else:
-        log_p = tl.maximum(tl.log(x), -100.0, propagate_nan=tl.PropagateNan.ALL)
-        log_q = tl.maximum(_log1p(-x), -100.0, propagate_nan=tl.PropagateNan.ALL)
+        log_p = tl.maximum(tl.log(x), _BCE_LOG_MIN, propagate_nan=tl.PropagateNan.ALL)
+        log_q = tl.maximum(_log1p(-x), _BCE_LOG_MIN, propagate_nan=tl.PropagateNan.ALL)
         nll = -(t * log_p + (1.0 - t) * log_q)
-        grad = (x - t) / tl.maximum(x * (1.0 - x), 1e-12, propagate_nan=tl.PropagateNan.ALL)
+        grad = (x - t) / tl.maximum(x * (1.0 - x), _BCE_GRAD_EPS, propagate_nan=tl.PropagateNan.ALL)
     return nll, grad
 
 
@@ -159,17 +171,17 @@ def _scale_row_chunk(
 
 @triton.jit
 def _gaussian_kl_elem(mu, lv):
-    """mu^2 + exp(min(lv, 60)) - 1 - lv (twice the KL of one latent).
+    """mu^2 + exp(min(lv, LOGVAR_MAX)) - 1 - lv (twice the KL of one latent).
 
-    As mu^2 + (expm1(min(lv, 60)) - lv): near lv = 0, exp(lv) - 1 rounded on its own
+    As mu^2 + (expm1(min(lv, LOGVAR_MAX)) - lv): near lv = 0, exp(lv) - 1 rounded on its own
     carries an absolute error of an ulp of 1 into a term of size lv^2 / 2."""
-    return mu * mu + (_expm1(tl.minimum(lv, 60.0, propagate_nan=tl.PropagateNan.ALL)) - lv)
+    return mu * mu + (_expm1(tl.minimum(lv, _LOGVAR_MAX, propagate_nan=tl.PropagateNan.ALL)) - lv)
 
 
 @triton.jit
 def _kl_grad_elem(s, mu, lv):
-    """(s * mu, s * 0.5 * expm1(min(lv, 60))): the straight-through clamp's gradient."""
-    em1 = _expm1(tl.minimum(lv, 60.0, propagate_nan=tl.PropagateNan.ALL))
+    """(s * mu, s * 0.5 * expm1(min(lv, LOGVAR_MAX))): the straight-through clamp's gradient."""
+    em1 = _expm1(tl.minimum(lv, _LOGVAR_MAX, propagate_nan=tl.PropagateNan.ALL))
     return s * mu, s * (0.5 * em1)
 
 

@@ -7,7 +7,7 @@ Math, per element, with ``x`` the input and ``t`` the target (``vaekern.referenc
   below; nothing overflows for any finite logit (+-1e4 included).
 * probabilities: ``nll = -(t*max(log p, -100) + (1-t)*max(log1p(-p), -100))``,
   ``d nll/dp = (p - t) / max(p*(1-p), 1e-12)`` (``F.binary_cross_entropy``'s gradient,
-  finite at p = 0 and 1).
+  finite at p = 0 and 1). The limits are ``_common.BCE_LOG_MIN`` and ``BCE_GRAD_EPS``.
 * ``log1p`` is ``_common._log1p`` (no libdevice): a few ulp, see there.
 
 Forward, one pass over (input, target): program (b, c) sums the NLL of row b over its
