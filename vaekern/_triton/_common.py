@@ -40,8 +40,9 @@ mean and its store in the input's dtype. Row scaling in the backward
 (``_scale_row_chunk``), the deterministic finalize and the fused KL do not depend on the
 likelihood. A kernel picks the function with a compile-time branch, as in
 ``ELEM: tl.constexpr = _bernoulli_logits_elem if FROM_LOGITS else _bernoulli_probs_elem``;
-this compiles (AOT for sm_80/sm_90, with the same PTX as the function inlined by hand)
-and runs under ``TRITON_INTERPRET=1``. An element function sees only ``(x, t)``: a
+checked with triton 3.8 (2026-11-30), it compiles for sm_80/sm_90 to the same PTX as
+the function inlined by hand, and runs under ``TRITON_INTERPRET=1`` (a JIT function as an
+argument of another needs triton PR 5723, January 2025). An element function sees only ``(x, t)``: a
 likelihood with a parameter needs it as a constexpr of its own function or as a further
 argument of ``_loss_row_chunk``.
 
