@@ -192,3 +192,17 @@ def test_backward_leaves_rows_scaled_by_one_untouched(backend, device):
     g = grad.clone()
     ops.bernoulli_nll_backward_(g, torch.tensor(1.0, device=device))
     assert torch.equal(g.view(torch.int32), grad.view(torch.int32))
+
+
+def test_float64_probability_gradient_floor_is_float64(backend, device):
+    """At p = 0 or 1 the gradient divides by the floor 1e-12 of p(1-p), in float64 for
+    float64 input: a float32 floor (9.99999996e-13) is off by 4e-9 relative."""
+    p = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0, 0.3, 1.0]], dtype=torch.float64)
+    t = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.25, 0.75], [0.0, 1.0, 0.5, 0.125, 1.0, 0.0]], dtype=torch.float64)
+    g = torch.tensor([0.75, 3.0], dtype=torch.float64)
+    pa = leaf(p.to(device))
+    out = vaekern.bernoulli_nll(pa, t.to(device), from_logits=False, reduction="none", backend=backend)
+    out.backward(g.to(device))
+    expected = g[:, None] * ((p - t) / torch.clamp(p * (1 - p), min=1e-12))
+    assert expected.abs().max() > 1e11  # the floor is reached
+    torch.testing.assert_close(pa.grad.cpu(), expected, rtol=1e-15, atol=0.0)

@@ -16,6 +16,11 @@ see the register table: ``python tests/test_triton_aot.py``.
 
 The other tests run the kernels in the interpreter with the column-split path forced
 (long rows split across programs), which the shared shape tables do not reach.
+
+``_squared_error_elem`` is a likelihood added the way ``vaekern/_triton/_common.py``'s
+header describes: one element function handed to the shared ``_loss_row_chunk``. Its
+kernel is compiled with the others (no spills, 128-bit loads) and run in the interpreter,
+which checks that the row machinery owes nothing to the Bernoulli NLL.
 """
 
 from __future__ import annotations
@@ -35,13 +40,44 @@ try:  # run by the interpreter (conftest) or on a GPU; the AOT script needs neit
     import triton
     import triton.language as tl
 
-    from vaekern._triton._common import MAX_ROW, _chunk_bounds, row_config
+    from vaekern._triton._common import MAX_ROW, _chunk_bounds, _loss_row_chunk, row_config
 
     @triton.jit
     def _chunk_bounds_probe(out_ptr, chunk, n_blocks, D, BLOCK: tl.constexpr):
         lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
         tl.store(out_ptr, lo)
         tl.store(out_ptr + 1, hi)
+
+    @triton.jit
+    def _squared_error_elem(x, t):
+        """A unit-variance Gaussian NLL less its constant: (0.5 (x - t)^2, x - t)."""
+        d = x - t
+        return 0.5 * d * d, d
+
+    @triton.jit
+    def _squared_error_fwd_kernel(
+        x_ptr,  # [B, D] predictions, row stride stride_x, unit column stride
+        t_ptr,  # [B, D] targets, row stride stride_t
+        grad_ptr,  # [B, D] contiguous, x's dtype: d(reduced loss)/dx (COMPUTE_GRAD)
+        part_ptr,  # [B, C] acc dtype: loss of row b summed over column chunk c
+        D,  # elements per row
+        stride_x,  # row stride of x, in elements
+        stride_t,  # row stride of t, in elements
+        B,  # rows (the gradient is divided by it for MEAN)
+        n_blocks,  # column blocks per chunk
+        COMPUTE_GRAD: tl.constexpr,
+        MEAN: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
+        total = _loss_row_chunk(
+            _squared_error_elem, x_ptr + row * stride_x, t_ptr + row * stride_t, grad_ptr + row * D,
+            lo, hi, D, B,
+            part_ptr.dtype.element_ty, COMPUTE_GRAD, MEAN, BLOCK,
+        )
+        tl.store(part_ptr + row * tl.num_programs(1) + chunk, total)
 
 except ImportError:
     triton = None
@@ -52,7 +88,10 @@ D_IMAGE, Z_LATENT, B_BATCH = 3072, 64, 128
 DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 # A 128-bit load: four 32-bit words (float32, packed halves or bytes) or two 64-bit ones.
 WIDE_LOAD = re.compile(r"ld\.global(?:\.[a-z_:0-9]+)*\.(?:v4\.b32|v4\.f32|v2\.b64|v2\.f64)")
-IMAGE_KERNELS = ("_bernoulli_nll_fwd_kernel", "_bernoulli_nll_bwd_kernel", "_vae_loss_fwd_kernel", "_vae_loss_bwd_kernel")
+IMAGE_KERNELS = (
+    "_bernoulli_nll_fwd_kernel", "_bernoulli_nll_bwd_kernel", "_vae_loss_fwd_kernel", "_vae_loss_bwd_kernel",
+    "_squared_error_fwd_kernel",
+)
 
 
 # ---- the cases (used in the worker process) -------------------------------------------------
@@ -63,7 +102,8 @@ def _acc(dt: str) -> str:
 
 
 def _cases():
-    """(label, module, kernel, pointer dtypes, hinted ints, constexprs, num_warps) per compile."""
+    """(label, module, kernel, pointer dtypes, hinted ints, constexprs, num_warps) per compile;
+    module "" is this file (the likelihood added by the tests)."""
     from vaekern._triton import _common
 
     def image(dt):
@@ -97,6 +137,12 @@ def _cases():
                     ("D", "Z", "stride_x", "stride_t", "stride_mu", "stride_lv"),
                     {"FROM_LOGITS": logits, "COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z}, warps,
                 ))
+        if dt in ("fp32", "fp64"):
+            cases.append((
+                f"squared_error_fwd x={dt} t={dt}", "", "_squared_error_fwd_kernel",
+                {"x_ptr": dt, "t_ptr": dt, "grad_ptr": dt, "part_ptr": acc}, ("D", "stride_x", "stride_t"),
+                {"COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK}, warps,
+            ))
         cases.append((
             f"bernoulli_nll_bwd g={dt}", "bernoulli_nll", "_bernoulli_nll_bwd_kernel",
             {"grad_ptr": dt, "go_ptr": acc}, ("D",), {"BLOCK": BLOCK}, warps,
@@ -180,7 +226,7 @@ def _compile_one(job):
     from triton.compiler import ASTSource
 
     (label, module, kernel, ptrs, hinted, constexprs, warps), arch = job
-    fn = getattr(importlib.import_module(f"vaekern._triton.{module}"), kernel)
+    fn = globals()[kernel] if not module else getattr(importlib.import_module(f"vaekern._triton.{module}"), kernel)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -313,6 +359,34 @@ def test_split_rows_match_reference(split_rows, reduction, from_logits):
     g_mu_r, g_lv_r = ref.vae_loss_backward_(res_r[3], go, go * 0.5, gk, mu, lv, beta, reduction)
     for a, b in ((res[3], res_r[3]), (g_mu, g_mu_r), (g_lv, g_lv_r)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_new_likelihood_through_shared_row_machinery(split_rows, reduction):
+    """A likelihood is one element function: the shared tiling, row sums, gradient store
+    and finalize give its loss and gradient, here over rows split into column chunks."""
+    from vaekern._triton._common import finalize
+
+    dev = split_rows
+    B = 3
+    x = torch.randn(B, 1000, dtype=torch.float64, device=dev)
+    t = torch.randn(B, 1000, dtype=torch.float64, device=dev)
+    BLOCK, num_warps, C, n_blocks = row_config(B, 1000, 8)
+    assert C > 1
+    grad = torch.empty_like(x)
+    part = torch.empty(B, C, dtype=torch.float64, device=dev)
+    _squared_error_fwd_kernel[(B, C)](
+        x, t, grad, part, 1000, 1000, 1000, B, n_blocks,
+        COMPUTE_GRAD=True, MEAN=reduction == 1, BLOCK=BLOCK, num_warps=num_warps,
+    )
+    out = x.new_empty((B,) if reduction == 0 else ())
+    finalize(part, None, None, out, None, None, reduction)
+    xr = x.detach().clone().requires_grad_(True)
+    rows = (0.5 * (xr - t) ** 2).sum(dim=1)
+    ref = {0: rows, 1: rows.mean(), 2: rows.sum()}[reduction]
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, xr.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_row_strides_read_in_place(split_rows):

@@ -1,4 +1,5 @@
-"""Pieces shared by the Triton kernels: element math, the partials reduction, launch helpers.
+"""Pieces shared by the Triton kernels: element math, the row machinery, the partials
+reduction, launch helpers.
 
 Element math (``@triton.jit`` helpers, inlined into the kernels)
 --------------------------------------------------------------
@@ -12,12 +13,38 @@ Element math (``@triton.jit`` helpers, inlined into the kernels)
   ``e`` carries an absolute error below about 1e-7, which is what matters in a row sum.
 * ``_expm1(x) = (u - 1) * x / log(u)`` with ``u = exp(x)`` (Kahan), for the KL's
   ``exp(lv) - 1`` near lv = 0, likewise without libdevice.
-* ``_bernoulli_elem(x, t)``: the NLL and its gradient for one element, in the
-  accumulation dtype; see ``bernoulli_nll.py`` for the math. One ``exp`` and one ``log``
+* ``_bernoulli_logits_elem`` and ``_bernoulli_probs_elem``: the likelihoods' element
+  functions (below); see ``bernoulli_nll.py`` for the math. One ``exp`` and one ``log``
   per logit; the sigmoid reuses the same ``exp(-|x|)``, and ``sigmoid(x) - t`` is formed
   so that it does not cancel (see the comment there).
+* ``_gaussian_kl_elem`` and ``_kl_grad_elem``: the KL to N(0, I) and its gradient, shared
+  by ``gaussian_kl.py`` and ``vae_loss.py``.
 * Every clamp passes ``propagate_nan=ALL``: ``tl.maximum``/``tl.minimum`` otherwise
   return the other operand for a NaN, and a NaN input must give a NaN loss.
+* The limits ``LOGVAR_MAX``, ``BCE_LOG_MIN`` and ``BCE_GRAD_EPS`` are defined here once,
+  with the values of ``vaekern.reference``; kernels read their ``tl.constexpr`` copies.
+
+Adding a likelihood (the extension point)
+-----------------------------------------
+A likelihood is one ``@triton.jit`` element function ``elem(x, t) -> (value, grad)``:
+``x`` the input and ``t`` the target, blocks already converted to the accumulation dtype
+(float32, or float64 for float64 math); ``value`` its negative log-likelihood and
+``grad = d value / dx``, both in that dtype, NaN wherever an input is NaN (masked-off
+lanes see x = 0.5, t = 0, and their results are discarded). Use ``tl.full([], c,
+x.dtype)`` for a constant that float32 cannot hold exactly: a bare float literal is a
+float32 constant. Write it here, next to the Bernoulli ones, with its reference in
+``vaekern/reference.py``; a kernel then passes it, as a compile-time constant, to
+``_loss_row_chunk``, which owns everything else: the column tiling and masking, the
+loads in each tensor's own width, the per-row partial sum, the gradient's ``/B`` for
+mean and its store in the input's dtype. Row scaling in the backward
+(``_scale_row_chunk``), the deterministic finalize and the fused KL do not depend on the
+likelihood. A kernel picks the function with a compile-time branch, as in
+``ELEM: tl.constexpr = _bernoulli_logits_elem if FROM_LOGITS else _bernoulli_probs_elem``;
+checked with triton 3.8 (2026-11-30), it compiles for sm_80/sm_90 to the same PTX as
+the function inlined by hand, and runs under ``TRITON_INTERPRET=1`` (a JIT function as an
+argument of another needs triton PR 5723, January 2025). An element function sees only ``(x, t)``: a
+likelihood with a parameter needs it as a constexpr of its own function or as a further
+argument of ``_loss_row_chunk``.
 
 Deterministic reduction
 -----------------------
@@ -48,8 +75,20 @@ MAX_BLOCK_BYTES = 16384
 # kernels holds fewer elements than this, so that a column plus one block never wraps.
 MAX_ROW = 2**31 - 2**16
 
+# Numeric limits, the same values as ``vaekern.reference`` (a test ties them together):
+# the KL's clamp of logvar before exp, the clamp of each log of the probability NLL, and
+# the floor of p*(1-p) in the probability gradient.
+LOGVAR_MAX = 60.0
+BCE_LOG_MIN = -100.0
+BCE_GRAD_EPS = 1e-12
+# The same limits as constexprs: a @triton.jit function reads a global only in this form
+# (tl.constexpr(60.0) is not a float that Python code can compare or convert).
+_LOGVAR_MAX = tl.constexpr(LOGVAR_MAX)
+_BCE_LOG_MIN = tl.constexpr(BCE_LOG_MIN)
+_BCE_GRAD_EPS = tl.constexpr(BCE_GRAD_EPS)
 
-# ---- element math ------------------------------------------------------------------------
+
+# ---- element math: helpers --------------------------------------------------------------
 
 
 @triton.jit
@@ -68,26 +107,38 @@ def _expm1(x):
     return tl.where(d == 0.0, x, tl.where(d == -1.0, d, d * (x / tl.log(u))))
 
 
+# ---- element math: likelihoods (x, t) -> (nll, d nll / dx), see the module header --------
+
+
 @triton.jit
-def _bernoulli_elem(x, t, FROM_LOGITS: tl.constexpr):
-    """(nll, d nll / dx) of one element; x and t already in the accumulation dtype."""
-    if FROM_LOGITS:
-        e = tl.exp(-tl.abs(x))
-        nll = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) - x * t + _log1p(e)
-        # sigmoid(x) - t = num / (1 + e), with num = (1 - t) - t*e for x >= 0 and
-        # (e - t) - t*e below. Where sigmoid(x) and t nearly cancel, 1 - t (t near
-        # sigmoid >= 1/2) and e - t (t near sigmoid in [e/2, e)) are exact by Sterbenz's
-        # lemma and the fma rounds once, so the gradient keeps its relative accuracy
-        # (sigmoid(x) - t rounded on its own loses up to 6e-8 absolute; for a binary
-        # target and |x| = 10 that is a relative error of 1e-3).
-        num = tl.fma(-t, e, tl.where(x >= 0.0, 1.0 - t, e - t))
-        grad = num / (1.0 + e)
-    else:
-        log_p = tl.maximum(tl.log(x), -100.0, propagate_nan=tl.PropagateNan.ALL)
-        log_q = tl.maximum(_log1p(-x), -100.0, propagate_nan=tl.PropagateNan.ALL)
-        nll = -(t * log_p + (1.0 - t) * log_q)
-        grad = (x - t) / tl.maximum(x * (1.0 - x), 1e-12, propagate_nan=tl.PropagateNan.ALL)
-    return nll, grad
+def _bernoulli_logits_elem(x, t):
+    """Bernoulli NLL of logit x: (max(x, 0) - x*t + log1p(exp(-|x|)), sigmoid(x) - t)."""
+    e = tl.exp(-tl.abs(x))
+    nll = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) - x * t + _log1p(e)
+    # sigmoid(x) - t = num / (1 + e), with num = (1 - t) - t*e for x >= 0 and
+    # (e - t) - t*e below. Where sigmoid(x) and t nearly cancel, 1 - t (t near
+    # sigmoid >= 1/2) and e - t (t near sigmoid in [e/2, e)) are exact by Sterbenz's
+    # lemma and the fma rounds once, so the gradient keeps its relative accuracy
+    # (sigmoid(x) - t rounded on its own loses up to 6e-8 absolute; for a binary
+    # target and |x| = 10 that is a relative error of 1e-3).
+    num = tl.fma(-t, e, tl.where(x >= 0.0, 1.0 - t, e - t))
+    return nll, num / (1.0 + e)
+
+
+@triton.jit
+def _bernoulli_probs_elem(x, t):
+    """Bernoulli NLL of probability x, logs clamped at BCE_LOG_MIN:
+    (-(t*log x + (1-t)*log1p(-x)), (x - t) / max(x(1-x), BCE_GRAD_EPS))."""
+    log_p = tl.maximum(tl.log(x), _BCE_LOG_MIN, propagate_nan=tl.PropagateNan.ALL)
+    log_q = tl.maximum(_log1p(-x), _BCE_LOG_MIN, propagate_nan=tl.PropagateNan.ALL)
+    nll = -(t * log_p + (1.0 - t) * log_q)
+    # The floor in the math's precision: a bare 1e-12 is a float32 constant
+    # (9.99999996e-13), 4e-9 relative off in the float64 gradient at p = 0 or 1.
+    eps = tl.full([], _BCE_GRAD_EPS, x.dtype)
+    return nll, (x - t) / tl.maximum(x * (1.0 - x), eps, propagate_nan=tl.PropagateNan.ALL)
+
+
+# ---- row machinery: column chunks of one row ----------------------------------------------
 
 
 @triton.jit
@@ -102,7 +153,8 @@ def _chunk_bounds(chunk, n_blocks, D, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bernoulli_row_chunk(
+def _loss_row_chunk(
+    ELEM: tl.constexpr,  # the likelihood's element function, (x, t) -> (nll, d nll / dx)
     x_row,  # [D] pointer to this row of the input (unit column stride)
     t_row,  # [D] pointer to this row of the target
     g_row,  # [D] pointer to this row of the gradient output (COMPUTE_GRAD)
@@ -111,12 +163,11 @@ def _bernoulli_row_chunk(
     D,  # row length
     B,  # batch size: the gradient is divided by it for MEAN
     ACC: tl.constexpr,  # accumulation dtype
-    FROM_LOGITS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     MEAN: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """NLL summed over columns [lo, hi) of one row; writes the gradient of those columns."""
+    """ELEM's NLL summed over columns [lo, hi) of one row; writes the gradient there."""
     cols0 = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=ACC)
     # One division per program, a multiply per element: an IEEE division per element
@@ -129,7 +180,7 @@ def _bernoulli_row_chunk(
         mask = cols < D
         x = tl.load(x_row + cols, mask=mask, other=0.5).to(ACC)
         t = tl.load(t_row + cols, mask=mask, other=0).to(ACC)
-        nll, grad = _bernoulli_elem(x, t, FROM_LOGITS)
+        nll, grad = ELEM(x, t)
         acc += tl.where(mask, nll, 0.0)
         if COMPUTE_GRAD:
             if MEAN:
@@ -157,19 +208,22 @@ def _scale_row_chunk(
             tl.store(g_row + cols, (g * s).to(g_row.dtype.element_ty), mask=mask)
 
 
+# ---- element math: the KL to N(0, I) -----------------------------------------------------
+
+
 @triton.jit
 def _gaussian_kl_elem(mu, lv):
-    """mu^2 + exp(min(lv, 60)) - 1 - lv (twice the KL of one latent).
+    """mu^2 + exp(min(lv, LOGVAR_MAX)) - 1 - lv (twice the KL of one latent).
 
-    As mu^2 + (expm1(min(lv, 60)) - lv): near lv = 0, exp(lv) - 1 rounded on its own
+    As mu^2 + (expm1(min(lv, LOGVAR_MAX)) - lv): near lv = 0, exp(lv) - 1 rounded on its own
     carries an absolute error of an ulp of 1 into a term of size lv^2 / 2."""
-    return mu * mu + (_expm1(tl.minimum(lv, 60.0, propagate_nan=tl.PropagateNan.ALL)) - lv)
+    return mu * mu + (_expm1(tl.minimum(lv, _LOGVAR_MAX, propagate_nan=tl.PropagateNan.ALL)) - lv)
 
 
 @triton.jit
 def _kl_grad_elem(s, mu, lv):
-    """(s * mu, s * 0.5 * expm1(min(lv, 60))): the straight-through clamp's gradient."""
-    em1 = _expm1(tl.minimum(lv, 60.0, propagate_nan=tl.PropagateNan.ALL))
+    """(s * mu, s * 0.5 * expm1(min(lv, LOGVAR_MAX))): the straight-through clamp's gradient."""
+    em1 = _expm1(tl.minimum(lv, _LOGVAR_MAX, propagate_nan=tl.PropagateNan.ALL))
     return s * mu, s * (0.5 * em1)
 
 

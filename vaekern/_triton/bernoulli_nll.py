@@ -7,8 +7,13 @@ Math, per element, with ``x`` the input and ``t`` the target (``vaekern.referenc
   below; nothing overflows for any finite logit (+-1e4 included).
 * probabilities: ``nll = -(t*max(log p, -100) + (1-t)*max(log1p(-p), -100))``,
   ``d nll/dp = (p - t) / max(p*(1-p), 1e-12)`` (``F.binary_cross_entropy``'s gradient,
-  finite at p = 0 and 1).
+  finite at p = 0 and 1). The limits are ``_common.BCE_LOG_MIN`` and ``BCE_GRAD_EPS``.
 * ``log1p`` is ``_common._log1p`` (no libdevice): a few ulp, see there.
+
+The element math is ``_common._bernoulli_logits_elem`` / ``_bernoulli_probs_elem``, chosen
+at compile time by ``FROM_LOGITS``; the tiling, the row sums and the gradient's store are
+``_common._loss_row_chunk``, shared with ``vae_loss.py``. Another likelihood reuses this
+kernel's shape with its own element function (``_common``'s header says how).
 
 Forward, one pass over (input, target): program (b, c) sums the NLL of row b over its
 column chunk c into ``partials[b, c]`` and writes the gradient of the *reduced* loss for
@@ -40,8 +45,10 @@ import triton.language as tl
 
 from vaekern._ops._common import acc_dtype
 from vaekern._triton._common import (
-    _bernoulli_row_chunk,
+    _bernoulli_logits_elem,
+    _bernoulli_probs_elem,
     _chunk_bounds,
+    _loss_row_chunk,
     _scale_row_chunk,
     as_loadable,
     as_rows,
@@ -72,10 +79,11 @@ def _bernoulli_nll_fwd_kernel(
     chunk = tl.program_id(1)
     C = tl.num_programs(1)
     lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
-    total = _bernoulli_row_chunk(
-        x_ptr + row * stride_x, t_ptr + row * stride_t, grad_ptr + row * D,
+    ELEM: tl.constexpr = _bernoulli_logits_elem if FROM_LOGITS else _bernoulli_probs_elem
+    total = _loss_row_chunk(
+        ELEM, x_ptr + row * stride_x, t_ptr + row * stride_t, grad_ptr + row * D,
         lo, hi, D, B,
-        part_ptr.dtype.element_ty, FROM_LOGITS, COMPUTE_GRAD, MEAN, BLOCK,
+        part_ptr.dtype.element_ty, COMPUTE_GRAD, MEAN, BLOCK,
     )
     tl.store(part_ptr + row * C + chunk, total)
 

@@ -1,6 +1,7 @@
 """Analytic Gaussian KL to N(0, I): ``vaekern_triton::gaussian_kl`` and its backward.
 
-Math, per latent, with ``v = exp(min(lv, 60))`` (``vaekern.reference``):
+Math, per latent, with ``v = exp(min(lv, 60))`` (60 is ``_common.LOGVAR_MAX``;
+``vaekern.reference``):
 
 * forward:  ``kl = 0.5 * (mu^2 + v - 1 - lv)``, summed over every dim but the first.
 * backward: ``d/dmu = s * mu``, ``d/dlv = s * 0.5 * (v - 1)`` (the straight-through clamp:

@@ -16,6 +16,14 @@ Backward, for upstream gradients ``(g_loss, g_recon, g_kl)``, each () or (B,):
 * ``d/dmu = s * mu``, ``d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)``, with
   ``s = (g_loss * beta + g_kl)[b]``, divided by B for mean.
 
+The reconstruction term is generic: the kernel hands the likelihood's element function
+(``_common._bernoulli_logits_elem`` or ``_bernoulli_probs_elem``, by ``FROM_LOGITS`` at
+compile time) to ``_common._loss_row_chunk``, which tiles the row, sums the NLL and
+writes its gradient; the KL, the row scaling of the backward and the finalize never see
+the likelihood. A new likelihood is one element function there (see ``_common``'s
+header), plus its compile-time choice of ``ELEM`` here and whatever argument of the
+op's schema selects it.
+
 Launches. Forward: ``_vae_loss_fwd_kernel`` over a (B, C) grid: program (b, c) reads
 column chunk c of row b once (NLL partial sum + gradient), and program (b, 0) also sums
 row b's KL; then ``_finalize_kernel`` (a second, tiny launch) reduces the ``[B, C]`` and
@@ -43,10 +51,12 @@ import triton.language as tl
 
 from vaekern._ops._common import acc_dtype
 from vaekern._triton._common import (
-    _bernoulli_row_chunk,
+    _bernoulli_logits_elem,
+    _bernoulli_probs_elem,
     _chunk_bounds,
     _gaussian_kl_elem,
     _kl_grad_elem,
+    _loss_row_chunk,
     _scale_row_chunk,
     as_loadable,
     as_rows,
@@ -86,10 +96,11 @@ def _vae_loss_fwd_kernel(
     chunk = tl.program_id(1)
     C = tl.num_programs(1)
     lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
-    total = _bernoulli_row_chunk(
-        x_ptr + row * stride_x, t_ptr + row * stride_t, grad_ptr + row * D,
+    ELEM: tl.constexpr = _bernoulli_logits_elem if FROM_LOGITS else _bernoulli_probs_elem
+    total = _loss_row_chunk(
+        ELEM, x_ptr + row * stride_x, t_ptr + row * stride_t, grad_ptr + row * D,
         lo, hi, D, B,
-        ACC, FROM_LOGITS, COMPUTE_GRAD, MEAN, BLOCK,
+        ACC, COMPUTE_GRAD, MEAN, BLOCK,
     )
     tl.store(part_ptr + row * C + chunk, total)
     if chunk == 0:
