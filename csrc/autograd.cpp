@@ -14,11 +14,13 @@
 //   upstream gradient of 1 (folded 1/B for "mean"). The first backward takes it (so a
 //   second one, retain_graph=True, recomputes it) and scales it per row by the upstream
 //   gradient: in place, with the kernels' skip of rows scaled by exactly 1, so a plain
-//   loss.backward() moves no image-sized bytes; or out of place while AOTAutograd traces
-//   (torch.compile, opcheck), whose partitioner cannot take an in-place update of a saved
-//   forward output. Double backward raises: the saved gradient has no graph.
+//   loss.backward() moves no image-sized bytes; or out of place where someone else holds
+//   the buffer, or while AOTAutograd traces (torch.compile, opcheck), whose partitioner
+//   cannot take an in-place update of a saved forward output (scale_in_place). Double
+//   backward raises: the saved gradient has no graph.
 // * gaussian_kl, reparameterize: backward calls the backward kernel, or, when it must
 //   build a graph (create_graph=True), the same formula in differentiable ATen ops.
+#include <ATen/TensorOperators.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/expm1.h>
@@ -30,7 +32,7 @@
 #include <optional>
 #include <tuple>
 
-#include "limits.h"  // kLogvarMax
+#include "conventions.h"  // kLogvarMax
 
 namespace vaekern::autograd {
 namespace {
@@ -81,6 +83,14 @@ bool traced(const Tensor& t) {
   return t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
 }
 
+// Whether backward may scale the forward's gradient in place: only a real tensor that no
+// one else holds (the rule by which AccumulateGrad adopts a buffer). vaekern.functional
+// drops the op's gradient output, so that is the usual case; a caller who keeps it (or
+// opcheck, which compares it) gets an out-of-place product and an unchanged output.
+bool scale_in_place(const Tensor& grad, const Tensor& grad_out) {
+  return grad.use_count() == 1 && !traced(grad) && !traced(grad_out);
+}
+
 void no_double_backward(const char* op) {
   TORCH_CHECK(!at::GradMode::is_enabled(), "vaekern.", op,
               ": double backward (create_graph=True) is not supported, because the reconstruction gradient is "
@@ -88,16 +98,17 @@ void no_double_backward(const char* op) {
               "PyTorch autograd) for higher-order gradients.");
 }
 
-// grad_out (() or (B,)) shaped to broadcast over the rows of an ndim tensor.
-Tensor per_row(const Tensor& scale, int64_t batch, int64_t ndim) {
-  std::vector<int64_t> shape(ndim, 1);
+// grad_out (() or (B,)) shaped to broadcast over the rows of an ndim tensor. Sizes are
+// symbolic: under torch.compile's dynamic shapes the batch is a SymInt.
+Tensor per_row(const Tensor& scale, const c10::SymInt& batch, int64_t ndim) {
+  std::vector<c10::SymInt> shape(ndim, c10::SymInt(1));
   shape[0] = batch;
-  return scale.expand({batch}).reshape(shape);
+  return scale.expand_symint({batch}).reshape_symint(shape);
 }
 
 // The traced path's backward: saved * scale per row, out of place, in saved's dtype.
 Tensor scaled_rows(const Tensor& saved, const Tensor& scale) {
-  return (saved * per_row(scale, saved.size(0), saved.dim())).to(saved.scalar_type());
+  return (saved * per_row(scale, saved.sym_size(0), saved.dim())).to(saved.scalar_type());
 }
 
 // The forward's gradient for the first backward only; undefined after.
@@ -121,6 +132,7 @@ struct BernoulliNLLFunction : public torch::autograd::Function<BernoulliNLLFunct
     ctx->saved_data["from_logits"] = from_logits;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["grad"] = grad;
+    ctx->saved_data["grad_computed"] = compute_grad;
     ctx->save_for_backward({input, target});
     return {loss, grad};
   }
@@ -132,15 +144,15 @@ struct BernoulliNLLFunction : public torch::autograd::Function<BernoulliNLLFunct
     auto saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &target = saved[1];
     Tensor grad = take_saved_grad(ctx);
-    if (!grad.defined() || grad.numel() != input.numel()) {  // a second backward, or none computed
+    if (!grad.defined() || !ctx->saved_data["grad_computed"].toBool()) {  // a second backward, or none computed
       grad = std::get<1>(bernoulli_nll_kernel()
                              .call(input, target, ctx->saved_data["from_logits"].toBool(),
                                    ctx->saved_data["reduction"].toInt(), true));
     }
-    if (traced(grad) || traced(grad_out)) {
-      grad = scaled_rows(grad, grad_out);
-    } else {
+    if (scale_in_place(grad, grad_out)) {
       bernoulli_nll_backward_kernel().call(grad, grad_out);
+    } else {
+      grad = scaled_rows(grad, grad_out);
     }
     return {grad, Tensor(), Tensor(), Tensor(), Tensor()};
   }
@@ -156,8 +168,8 @@ std::tuple<Tensor, Tensor> bernoulli_nll_autograd(const Tensor& input, const Ten
 // (d/dmu, d/dlogvar) of the reduced KL times grad_out, in ATen ops that autograd can differentiate.
 std::tuple<Tensor, Tensor> differentiable_kl_grads(const Tensor& grad_out, const Tensor& mu, const Tensor& logvar,
                                                    int64_t reduction) {
-  const int64_t batch = mu.size(0);
-  Tensor s = per_row(reduction == 1 ? grad_out / static_cast<double>(batch) : grad_out, batch, mu.dim());
+  const c10::SymInt batch = mu.sym_size(0);
+  Tensor s = per_row(reduction == 1 ? grad_out.div(c10::Scalar(batch)) : grad_out, batch, mu.dim());
   Tensor g_mu = s * mu;
   Tensor g_lv = s * 0.5 * at::expm1(logvar.clamp_max(kLogvarMax));
   return {g_mu.to(mu.scalar_type()), g_lv.to(logvar.scalar_type())};
@@ -235,6 +247,7 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     ctx->saved_data["from_logits"] = from_logits;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["grad"] = grad;
+    ctx->saved_data["grad_computed"] = compute_grad;
     ctx->save_for_backward({recon, target, mu, logvar, beta});
     return {loss, rec, kl, grad};
   }
@@ -257,19 +270,19 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const bool want_recon = ctx->needs_input_grad(0);
     Tensor grad = take_saved_grad(ctx);
-    if (want_recon && (!grad.defined() || grad.numel() != recon.numel())) {  // a second backward, or none computed
+    if (want_recon && (!grad.defined() || !ctx->saved_data["grad_computed"].toBool())) {  // a second backward, or none
       grad = std::get<3>(vae_loss_kernel()
                              .call(recon, target, mu, logvar, beta, ctx->saved_data["from_logits"].toBool(),
                                    reduction, true));
     }
     variable_list out(8);
-    if (traced(grad_loss) || traced(mu) || (grad.defined() && traced(grad))) {
-      if (want_recon) out[0] = scaled_rows(grad, grad_loss + grad_recon_term);
+    if (want_recon && !scale_in_place(grad, grad_loss)) {
+      out[0] = scaled_rows(grad, grad_loss + grad_recon_term);
       std::tie(out[2], out[3]) = gaussian_kl_backward_kernel()
                                      .call(grad_loss * beta + grad_kl_term, mu, logvar, reduction);
       return out;
     }
-    if (!want_recon) grad = recon.new_empty({0});
+    if (!want_recon) grad = recon.new_empty_symint({c10::SymInt(0)});
     std::tie(out[2], out[3]) = vae_loss_backward_kernel()
                                    .call(grad, grad_loss, grad_recon_term, grad_kl_term, mu, logvar, beta, reduction);
     if (want_recon) out[0] = grad;

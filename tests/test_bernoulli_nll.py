@@ -170,7 +170,9 @@ def test_opcheck(backend, device):
         torch.library.opcheck(ops.bernoulli_nll, (x, t, True, reduction, False))
         # The registered op's autograd (the traced path) scales the saved gradient out of
         # place, so every opcheck test applies, eager-versus-AOT gradients included.
-        torch.library.opcheck(ops.bernoulli_nll, (leaf(x), t, False, reduction, True))
+        torch.library.opcheck(ops.bernoulli_nll, (leaf(x), t, True, reduction, True))
+        torch.library.opcheck(ops.bernoulli_nll, (leaf(probs((5, 13), torch.float32, device)), t, False, reduction, True))
+        # Asked for no gradient while the input needs one: backward recomputes it.
         torch.library.opcheck(ops.bernoulli_nll, (leaf(x), t, True, reduction, False))
     grad = torch.randn(5, 13, device=device)
     torch.library.opcheck(ops.bernoulli_nll_backward_, (grad, torch.rand(5, device=device)))

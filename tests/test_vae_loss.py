@@ -209,7 +209,9 @@ def test_opcheck(backend, device):
         torch.library.opcheck(ops.vae_loss, (recon, t, leaf(mu), leaf(logvar), beta, True, reduction, False))
         # As in test_bernoulli_nll.py::test_opcheck: every opcheck test, gradients included.
         torch.library.opcheck(ops.vae_loss, (leaf(recon), t, leaf(mu), leaf(logvar), beta, True, reduction, True))
-        torch.library.opcheck(ops.vae_loss, (leaf(recon), t, mu, logvar, beta, False, reduction, False))
+        # Probabilities, and no gradient asked while recon needs one: backward recomputes it.
+        p = probs((5, 13), torch.float32, device)
+        torch.library.opcheck(ops.vae_loss, (leaf(p), t, mu, logvar, beta, False, reduction, False))
         g = (lambda: torch.rand(5, device=device)) if reduction == 0 else (lambda: torch.rand((), device=device))
         grad = torch.randn(5, 13, device=device)
         torch.library.opcheck(

@@ -160,7 +160,10 @@ def _register_builtins() -> None:
         _triton.register_launchers(_triton_device_types())
         for device_type in _triton_device_types():
             register("triton", device_type, _triton.NAMESPACE)
-    _ops.define(_extension.NAMESPACE)  # the extension's kernels fill these schemas
+    # The extension first: its kernels and C++ autograd are in place before the schemas are
+    # defined, so that define() adds no Python autograd over the C++ one.
+    _extension.load()
+    _ops.define(_extension.NAMESPACE)
     for device_type, key in _DISPATCH_KEY.items():
         if _extension.has_kernels(key):
             register(device_type, device_type, _extension.NAMESPACE)

@@ -27,8 +27,8 @@ from vaekern.backends import resolve
 
 __all__ = ["VAELossParts", "bernoulli_nll", "gaussian_kl", "reparameterize", "vae_loss"]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TARGETS = _FLOATS + (torch.bool, torch.uint8)
+_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+_TARGETS = _FLOATS | {torch.bool, torch.uint8}
 # Seeds for the in-kernel Philox generator are drawn on the device from the torch
 # generator, so torch.manual_seed reproduces them and CUDA-graph replays draw new ones.
 _SEED_HIGH = 2**62
@@ -46,7 +46,7 @@ def _tensor(name: str, x, dtypes=_FLOATS) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
         raise TypeError(f"{name} must have dtype in ({names}), got {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{name} must have a batch dim (dim 0), got a 0-d tensor")
@@ -93,17 +93,44 @@ def _check_latents(mu, logvar) -> None:
         raise TypeError(f"logvar has dtype {logvar.dtype} but mu has dtype {mu.dtype}")
 
 
-def _path(*differentiable: Tensor) -> str:
-    """Which path a kernel call takes: "traced", "eager" or "none".
+def _plainly_valid(recon, target, mu, logvar) -> bool:
+    """vae_loss's checks in one expression, for the common case: a call costs tens of
+    microseconds at small batch, and one function call per check is a visible share of it.
+    False sends the caller through the per-argument checks, which raise the named error."""
+    try:
+        return (
+            recon.dtype in _FLOATS
+            and mu.dtype in _FLOATS
+            and logvar.dtype is mu.dtype
+            and target.dtype in _TARGETS
+            and not target.requires_grad
+            and recon.shape == target.shape
+            and mu.shape == logvar.shape
+            and mu.shape[0] == recon.shape[0]  # IndexError for a 0-d tensor
+            and recon.device == target.device == mu.device == logvar.device
+        )
+    except (AttributeError, IndexError):
+        return False
 
-    While torch.compile traces, the registered op with its out-of-place autograd. In eager
-    mode, the lean ``torch.autograd.Function`` of vaekern._ops when a gradient is needed,
-    else the kernel alone, below autograd (see vaekern._ops and ``below_autograd``)."""
+
+def _path(kernels, *differentiable: Tensor) -> str:
+    """How a kernel is called: "op", "function" or "kernel".
+
+    * "op": the registered op with its own autograd: while torch.compile traces (whose
+      formula scales out of place), and in eager mode where that autograd is C++ (the
+      extension's, csrc/autograd.cpp);
+    * "function": the lean ``torch.autograd.Function`` of vaekern._ops, when a gradient is
+      needed in eager mode and the op's autograd is Python (Triton's kernels);
+    * "kernel": the kernel alone, below autograd, when no gradient is needed.
+    """
     if torch.compiler.is_compiling():
-        return "traced"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
-        return "eager"
-    return "none"
+        return "op"
+    if not torch.is_grad_enabled():
+        return "kernel"
+    for t in differentiable:
+        if t.requires_grad:
+            return "op" if kernels.native_autograd else "function"
+    return "kernel"
 
 
 def _needs_grad(x: Tensor) -> bool:
@@ -143,10 +170,10 @@ def bernoulli_nll(
     if kernels is None:
         rows = reference.bernoulli_nll_ref(input, target, from_logits=from_logits, reduction=reduction)
         return rows.to(acc_dtype(input))
-    match _path(input):
-        case "traced":
+    match _path(kernels, input):
+        case "op":
             return kernels.bernoulli_nll(input, target, from_logits, red, _needs_grad(input))[0]
-        case "eager":
+        case "function":
             return BernoulliNLLFunction.apply(kernels, input, target, from_logits, red)
     with below_autograd():
         return kernels.bernoulli_nll(input, target, from_logits, red, False)[0]
@@ -171,10 +198,10 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", backend:
     kernels = resolve(backend, device)
     if kernels is None:
         return reference.gaussian_kl_ref(mu, logvar, reduction=reduction).to(acc_dtype(mu, logvar))
-    match _path(mu, logvar):
-        case "traced":
+    match _path(kernels, mu, logvar):
+        case "op":
             return kernels.gaussian_kl(mu, logvar, red)
-        case "eager":
+        case "function":
             return GaussianKLFunction.apply(kernels, mu, logvar, red)
     with below_autograd():
         return kernels.gaussian_kl(mu, logvar, red)
@@ -226,10 +253,10 @@ def reparameterize(
             seed = torch.randint(_SEED_HIGH, (1,), device=device, dtype=torch.int64, generator=generator)
     if kernels is None:
         return reference.reparameterize_ref(mu, logvar, eps).to(mu.dtype).contiguous()
-    match _path(mu, logvar):
-        case "traced":
+    match _path(kernels, mu, logvar):
+        case "op":
             return kernels.reparameterize(mu, logvar, eps, seed)
-        case "eager":
+        case "function":
             return ReparameterizeFunction.apply(kernels, mu, logvar, eps, seed)
     with below_autograd():
         return kernels.reparameterize(mu, logvar, eps, seed)
@@ -295,16 +322,18 @@ def vae_loss(
     Returns:
         The loss (shape ``()``, or ``(B,)`` for ``"none"``), or ``VAELossParts``.
     """
-    _tensor("recon", recon)
-    _check_target(target, recon)
-    _check_latents(mu, logvar)
-    device = _same_device(("recon", recon), ("target", target), ("mu", mu), ("logvar", logvar))
-    if mu.shape[0] != recon.shape[0]:
-        raise ValueError(f"mu has batch size {mu.shape[0]} but recon has batch size {recon.shape[0]}")
+    if not _plainly_valid(recon, target, mu, logvar):  # then find the argument to name
+        _tensor("recon", recon)
+        _check_target(target, recon)
+        _check_latents(mu, logvar)
+        _same_device(("recon", recon), ("target", target), ("mu", mu), ("logvar", logvar))
+        if mu.shape[0] != recon.shape[0]:
+            raise ValueError(f"mu has batch size {mu.shape[0]} but recon has batch size {recon.shape[0]}")
+    device = recon.device
     red = _reduction(reduction)
     from_logits = _flag("from_logits", from_logits)
     return_parts = _flag("return_parts", return_parts)
-    dtype = acc_dtype(recon, mu, logvar)
+    dtype = torch.float64 if torch.float64 in (recon.dtype, mu.dtype) else torch.float32
     beta_t = _beta(beta, dtype, device)
     kernels = resolve(backend, device)
     if kernels is None:
@@ -314,10 +343,10 @@ def vae_loss(
         loss, rec, kl = (p.to(dtype) for p in parts)
     else:
         args = (recon, target, mu, logvar, beta_t, from_logits, red)
-        match _path(recon, mu, logvar):
-            case "traced":
+        match _path(kernels, recon, mu, logvar):
+            case "op":
                 loss, rec, kl, _ = kernels.vae_loss(*args, _needs_grad(recon))
-            case "eager":
+            case "function":
                 loss, rec, kl = VAELossFunction.apply(kernels, *args)
             case _:
                 with below_autograd():

@@ -10,13 +10,15 @@ Conventions shared by every backend (the kernels implement exactly these):
   or returns the rows (``"none"``).
 * Bernoulli NLL with logits ``l`` and target ``t`` uses the softplus form,
   ``max(l, 0) - l*t + log1p(exp(-|l|))``, which never overflows (logits of +-1e4 are
-  fine). Its gradient is ``sigmoid(l) - t``. Written as ``logaddexp(l, 0) - l*t``, which
-  evaluates exactly that form and whose gradient autograd gets right at l = 0 too.
+  fine), and adds softplus to -l*t without cancellation. Its gradient is
+  ``sigmoid(l) - t``: autograd through max and abs gets l = 0 wrong, so the value is
+  joined, straight through, to ``logaddexp(l, 0) - l*t``, whose gradient is that.
 * Bernoulli NLL with probabilities ``p`` clamps each log at -100 (``BCE_LOG_MIN``), and its
   gradient is ``(p - t) / max(p*(1-p), 1e-12)`` (``BCE_GRAD_EPS``), finite at p = 0 or 1:
-  exactly ``torch.nn.functional.binary_cross_entropy``, which is what evaluates it here
-  (its backward is that formula; autograd through the clamped logs would give 0 or NaN
-  at p = 0 and 1).
+  exactly ``torch.nn.functional.binary_cross_entropy``'s value and gradient (which cannot
+  serve here: it checks values on the host and raises on NaN). Autograd through the
+  clamped logs would give 0 or NaN at p = 0 and 1, so the value is joined, straight
+  through, to a function whose derivative is that gradient.
 * Gaussian KL to N(0, I): ``0.5 * (mu^2 + exp(logvar) - 1 - logvar)``. The variance is
   evaluated as ``exp(min(logvar, LOGVAR_MAX))`` so that float32 cannot overflow for any
   logvar (``exp(88.7)`` already does). The clamp is straight-through: the gradient keeps
@@ -35,7 +37,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -75,20 +76,37 @@ def bernoulli_nll_ref(
     x = input.double()
     t = target.double()
     if from_logits:
-        # softplus(l) - l*t; logaddexp is max(l, 0) + log1p(exp(-|l|)), exp never overflows.
-        nll = torch.logaddexp(x, torch.zeros_like(x)) - x * t
+        value = x.clamp(min=0) - x * t + torch.log1p(torch.exp(-x.abs()))
+        nll = value.detach() + _through(torch.logaddexp(x, torch.zeros_like(x)) - x * t)
     else:
-        # -(t*max(log p, -100) + (1-t)*max(log1p(-p), -100)), with the BCE_GRAD_EPS gradient.
-        nll = F.binary_cross_entropy(x, t, reduction="none")
+        value = -(t * torch.log(x).clamp(min=BCE_LOG_MIN) + (1 - t) * torch.log1p(-x).clamp(min=BCE_LOG_MIN))
+        nll = value.detach() + _through(_bce_antiderivative(x, t))
     return reduce_rows(_row_sum(nll), reduction)
+
+
+def _bce_antiderivative(p: Tensor, t: Tensor) -> Tensor:
+    """A function of p whose derivative is (p - t) / max(p*(1-p), BCE_GRAD_EPS).
+
+    Where p(1-p) >= eps it is the unclamped NLL; below, where the floor holds, the
+    quadratic (p^2/2 - t*p) / eps. The log branch reads p = 1/2 where it is not taken, so
+    that its unused gradient is finite (0 * inf would be NaN)."""
+    inside = p * (1 - p) >= BCE_GRAD_EPS
+    p_in = torch.where(inside, p, 0.5)
+    logs = -(t * torch.log(p_in) + (1 - t) * torch.log1p(-p_in))
+    return torch.where(inside, logs, (p * p / 2 - t * p) / BCE_GRAD_EPS)
+
+
+def _through(f: Tensor) -> Tensor:
+    """Zero in value, f's gradient: f - f.detach() is exactly 0 wherever f is finite."""
+    return f - f.detach()
 
 
 def _clamped_logvar(logvar: Tensor) -> Tensor:
     # Straight-through clamp: the value of min(logvar, LOGVAR_MAX), the gradient of logvar.
     # lv - lv.detach() is exactly 0 for finite lv, so the value is the clamp's, unrounded
     # (lv - (lv - min(lv, 60)) loses the 60 above about 1e17); at +-inf it is NaN, so there
-    # it is left out.
-    through = torch.where(logvar.isfinite(), logvar - logvar.detach(), 0.0)
+    # it is left out (a NaN logvar keeps it: NaN in, NaN value and gradient out).
+    through = torch.where(logvar.isinf(), 0.0, logvar - logvar.detach())
     return logvar.clamp(max=LOGVAR_MAX).detach() + through
 
 

@@ -19,9 +19,12 @@ from __future__ import annotations
 import torch
 
 from vaekern._ops import bernoulli_nll, gaussian_kl, reparameterize, vae_loss
+from vaekern._ops._common import has_native_autograd
 
 OPS = (bernoulli_nll, gaussian_kl, reparameterize, vae_loss)
 SCHEMAS = {name: schema for op in OPS for name, schema in op.SCHEMAS.items()}
+# The ops with an autograd formula; the others are their backward kernels.
+DIFFERENTIABLE = ("bernoulli_nll", "gaussian_kl", "reparameterize", "vae_loss")
 
 
 class Kernels:
@@ -32,11 +35,14 @@ class Kernels:
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
+        self.native_autograd = False
 
     def bind(self) -> None:
         packet = getattr(torch.ops, self.namespace)
         for name in SCHEMAS:
             setattr(self, name, getattr(packet, name).default)
+        # The extension's ops carry their autograd in C++; they are then called directly.
+        self.native_autograd = all(has_native_autograd(f"{self.namespace}::{name}") for name in DIFFERENTIABLE)
 
     def __repr__(self) -> str:
         return f"Kernels({self.namespace!r})"
