@@ -34,9 +34,12 @@ The loss's share
 ----------------
 ``loss ms = step ms - null step ms`` of the same model (``compile-null`` for ``compile``,
 ``null`` for the others), and ``loss share = loss ms / step ms``: what the step would save if
-its loss were free. Every number is the median of whole steps timed alike, so nothing inside
-the step is split, reordered or synchronized to time its parts; the price is the noise of a
-difference of two medians (see the p20-p80 spread of each). ``NullLoss`` returns a 0-d zero
+its loss were free. Only whole steps are timed, so nothing inside the step is split,
+reordered or synchronized to time its parts. The price is the noise of a difference, which
+the timing keeps down: run.py times every provider's steps in turn, in blocks, round after
+round (``timing.LoopTimer``), and ``loss ms`` is the median over rounds of a provider's block
+minus the null step's block of the same round, so a change in the machine's load during the
+run cancels; its p20-p80 is reported too. ``NullLoss`` returns a 0-d zero
 and, in backward, the gradients that the ``eager`` loss gives at the first step, stored in
 advance, so the model's backward and Adam do the same work as with a real loss. Its own cost,
 that of a Python ``torch.autograd.Function``, stays in the null step, so ``loss ms``
@@ -73,7 +76,8 @@ LR = 1e-3
 N_BATCHES = 8
 SEED = 0
 NULL_PROVIDERS = ("null", "compile-null")
-PROVIDERS = ("eager", "compile", *cases.VAEKERN_PROVIDERS, *NULL_PROVIDERS)
+# Each group's null step first, so that it is timed next to the steps it is subtracted from.
+PROVIDERS = ("null", "eager", *cases.VAEKERN_PROVIDERS, "compile-null", "compile")
 
 
 class VAE(nn.Module):
@@ -118,6 +122,11 @@ class NullLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         # grad_loss is 1 (loss.backward()); scaling by it would cost three more ops.
         return (*ctx.grads, None)
+
+
+def null_baseline(provider: str) -> str:
+    """The null step that ``provider``'s loss time is measured against (module docstring)."""
+    return "compile-null" if provider.startswith("compile") else "null"
 
 
 def skip_reason(provider: str, device: torch.device) -> str | None:
