@@ -35,7 +35,8 @@ The overhead case
 ``python -m benchmarks --ops overhead``: ``vae_loss`` in ``fwd+bwd`` and ``nograd`` on 1x1
 float32 tensors (B = D = Z = 1), with the providers of ``OVERHEAD_PROVIDERS``. The kernels
 have nothing to do there, so the time per call is the host's: Python, dispatch and autograd.
-On a GPU at small batch that is the whole step. It uses the same Step and check as the ops.
+On a GPU at small batch that is the whole step. It uses the same Step and check as the ops;
+run.py times the providers of a mode in turn, in blocks (timing.LoopTimer), on any device.
 
 Floor bytes
 -----------
