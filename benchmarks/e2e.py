@@ -39,11 +39,19 @@ reordered or synchronized to time its parts. The price is the noise of a differe
 the timing keeps down: run.py times every provider's steps in turn, in blocks, round after
 round (``timing.LoopTimer``), and ``loss ms`` is the median over rounds of a provider's block
 minus the null step's block of the same round, so a change in the machine's load during the
-run cancels; its p20-p80 is reported too. ``NullLoss`` returns a 0-d zero
-and, in backward, the gradients that the ``eager`` loss gives at the first step, stored in
-advance, so the model's backward and Adam do the same work as with a real loss. Its own cost,
-that of a Python ``torch.autograd.Function``, stays in the null step, so ``loss ms``
-underestimates each loss by that much (tens of µs on a CPU). For ``compile`` the difference is
+run cancels; its p20-p80 is reported too.
+
+``NullLoss`` returns a 0-d zero and, in backward, gradients stored in advance: those of the
+``eager`` loss at the first step. The null steps' Adam has lr 0: it runs every one of its ops
+(none is skipped for lr 0), but the weights stay where they started. So the model's backward
+and Adam run the same ops on values of the same kind as with a real loss. Each part matters,
+measured here (1 thread, Xeon, torch 2.14.1): zero gradients made Adam's ``torch.sqrt`` of its
+all-zero second moments 8x slower (``sqrt`` of zeros takes 25x as long as of ones, of
+denormals 50x), so that null step took 2 ms more than a real one; and stored gradients at lr
+1e-3, fixed or with their sign flipped every step, drove the model away within a thousand
+steps (logvar at -5e5, logits at 1e30). The null step's own cost, a Python
+``torch.autograd.Function``, stays in it, so ``loss ms`` underestimates each loss by that much
+(tens of µs on a CPU). For ``compile`` the difference is
 what the loss costs inside the compiled graph, fusions included.
 
 The check
@@ -111,7 +119,7 @@ class VAE(nn.Module):
 
 
 class NullLoss(torch.autograd.Function):
-    """A loss that costs almost nothing: 0, with gradients stored in advance (module docstring)."""
+    """A loss that costs almost nothing: 0, with gradients given in advance (module docstring)."""
 
     @staticmethod
     def forward(ctx, recon, mu, logvar, grads):
@@ -166,7 +174,9 @@ class TrainStep:
         self.batches = make_batches(device)
         self._next = itertools.cycle(range(len(self.batches)))
         self.model = make_model(device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
+        # lr 0 for the null steps: the same ops, with weights that stay put (module docstring).
+        lr = 0.0 if provider in NULL_PROVIDERS else LR
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         model = self.model
         if provider in NULL_PROVIDERS:
             grads = self._eager_loss_grads()
@@ -189,7 +199,7 @@ class TrainStep:
         self.forward = forward
 
     def _eager_loss_grads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # The eager loss's gradients at the first step, for NullLoss to hand back every step.
+        # The eager loss's gradients at the first step, for NullLoss to hand back.
         loss_fn = cases.forward_fn("eager", "vae_loss")
         x = self.batches[0]
         outs = self.model(x)
