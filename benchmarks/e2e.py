@@ -14,8 +14,8 @@ its ``loss.item()`` (a host sync that is no part of the loss):
     loss.backward()
     optimizer.step()
 
-Batch 128, float32, ``torch.optim.Adam(lr=1e-3)`` with torch's default implementation for the
-device. The data are fixed and random: ``N_BATCHES`` batches of pixels uniform in [0, 1] from
+Batch 128, float32, ``torch.optim.Adam(lr=1e-3)`` (lr 0 for the null steps, below) with
+torch's default implementation for the device. The data are fixed and random: ``N_BATCHES`` batches of pixels uniform in [0, 1] from
 a seeded generator, rotated as a data loader would (no dataset, no network). Every provider
 starts from the same weights.
 
@@ -51,16 +51,17 @@ denormals 50x), so that null step took 2 ms more than a real one; and stored gra
 1e-3, fixed or with their sign flipped every step, drove the model away within a thousand
 steps (logvar at -5e5, logits at 1e30). The null step's own cost, a Python
 ``torch.autograd.Function``, stays in it, so ``loss ms`` underestimates each loss by that much
-(tens of µs on a CPU). For ``compile`` the difference is
-what the loss costs inside the compiled graph, fusions included.
+(tens of µs on a CPU). For ``compile`` the difference is what the loss costs inside the
+compiled graph, fusions included.
 
 The check
 ---------
 Before it is timed, each provider's forward (model and loss, as its step runs them: compiled
 for ``compile``) returns its loss together with the model outputs it was computed on, and that
 loss is compared with ``vaekern.reference.vae_loss_ref`` of those outputs, in float64, within
-``cases.CHECK_RTOL``. Returning the outputs costs the compiled graph nothing: they are
-computed, and saved for the backward, anyway. The null providers have no loss to check.
+``cases.CHECK_RTOL``. The outputs so returned are tensors that the compiled graph computes
+anyway (what returning them costs there was not measured separately). The null providers
+have no loss to check.
 """
 
 from __future__ import annotations
