@@ -28,6 +28,15 @@ Modes
 ``bwd``      ``torch.autograd.grad`` of an output whose forward ran untimed just before.
 ``fwd+bwd``  forward and gradients, as ``loss.backward()`` in a training step (``.grad`` is not
              accumulated: ``torch.autograd.grad`` returns fresh gradients each time).
+``nograd``   the forward under ``torch.no_grad()`` (evaluation); the overhead case only.
+
+The overhead case
+-----------------
+``python -m benchmarks --ops overhead``: ``vae_loss`` in ``fwd+bwd`` and ``nograd`` on 1x1
+float32 tensors (B = D = Z = 1), with the providers of ``OVERHEAD_PROVIDERS``. The kernels
+have nothing to do there, so the time per call is the host's: Python, dispatch and autograd.
+On a GPU at small batch that is the whole step. It uses the same Step and check as the ops;
+run.py times the providers of a mode in turn, in blocks (timing.LoopTimer), on any device.
 
 Floor bytes
 -----------
@@ -68,6 +77,11 @@ CPU_SIZES = ("128x784:20", "4096x3072:64")
 CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 # reparameterize draws its own noise: the check is that (z - mu) / std looks standard normal.
 CHECK_NOISE_TOL = 0.15
+# The overhead case (module docstring): the pytorch/examples formula, compiled or not, and vaekern.
+OVERHEAD = "overhead"
+OVERHEAD_SIZE = "1x1:1"
+OVERHEAD_MODES = ("fwd+bwd", "nograd")
+OVERHEAD_PROVIDERS = ("eager", "compile", *VAEKERN_PROVIDERS)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -119,7 +133,7 @@ def floor_bytes(case: Case) -> int:
     image_in = b * d * (e + case.target_dtype.itemsize)  # reconstruction + target
     image_grad = b * d * e
     latent = b * z * e  # one latent-sized tensor: mu, logvar, z or one of their gradients
-    fwd = case.mode == "fwd"
+    fwd = case.mode in ("fwd", "nograd")
     match case.op:
         case "vae_loss":
             return image_in + 2 * latent + (0 if fwd else image_grad + 2 * latent)
@@ -130,7 +144,7 @@ def floor_bytes(case: Case) -> int:
         case "reparameterize":
             # fwd: read mu, logvar, write z (the noise is drawn in the kernel).
             # bwd: read grad_z, logvar (noise regenerated), write grad_mu, grad_logvar.
-            return {"fwd": 3, "bwd": 4, "fwd+bwd": 6}[case.mode] * latent
+            return {"fwd": 3, "nograd": 3, "bwd": 4, "fwd+bwd": 6}[case.mode] * latent
     raise AssertionError(case.op)
 
 
@@ -261,7 +275,7 @@ def make_inputs(case: Case) -> dict[str, torch.Tensor]:
         out["target"] = (torch.rand(b, d, device=dev) < 0.5).to(case.target_dtype)
     out["mu"] = torch.randn(b, z, device=dev, dtype=case.dtype)
     out["logvar"] = 0.5 * torch.randn(b, z, device=dev, dtype=case.dtype)
-    if case.op == "reparameterize" and case.mode != "fwd":
+    if case.op == "reparameterize" and case.mode not in ("fwd", "nograd"):
         out["grad_z"] = torch.randn(b, z, device=dev, dtype=case.dtype)
     for name in DIFF_ARGS[case.op]:
         out[name].requires_grad_(True)
@@ -279,8 +293,8 @@ def n_sets(case: Case, cache_bytes: int, cap: int = 64) -> int:
 class Step:
     """One timed call of ``provider`` on ``case``, rotating through input sets.
 
-    For ``fwd`` and ``fwd+bwd`` call the step itself. For ``bwd`` call ``setup()`` untimed (it
-    runs the forward on the next set) and time ``backward(state)``.
+    For ``fwd``, ``fwd+bwd`` and ``nograd`` call the step itself. For ``bwd`` call ``setup()``
+    untimed (it runs the forward on the next set) and time ``backward(state)``.
     """
 
     def __init__(self, case: Case, provider: str, sets: list[dict[str, torch.Tensor]],
@@ -300,6 +314,9 @@ class Step:
 
     def __call__(self):
         inputs = self._sets[next(self._next)]
+        if self.case.mode == "nograd":
+            with torch.no_grad():
+                return self._call(inputs)
         out = self._call(inputs)
         if self.case.mode == "fwd+bwd":
             return self._grad(out, inputs)
@@ -325,8 +342,11 @@ def check(
     """The error of one forward against the float64 reference: relative for the losses, the
     distance from N(0, 1) of the implied noise for ``reparameterize``. NaN or inf when the
     provider's result is not finite (an fp16 sum that overflows, say)."""
-    # Grad stays enabled, as in the timed calls: under no_grad torch.compile would recompile.
-    out = forward_fn(provider, case.op, compile_backend)(*(inputs[a] for a in ARGS[case.op])).detach()
+    # Grad mode as in the timed calls: torch.compile recompiles when it changes, and vaekern
+    # takes another path (no gradient computed in the forward) under no_grad.
+    with torch.set_grad_enabled(case.mode != "nograd"):
+        out = forward_fn(provider, case.op, compile_backend)(*(inputs[a] for a in ARGS[case.op]))
+    out = out.detach()
     with torch.no_grad():
         if case.op == "reparameterize":
             mu, logvar = inputs["mu"].double(), inputs["logvar"].double()
@@ -343,6 +363,13 @@ def check(
                 ref = reference.gaussian_kl_ref(inputs["mu"], inputs["logvar"])
         got = out.double().item()
         return abs(got - ref.item()) / max(abs(ref.item()), 1e-30)
+
+
+def overhead_case(mode: str, device: torch.device) -> Case:
+    """The overhead case in ``mode`` (module docstring): ``vae_loss`` on 1x1 float32 tensors."""
+    if mode not in OVERHEAD_MODES:
+        raise ValueError(f"the overhead case's modes are {OVERHEAD_MODES}, got {mode!r}")
+    return Case("vae_loss", Size.parse(OVERHEAD_SIZE), torch.float32, torch.float32, mode, device)
 
 
 def check_ok(case: Case, err: float) -> bool:

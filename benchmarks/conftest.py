@@ -1,4 +1,5 @@
-"""pytest-benchmark cases: every bench_<op>.py test runs once per provider, size, dtype and mode.
+"""pytest-benchmark cases: every bench_<op>.py test runs once per provider, size, dtype and mode;
+bench_overhead.py and bench_e2e.py once per provider (and mode), at their fixed sizes.
 
 ``pytest benchmarks`` times them; ``pytest benchmarks --benchmark-disable`` (CI) runs each
 once, as a smoke test that every provider, the inputs and the value check still work.
@@ -29,9 +30,11 @@ def _env_list(name: str, default: str) -> list[str]:
 
 
 def pytest_generate_tests(metafunc):
+    # A bench file whose case has its own providers or modes (the overhead and e2e cases)
+    # names them in module-level PROVIDERS and MODES.
     names = metafunc.fixturenames
     if "provider" in names:
-        metafunc.parametrize("provider", cases.PROVIDERS)
+        metafunc.parametrize("provider", getattr(metafunc.module, "PROVIDERS", cases.PROVIDERS))
     if "size" in names:
         sizes = [cases.Size.parse(s) for s in _env_list("VAEKERN_BENCH_SIZES", CI_SIZES)]
         metafunc.parametrize("size", sizes, ids=str)
@@ -39,4 +42,4 @@ def pytest_generate_tests(metafunc):
         dtypes = _env_list("VAEKERN_BENCH_DTYPES", CI_DTYPES)
         metafunc.parametrize("dtype", [cases.DTYPES[d] for d in dtypes], ids=dtypes)
     if "mode" in names:
-        metafunc.parametrize("mode", cases.MODES)
+        metafunc.parametrize("mode", getattr(metafunc.module, "MODES", cases.MODES))

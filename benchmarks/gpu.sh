@@ -4,9 +4,9 @@
 #     bash benchmarks/gpu.sh
 #
 # It builds vaekern's extension, runs the whole test suite on CUDA, runs the benchmarks at
-# the sizes, and writes everything (step log, versions, nvidia-smi -q, build, test
-# and benchmark logs, the benchmark tables, CSV, JSON and plots) into one folder: $OUT if
-# set, else results/gpu_<date>. With ARCHIVE=path.tar.gz it also packs that folder into one
+# the sizes and the overhead and e2e cases, and writes everything (step log,
+# versions, nvidia-smi -q, build, test and benchmark logs, the benchmark tables, CSV, JSON
+# and plots) into one folder: $OUT if set, else results/gpu_<date>. With ARCHIVE=path.tar.gz it also packs that folder into one
 # file, for a machine from which only a few files come back.
 #
 # Made for an H100 with torch 2.11+cu130, triton 3.6, Python 3.12 and no internet. The whole
@@ -115,12 +115,17 @@ tail -n 3 "$OUT/tests.log" 2>/dev/null | tee -a "$OUT/steps.txt"
 
 # ---- benchmarks --------------------------------------------------------------------------------
 # First the headline, vae_loss in every mode at all three sizes in float32 and bfloat16; then
-# the three parts in fwd+bwd, float32, without the second compiled formula (each compile costs
-# seconds). Each pass stops starting cases 30 s before its limit.
+# the whole-call cases (host overhead on 1x1 tensors, and one training step of the
+# pytorch/examples VAE: most of their time is torch.compile's); then the three parts in
+# fwd+bwd, float32, without the second compiled formula (each compile costs seconds). Each
+# pass stops starting cases 30 s before its limit.
 common=(--rep-ms 50 --warmup-ms 10 --no-progress)
-limit=$(( $(left) * 3 / 5 ))
+limit=$(( $(left) / 2 ))
 step bench_vae_loss "$limit" $PY -m benchmarks --ops vae_loss --dtypes float32,bfloat16 \
     --max-seconds $(( limit - 30 )) --out "$OUT/bench_vae_loss" "${common[@]}"
+limit=$(( $(left) / 2 )); (( limit > 120 )) && limit=120
+step bench_steps "$limit" $PY -m benchmarks --ops overhead,e2e --min-run-time 0.5 \
+    --max-seconds $(( limit - 30 )) --out "$OUT/bench_steps" "${common[@]}"
 limit=$(( $(left) - 5 ))
 step bench_parts "$limit" $PY -m benchmarks --ops bernoulli_nll,gaussian_kl,reparameterize \
     --dtypes float32 --modes fwd+bwd --providers eager,eager-keras,compile,reference,triton,cuda \
@@ -132,7 +137,7 @@ step bench_parts "$limit" $PY -m benchmarks --ops bernoulli_nll,gaussian_kl,repa
     echo '```'
     cat "$OUT/steps.txt"
     echo '```'
-    for d in bench_vae_loss bench_parts; do
+    for d in bench_vae_loss bench_steps bench_parts; do
         [[ -f "$OUT/$d/results.md" ]] && { echo; echo "## $d"; echo; cat "$OUT/$d/results.md"; }
     done
 } >"$OUT/summary.md"

@@ -1,4 +1,5 @@
-"""The body of every pytest-benchmark case (bench_<op>.py): the same steps as run.py."""
+"""The body of every pytest-benchmark case (bench_<op>.py, bench_overhead.py, bench_e2e.py): the same
+steps as run.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import pytest
 import torch
 
-from benchmarks import cases
+from benchmarks import cases, e2e
 
 # pytest-benchmark rounds for the bwd mode, which needs an untimed forward before each call.
 BWD_ROUNDS = 20
@@ -57,3 +58,26 @@ def run_case(benchmark, op: str, provider: str, size: cases.Size, dtype: torch.d
     stats = getattr(benchmark, "stats", None)
     if stats is not None and not disabled:
         benchmark.extra_info["gbps"] = cases.floor_bytes(case) / stats.stats.median / 1e9
+
+
+def run_e2e(benchmark, provider: str) -> None:
+    """One training step of the pytorch/examples VAE with ``provider``'s loss (e2e.py)."""
+    device = device_for(provider)
+    reason = e2e.skip_reason(provider, device)
+    if reason is not None:
+        pytest.skip(f"{provider}: {reason}")
+    disabled = getattr(benchmark, "disabled", False)
+    compile_backend = os.environ.get("VAEKERN_BENCH_COMPILE_BACKEND") or (
+        "aot_eager" if disabled else "inductor"
+    )
+    step = e2e.TrainStep(provider, device, compile_backend)
+    err = e2e.check(step)
+    assert e2e.check_ok(err) is not False, f"{provider} e2e: error {err:.3g} against the reference"
+    if not disabled:
+        step()  # warm-up (torch.compile compiles the backward here), kept out of the timings
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    benchmark.extra_info.update(op=e2e.OP, provider=provider, size=e2e.SIZE, dtype="float32",
+                                mode=e2e.MODE, device=device.type, check_err=err)
+    if provider.startswith("compile"):
+        benchmark.extra_info["compile_backend"] = compile_backend
+    benchmark(lambda: (step(), sync()))

@@ -5,13 +5,19 @@ checks its value against the float64 reference, times it (timing.py), measures i
 memory, and reports time, floor bytes, achieved GB/s, the share of this device's own copy
 bandwidth, and the speed-up over eager PyTorch and over torch.compile.
 
-Output: a markdown table on stdout; results.csv, results.json, results.md and PNG plots in
+Two more cases time whole calls, where host overhead counts: ``overhead``, ``vae_loss`` on 1x1
+tensors, forward+backward and the no-grad forward (cases.py); ``e2e``, one training step of the
+pytorch/examples MLP VAE with each loss, and the loss's share of it (e2e.py). Their sizes and
+modes are fixed; --sizes, --dtypes, --target-dtype and --modes apply to the four ops only.
+
+Output: markdown tables on stdout; results.csv, results.json, results.md and PNG plots in
 results/<device>_torch<ver>_triton<ver>_<gitrev>/ (or --out). The CSV is rewritten after
 every case, so a run cut short keeps what it measured.
 
     python -m benchmarks                                   # everything that applies here
     python -m benchmarks --ops vae_loss --modes fwd+bwd --sizes 128x784:20,4096x3072:64 \\
         --providers eager,compile,reference,cpu
+    python -m benchmarks --ops overhead,e2e                # the two whole-call cases
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import traceback
 
 import torch
 
-from benchmarks import cases, timing
+from benchmarks import cases, e2e, timing
 from benchmarks.cases import Case, Size
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -45,8 +51,10 @@ FIELDS = (
     "median_ms", "p20_ms", "p80_ms", "reps", "timer", "floor_bytes", "gbps", "pct_copy_bw",
     "speedup_vs_eager", "speedup_vs_compile", "peak_mem_bytes", "peak_alloc_bytes", "peak_rss_bytes",
     "check_err", "check_ok",
-    "first_call_s", "n_sets",
+    "first_call_s", "n_sets", "loss_ms", "loss_p20_ms", "loss_p80_ms", "loss_share",
 )  # fmt: skip
+# The ops of cases.py, then the two cases that time whole calls.
+ALL_OPS = (*cases.OPS, cases.OVERHEAD, e2e.OP)
 
 
 def _csv_list(text: str, allowed=None, what="value") -> list[str]:
@@ -60,8 +68,8 @@ def _csv_list(text: str, allowed=None, what="value") -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ops", type=lambda s: _csv_list(s, cases.OPS, "op"), default=list(cases.OPS),
-                   help="comma-separated ops (default: all)")
+    p.add_argument("--ops", type=lambda s: _csv_list(s, ALL_OPS, "op"), default=list(ALL_OPS),
+                   help=f"comma-separated, from {','.join(ALL_OPS)} (default: all)")
     p.add_argument("--sizes", type=lambda s: [Size.parse(t) for t in _csv_list(s)], default=None,
                    help=f"BxD:Z list (default on GPU: {','.join(cases.GPU_SIZES)}; "
                         f"on CPU: {','.join(cases.CPU_SIZES)})")
@@ -76,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=pathlib.Path, default=None, help="results folder")
     p.add_argument("--rep-ms", type=float, default=100.0, help="GPU: time spent timing each case")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="GPU: warm-up per case")
-    p.add_argument("--min-run-time", type=float, default=1.0, help="CPU: seconds per case")
+    p.add_argument("--min-run-time", type=float, default=1.0,
+                   help="CPU, and overhead and e2e on any device: seconds per case")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop starting new cases after this long; the rest are marked skipped")
@@ -203,7 +212,7 @@ def cpu_memory_pass(rows: list[dict], device: torch.device, bar) -> None:
     timing.fixed_mmap_threshold()
     groups: dict = {}
     for r in rows:
-        if r["status"] == "ok":
+        if r["status"] == "ok" and r["op"] in cases.OPS:
             groups.setdefault((r["op"], r["size"], r["dtype"], r["target_dtype"]), []).append(r)
     for (op, size, dtype, tdtype), group in groups.items():
         proto = Case(op, Size.parse(size), cases.DTYPES[dtype], cases.TARGET_DTYPES[tdtype], "fwd+bwd",
@@ -224,7 +233,8 @@ def add_ratios(rows: list[dict], copy_gbps: float) -> None:
     for r in rows:
         if r["status"] != "ok":
             continue
-        r["pct_copy_bw"] = 100 * r["gbps"] / copy_gbps
+        if r["gbps"] != "":
+            r["pct_copy_bw"] = 100 * r["gbps"] / copy_gbps
         for b in cases.BASELINES:
             t = base.get((key(r), b))
             r[f"speedup_vs_{b}"] = t / r["median_ms"] if t else ""
@@ -251,7 +261,7 @@ def markdown(rows: list[dict], env: dict, copy_gbps: float, copy_how: str) -> st
             "% copy BW", "x eager", "x compile", "peak MB", "check"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        if r["status"].startswith("skipped"):
+        if r["status"].startswith("skipped") or r["op"] not in cases.OPS:
             continue
         dtype = r["dtype"] if r["target_dtype"] == r["dtype"] else f"{r['dtype']}/{r['target_dtype']}"
         if r["status"] != "ok":
@@ -264,10 +274,66 @@ def markdown(rows: list[dict], env: dict, copy_gbps: float, copy_how: str) -> st
                      f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.1f}", _fmt(r["speedup_vs_eager"], ".2f"),
                      _fmt(r["speedup_vs_compile"], ".2f"), peak, check]
         lines.append("| " + " | ".join(cells) + " |")
+    tables = ["\n".join(lines)] if any(r["op"] in cases.OPS for r in rows) else []
+    tables += [t for t in (_overhead_table(rows), _e2e_table(rows)) if t]
     skipped = sorted({f"{r['provider']}: {r['status'].removeprefix('skipped: ')}"
                       for r in rows if r["status"].startswith("skipped")})
     tail = ("\n\nNot run: " + "; ".join(skipped) + ".") if skipped else ""
-    return head + "\n".join(lines) + tail + "\n"
+    return head + "\n\n".join(tables) + tail + "\n"
+
+
+def _check_cell(r: dict) -> str:
+    if r["check_err"] == "":
+        return "n/a"
+    return ("ok " if r["check_ok"] else "FAIL ") + format(r["check_err"], ".1e")
+
+
+def _ratio(r: dict, baseline: str) -> str:
+    # time / baseline's time: the inverse of the speed-up columns (below 1 is faster).
+    s = r[f"speedup_vs_{baseline}"]
+    return "" if s == "" else f"{1 / s:.2f}"
+
+
+def _overhead_table(rows: list[dict]) -> str:
+    sel = [r for r in rows if r["op"] == cases.OVERHEAD and not r["status"].startswith("skipped")]
+    if not sel:
+        return ""
+    lines = [f"Overhead: vae_loss on {cases.OVERHEAD_SIZE} float32 tensors (B = D = Z = 1), time per "
+             "call in µs, the providers of a mode timed in turn; ÷ eager and ÷ compile are this "
+             "row's time over theirs.", "",
+             "| mode | provider | median µs | p20-p80 µs | ÷ eager | ÷ compile | check |",
+             "|" + "---|" * 7]
+    for r in sel:
+        if r["status"] != "ok":
+            lines.append(f"| {r['mode']} | {r['provider']} | {r['status']} |  |  |  |  |")
+            continue
+        lines.append(f"| {r['mode']} | {r['provider']} | {r['median_ms'] * 1e3:.1f} | "
+                     f"{r['p20_ms'] * 1e3:.1f}-{r['p80_ms'] * 1e3:.1f} | {_ratio(r, 'eager')} | "
+                     f"{_ratio(r, 'compile')} | {_check_cell(r)} |")
+    return "\n".join(lines)
+
+
+def _e2e_table(rows: list[dict]) -> str:
+    sel = [r for r in rows if r["op"] == e2e.OP and not r["status"].startswith("skipped")]
+    if not sel:
+        return ""
+    lines = [f"End to end: one training step of the pytorch/examples MLP VAE ({e2e.PIXELS}-{e2e.HIDDEN}-"
+             f"{e2e.LATENT}, batch {e2e.BATCH}, float32, Adam lr {e2e.LR:g}) with each loss, every "
+             "provider timed in turn. Loss ms: the step minus the same step with a null loss (null; "
+             "compile-null for compile), median and p20-p80 over rounds; see benchmarks/e2e.py.", "",
+             "| provider | ms/step | p20-p80 ms | ÷ eager | ÷ compile | loss ms | p20-p80 ms | loss share "
+             "| check |",
+             "|" + "---|" * 9]
+    for r in sel:
+        if r["status"] != "ok":
+            lines.append(f"| {r['provider']} | {r['status']} |  |  |  |  |  |  |  |")
+            continue
+        share = _fmt(r["loss_share"] * 100 if r["loss_share"] != "" else "", ".0f")
+        spread = f"{r['loss_p20_ms']:.3f}-{r['loss_p80_ms']:.3f}" if r["loss_ms"] != "" else ""
+        lines.append(f"| {r['provider']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f}-{r['p80_ms']:.3f} | "
+                     f"{_ratio(r, 'eager')} | {_ratio(r, 'compile')} | {_fmt(r['loss_ms'], '.3f')} | "
+                     f"{spread} | {share}{' %' if share else ''} | {_check_cell(r)} |")
+    return "\n".join(lines)
 
 
 def write_csv(rows: list[dict], path: pathlib.Path) -> None:
@@ -288,7 +354,7 @@ def plot(rows: list[dict], out: pathlib.Path) -> list[str]:
     except ImportError:
         print("matplotlib is not installed: no plots", file=sys.stderr)
         return []
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] == "ok" and r["op"] in cases.OPS]
     group = lambda r: (r["op"], r["dtype"], r["target_dtype"], r["mode"])  # noqa: E731
     written = []
     for op, dtype, tdtype, mode in sorted({group(r) for r in ok}):
@@ -373,13 +439,21 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rows: list[dict] = []
     # dtype outermost: a run cut short by --max-seconds still has every op at the first dtype.
-    combos = [(op, size, dt) for dt in dtypes for op in args.ops for size in sizes]
-    bar = _progress(len(combos) * len(args.modes) * len(args.providers), args.no_progress)
+    combos = [(op, size, dt) for dt in dtypes for op in args.ops if op in cases.OPS for size in sizes]
+    overhead = [p for p in args.providers if p in cases.OVERHEAD_PROVIDERS]
+    overhead = overhead if cases.OVERHEAD in args.ops else []
+    steps = _e2e_providers(args.providers) if e2e.OP in args.ops else []
+    total = len(combos) * len(args.modes) * len(args.providers) + len(cases.OVERHEAD_MODES) * len(overhead)
+    bar = _progress(total + len(steps), args.no_progress)
+    # The cases that time whole calls: every provider in turn, with no L2 flush, on any device.
+    loop_timer = timing.LoopTimer(min_run_time=args.min_run_time, threads=threads)
     try:
         _run_all(args, combos, device, cache, timer, rows, out, copy_gbps, start, bar)
+        _run_overhead(args, overhead, device, loop_timer, rows, out, copy_gbps, start, bar)
+        _run_e2e(args, steps, device, loop_timer, rows, out, copy_gbps, start, bar)
         if device.type == "cpu" and not args.no_memory:
             bar.close()
-            bar = _progress(sum(r["status"] == "ok" for r in rows), args.no_progress)
+            bar = _progress(sum(r["status"] == "ok" and r["op"] in cases.OPS for r in rows), args.no_progress)
             cpu_memory_pass(rows, device, bar)
     except KeyboardInterrupt:  # Ctrl-C, or `timeout -s INT`: keep and report what was measured
         env["interrupted"] = True
@@ -444,3 +518,140 @@ def _run_all(args, combos, device, cache, timer, rows, out, copy_gbps, start, ba
             torch.cuda.empty_cache()
         add_ratios(rows, copy_gbps)
         write_csv(rows, out / "results.csv")
+
+
+# ---- the cases that time whole calls: overhead and e2e -------------------------------------
+
+
+def _budget_spent(args, start: float) -> str | None:
+    if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
+        return f"time budget of {args.max_seconds:.0f} s spent"
+    return None
+
+
+def _error(e: Exception, label: str, row: dict, bar, device: torch.device) -> None:
+    bar.write(f"{label}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}")
+    first_line = str(e).splitlines()[0][:80] if str(e) else ""
+    row["status"] = f"error: {type(e).__name__}: {first_line}"
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _prepare(row: dict, label: str, prepare, bar, device: torch.device):
+    """``prepare()``'s result, or None with ``row`` marked as an error: one failing provider
+    must not end the run."""
+    try:
+        return prepare()
+    except Exception as e:
+        _error(e, label, row, bar, device)
+        return None
+
+
+def _time_together(ready: dict, timer: timing.LoopTimer, label: str, bar, device) -> dict[str, timing.Timing]:
+    """Time the prepared calls of ``ready`` (provider: (row, call)) together and fill their rows."""
+    if not ready:
+        return {}
+    bar.set_postfix_str(f"{label}: timing {', '.join(ready)} in turn")
+    try:
+        timings = timer({provider: call for provider, (_, call) in ready.items()})
+    except Exception as e:
+        for row, _ in ready.values():
+            _error(e, label, row, bar, device)
+        return {}
+    for provider, (row, _) in ready.items():
+        t = timings[provider]
+        row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps, timer=t.timer,
+                   status="ok")
+    return timings
+
+
+def _prepare_overhead(case: Case, provider: str, sets, row: dict) -> cases.Step:
+    """Warm ``provider`` up and check it against the reference; the step to time."""
+    step = cases.Step(case, provider, sets)
+    t0 = time.perf_counter()
+    step.run_once()  # the compile, for torch.compile
+    _sync(case.device)
+    row["first_call_s"] = round(time.perf_counter() - t0, 4)
+    err = cases.check(case, provider, sets[0])
+    row["check_err"], row["check_ok"] = err, cases.check_ok(case, err)
+    step.run_once()
+    return step
+
+
+def _run_overhead(args, providers, device, timer, rows, out, copy_gbps, start, bar) -> None:
+    """The overhead case (cases.py): vae_loss on 1x1 float32, forward+backward and no-grad,
+    with the providers of each mode timed together."""
+    for mode in cases.OVERHEAD_MODES if providers else ():
+        case = cases.overhead_case(mode, device)
+        # Two sets, rotated as for the ops: at 1x1 there is no cache to defeat.
+        sets = [cases.make_inputs(dataclasses.replace(case, mode="fwd+bwd")) for _ in range(2)]
+        ready = {}
+        for provider in providers:
+            label = f"{cases.OVERHEAD} {mode} {provider}"
+            bar.set_postfix_str(label)
+            row = {**_base_row(case, provider), "op": cases.OVERHEAD, "n_sets": len(sets), "status": "not timed"}
+            rows.append(row)
+            reason = cases.skip_reason(provider, case.op, device) or _budget_spent(args, start)
+            if reason is not None:
+                row["status"] = f"skipped: {reason}"
+            elif (step := _prepare(row, label, lambda: _prepare_overhead(case, provider, sets, row),
+                                   bar, device)) is not None:
+                ready[provider] = (row, step)
+            bar.update()
+        _time_together(ready, timer, f"{cases.OVERHEAD} {mode}", bar, device)
+        add_ratios(rows, copy_gbps)
+        write_csv(rows, out / "results.csv")
+
+
+def _e2e_providers(asked: list[str]) -> list[str]:
+    """The e2e providers asked for, with the null steps that their loss times need."""
+    wanted = [p for p in asked if p in e2e.PROVIDERS]
+    nulls = {e2e.null_baseline(p) for p in wanted}
+    return [p for p in e2e.PROVIDERS if p in wanted or p in nulls]
+
+
+def _prepare_e2e(provider: str, device: torch.device, row: dict) -> e2e.TrainStep:
+    """Build ``provider``'s training step, check its loss and warm it up; the step to time."""
+    t0 = time.perf_counter()
+    step = e2e.TrainStep(provider, device)
+    err = e2e.check(step)  # the first forward: the compile, for torch.compile
+    step()
+    _sync(device)
+    row["first_call_s"] = round(time.perf_counter() - t0, 4)
+    if err is not None:  # the null steps have no loss to check
+        row["check_err"], row["check_ok"] = err, e2e.check_ok(err)
+    step()
+    return step
+
+
+def _run_e2e(args, providers, device, timer, rows, out, copy_gbps, start, bar) -> None:
+    """The e2e case (e2e.py): one training step of the pytorch/examples VAE per loss, all timed
+    together; each loss's time is the median, round by round, of its step's block minus the
+    null step's block of the same round."""
+    ready = {}
+    for provider in providers:
+        label = f"{e2e.OP} {provider}"
+        bar.set_postfix_str(label)
+        row = dict.fromkeys(FIELDS, "")
+        row.update(op=e2e.OP, size=e2e.SIZE, batch=e2e.BATCH, dim=e2e.PIXELS, latent=e2e.LATENT,
+                   dtype="float32", target_dtype="float32", mode=e2e.MODE, provider=provider,
+                   n_sets=e2e.N_BATCHES, status="not timed")
+        rows.append(row)
+        reason = e2e.skip_reason(provider, device) or _budget_spent(args, start)
+        if reason is not None:
+            row["status"] = f"skipped: {reason}"
+        elif (step := _prepare(row, label, lambda: _prepare_e2e(provider, device, row), bar, device)) is not None:
+            ready[provider] = (row, step)
+        bar.update()
+    timings = _time_together(ready, timer, e2e.OP, bar, device)
+    for provider, t in timings.items():
+        null = timings.get(e2e.null_baseline(provider))
+        if provider in e2e.NULL_PROVIDERS or null is None:
+            continue
+        loss = [a - b for a, b in zip(t.blocks, null.blocks)]
+        row = ready[provider][0]
+        row.update(loss_ms=timing.quantile(loss, 0.5), loss_p20_ms=timing.quantile(loss, 0.2),
+                   loss_p80_ms=timing.quantile(loss, 0.8))
+        row["loss_share"] = row["loss_ms"] / row["median_ms"]
+    add_ratios(rows, copy_gbps)
+    write_csv(rows, out / "results.csv")

@@ -5,6 +5,8 @@ zeroed) before every call; median and 20/80 % quantiles over the calls.
 CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with all of torch's threads; median and
 20/80 % quantiles over its blocks. A step that needs an untimed setup before every call
 (``bwd`` mode) is timed call by call instead, with ``time.perf_counter`` on CPU.
+The cases that time whole calls (overhead, e2e), on any device: ``LoopTimer``, blocks of
+back-to-back calls of every provider in turn, round after round.
 
 Peak memory is the most bytes allocated at once during one call, above what was allocated
 before it. On GPU: ``torch.cuda.max_memory_allocated``. On CPU, two measures, each blind
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import platform
 import sys
@@ -42,6 +45,8 @@ class Timing:
     p80_ms: float
     reps: int
     timer: str
+    # LoopTimer: ms per call of each block, in the order of its rounds.
+    blocks: list[float] | None = None
 
 
 def quantile(xs: list[float], q: float) -> float:
@@ -154,6 +159,48 @@ def make_timer(device: torch.device, **kw):
     if device.type == "cuda":
         return CudaTimer(device, **{k: v for k, v in kw.items() if k in ("warmup_ms", "rep_ms")})
     return CpuTimer(**{k: v for k, v in kw.items() if k in ("min_run_time", "threads")})
+
+
+class LoopTimer:
+    """Times several callables together: blocks of back-to-back calls of each, taken in turn.
+
+    Each callable gets blocks of about ``block_s`` (at least one call), round after round,
+    until each has had about ``min_run_time``, and at least ``min_rounds`` rounds. Blocks of
+    one round run next to each other, so when the machine's load changes during the run
+    (other jobs on a shared machine) every callable sees it alike: their ratios hold, and
+    the differences of their blocks round by round cancel it.
+
+    The blocks are ``torch.utils.benchmark.Timer.timeit`` calls, which synchronize a GPU at
+    both ends: a block's time per call is what a training loop sees, with the host and the
+    device overlapping. That is the right measure where host overhead counts. CudaTimer's
+    events are not: the device starts each timed call only after the L2 flush that precedes
+    it, so the host's first microseconds of the call (as long as the flush takes) go uncounted.
+    """
+
+    def __init__(self, *, min_run_time: float = 1.0, threads: int | None = None, block_s: float = 0.05,
+                 min_rounds: int = 5):
+        self.min_run_time, self.block_s, self.min_rounds = min_run_time, block_s, min_rounds
+        self.threads = threads or torch.get_num_threads()
+
+    def __call__(self, fns: dict[str, object]) -> dict[str, Timing]:
+        from torch.utils import benchmark
+
+        timers = {k: benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=self.threads)
+                  for k, fn in fns.items()}
+        number, block = {}, 0.0
+        for k, t in timers.items():
+            n = 1
+            while (s := t.timeit(n).times[0] * n) < self.block_s / 10 and n < 10**6:
+                n *= 10
+            number[k] = max(1, round(n * self.block_s / s))
+            block = max(block, s / n * number[k])
+        rounds = max(self.min_rounds, math.ceil(self.min_run_time / block))
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, t in timers.items():
+                times[k].append(t.timeit(number[k]).times[0] * 1e3)
+        return {k: dataclasses.replace(_summary(ts, number[k] * rounds, "interleaved blocks"), blocks=ts)
+                for k, ts in times.items()}
 
 
 # ---- memory ---------------------------------------------------------------------------------
