@@ -1,5 +1,10 @@
 """vae_loss on every backend: the fused negative ELBO, its parts, drop-in equivalence, compile."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -232,3 +237,31 @@ def test_backward_leaves_rows_scaled_by_one_untouched(backend, device):
     after = grad.view(torch.int32)
     assert torch.equal(after[:2], bits[:2])
     assert not torch.equal(after[2], bits[2])
+
+
+def test_compile_in_a_fresh_process_before_any_eager_call():
+    """Every backend's kernels are registered at import, so the first call of vaekern in a
+    process can be a trace: no kernel is looked up, loaded or registered inside it."""
+    code = textwrap.dedent(
+        """
+        import importlib.util, sys, torch, vaekern
+        torch.manual_seed(0)
+        backends = ["cpu"] + (["triton"] if importlib.util.find_spec("triton") else [])
+        for backend in backends:
+            r, t = torch.randn(6, 50), torch.rand(6, 50)
+            mu, lv = torch.randn(6, 4), torch.randn(6, 4)
+
+            def step(r, m, lv):
+                return vaekern.vae_loss(r, t, m, lv, beta=0.5, return_parts=True, backend=backend)
+
+            comp = [x.clone().requires_grad_() for x in (r, mu, lv)]
+            parts = torch.compile(step, fullgraph=True)(*comp)  # the first vaekern call
+            (parts.loss * 3).backward()
+            eager = [x.clone().requires_grad_() for x in (r, mu, lv)]
+            (step(*eager).loss * 3).backward()
+            for a, b in zip(comp, eager):
+                torch.testing.assert_close(a.grad, b.grad)
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
