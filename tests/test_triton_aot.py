@@ -35,6 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
+from helpers import reference_kernels
 
 try:  # run by the interpreter (conftest) or on a GPU; the AOT script needs neither
     import triton
@@ -328,7 +329,7 @@ def split_rows(monkeypatch):
 def test_split_rows_match_reference(split_rows, reduction, from_logits):
     import vaekern._triton  # noqa: F401
 
-    tri, ref = torch.ops.vaekern_triton, torch.ops.vaekern_ref
+    tri, ref = torch.ops.vaekern_triton, reference_kernels
     dev = split_rows
     x = torch.randn(3, 10, 100, dtype=torch.float64, device=dev) * 3
     if not from_logits:
@@ -402,7 +403,7 @@ def test_row_strides_read_in_place(split_rows):
     assert as_rows(t)[2] == 0
     h = torch.randn(4, 40, dtype=torch.float64, device=dev)
     mu, lv = h.chunk(2, dim=1)
-    tri, ref = torch.ops.vaekern_triton, torch.ops.vaekern_ref
+    tri, ref = torch.ops.vaekern_triton, reference_kernels
     for a, b in zip(tri.bernoulli_nll(x, t, True, 0, True), ref.bernoulli_nll(x, t, True, 0, True)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(tri.gaussian_kl(mu, lv, 2), ref.gaussian_kl(mu, lv, 2), rtol=1e-12, atol=1e-12)
