@@ -83,12 +83,22 @@ bool traced(const Tensor& t) {
   return t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
 }
 
-// Whether backward may scale the forward's gradient in place: only a real tensor that no
-// one else holds (the rule by which AccumulateGrad adopts a buffer). vaekern.functional
-// drops the op's gradient output, so that is the usual case; a caller who keeps it (or
-// opcheck, which compares it) gets an out-of-place product and an unchanged output.
+// Whether backward may scale the forward's gradient in place: only a real tensor whose
+// memory no one else sees (the rule by which AccumulateGrad adopts a buffer, applied to the
+// storage). vaekern.functional drops the op's gradient output, so that is the usual case;
+// a caller who keeps it (or opcheck, which compares it) gets an out-of-place product and an
+// unchanged output.
 bool scale_in_place(const Tensor& grad, const Tensor& grad_out) {
-  return grad.use_count() == 1 && !traced(grad) && !traced(grad_out);
+  return grad.use_count() == 1 && grad.storage().use_count() == 1 && !traced(grad) && !traced(grad_out);
+}
+
+// The gradient output the caller gets: in eager mode an alias of ctx's buffer (the same
+// memory, its own TensorImpl). A tensor that once had a Python object keeps a second owner
+// after Python drops it (torch preserves the object while C++ holds the tensor), which
+// would make AccumulateGrad copy the buffer instead of adopting it; the alias takes that
+// object instead, and dies with it.
+Tensor visible(const Tensor& grad) {
+  return traced(grad) ? grad : grad.alias();
 }
 
 void no_double_backward(const char* op) {
@@ -127,14 +137,15 @@ struct BernoulliNLLFunction : public torch::autograd::Function<BernoulliNLLFunct
     at::AutoDispatchBelowADInplaceOrView below;
     auto [loss, grad] =
         bernoulli_nll_kernel().call(input, target, from_logits, reduction, compute_grad);
-    ctx->mark_non_differentiable({grad});
+    Tensor shown = visible(grad);
+    ctx->mark_non_differentiable({shown});
     ctx->set_materialize_grads(false);
     ctx->saved_data["from_logits"] = from_logits;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["grad"] = grad;
     ctx->saved_data["grad_computed"] = compute_grad;
     ctx->save_for_backward({input, target});
-    return {loss, grad};
+    return {loss, shown};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -242,14 +253,15 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [loss, rec, kl, grad] = vae_loss_kernel()
                                      .call(recon, target, mu, logvar, beta, from_logits, reduction, compute_grad);
-    ctx->mark_non_differentiable({grad});
+    Tensor shown = visible(grad);
+    ctx->mark_non_differentiable({shown});
     ctx->set_materialize_grads(false);
     ctx->saved_data["from_logits"] = from_logits;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["grad"] = grad;
     ctx->saved_data["grad_computed"] = compute_grad;
     ctx->save_for_backward({recon, target, mu, logvar, beta});
-    return {loss, rec, kl, grad};
+    return {loss, rec, kl, shown};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

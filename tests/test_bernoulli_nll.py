@@ -208,3 +208,16 @@ def test_float64_probability_gradient_floor_is_float64(backend, device):
     expected = g[:, None] * ((p - t) / torch.clamp(p * (1 - p), min=1e-12))
     assert expected.abs().max() > 1e11  # the floor is reached
     torch.testing.assert_close(pa.grad.cpu(), expected, rtol=1e-15, atol=0.0)
+
+
+def test_backward_adopts_the_forward_gradient_in_place(backend, device):
+    """As in test_vae_loss.py: with the C++ autograd, recon.grad is the forward's own buffer."""
+    ops = kernels_of(backend, device)
+    if not ops.native_autograd:
+        pytest.skip("the Python autograd's buffer is internal to its Function")
+    x, t = leaf(logits((4, 30), torch.float32, device)), target((4, 30), "float", device)
+    out, grad = ops.bernoulli_nll(x, t, True, 0, True)
+    ptr = grad.data_ptr()
+    del grad
+    out.backward(torch.rand_like(out) + 0.5)
+    assert x.grad.data_ptr() == ptr

@@ -265,3 +265,27 @@ def test_compile_in_a_fresh_process_before_any_eager_call():
     )
     env = dict(os.environ, TRITON_INTERPRET="1")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
+
+
+def test_backward_adopts_the_forward_gradient_in_place(backend, device):
+    """Where the op's autograd is C++, backward scales the forward's gradient buffer in place
+    and AccumulateGrad adopts it as recon.grad: no image-sized copy. A caller who keeps the
+    op's gradient output gets an out-of-place product and an unchanged output instead."""
+    ops = kernels_of(backend, device)
+    if not ops.native_autograd:
+        pytest.skip("the Python autograd's buffer is internal to its Function")
+    recon, t = logits((4, 30), torch.float32, device), target((4, 30), "float", device)
+    mu, logvar = latents((4, 3), torch.float32, device)
+    beta = torch.tensor(0.5, device=device)
+    r = leaf(recon)
+    loss, _, _, grad = ops.vae_loss(r, t, leaf(mu), leaf(logvar), beta, True, 1, True)
+    ptr = grad.data_ptr()
+    del grad
+    (loss * 3).backward()
+    assert r.grad.data_ptr() == ptr
+    r2 = leaf(recon)
+    loss, _, _, kept = ops.vae_loss(r2, t, leaf(mu), leaf(logvar), beta, True, 1, True)
+    before = kept.clone()
+    (loss * 3).backward()
+    assert torch.equal(kept, before) and r2.grad.data_ptr() != kept.data_ptr()
+    torch.testing.assert_close(r2.grad, r.grad)

@@ -116,20 +116,19 @@ def _plainly_valid(recon, target, mu, logvar) -> bool:
 def _path(kernels, *differentiable: Tensor) -> str:
     """How a kernel is called: "op", "function" or "kernel".
 
-    * "op": the registered op with its own autograd: while torch.compile traces (whose
-      formula scales out of place), and in eager mode where that autograd is C++ (the
-      extension's, csrc/autograd.cpp);
+    * "op": the registered op with its own autograd: while torch.compile traces (its
+      formula then scales out of place), and always where that autograd is C++ (the
+      extension's, csrc/autograd.cpp, which costs next to nothing when no gradient is due);
     * "function": the lean ``torch.autograd.Function`` of vaekern._ops, when a gradient is
       needed in eager mode and the op's autograd is Python (Triton's kernels);
-    * "kernel": the kernel alone, below autograd, when no gradient is needed.
+    * "kernel": the kernel alone, below the op's Python autograd, when no gradient is needed.
     """
-    if torch.compiler.is_compiling():
+    if kernels.native_autograd or torch.compiler.is_compiling():
         return "op"
-    if not torch.is_grad_enabled():
-        return "kernel"
-    for t in differentiable:
-        if t.requires_grad:
-            return "op" if kernels.native_autograd else "function"
+    if torch.is_grad_enabled():
+        for t in differentiable:
+            if t.requires_grad:
+                return "function"
     return "kernel"
 
 
@@ -263,6 +262,8 @@ def reparameterize(
 
 
 def _beta(beta, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if type(beta) is float and not torch.compiler.is_compiling() and device.type != "cuda":
+        return _beta_tensor(beta, dtype, device)  # the common case, checked below all the same
     if isinstance(beta, Tensor):
         if beta.dim() != 0 or not beta.is_floating_point():
             raise TypeError(f"beta must be a float or a 0-d floating tensor, got shape {tuple(beta.shape)} {beta.dtype}")

@@ -33,16 +33,15 @@ class Kernels:
     Looked up once: resolving ``torch.ops.<ns>.<op>`` on every call costs microseconds,
     which at small batch is a visible share of a training step."""
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, native_autograd: bool) -> None:
         self.namespace = namespace
-        self.native_autograd = False
+        # The extension's ops carry their autograd in C++: they are then called directly.
+        self.native_autograd = native_autograd
 
     def bind(self) -> None:
         packet = getattr(torch.ops, self.namespace)
         for name in SCHEMAS:
             setattr(self, name, getattr(packet, name).default)
-        # The extension's ops carry their autograd in C++; they are then called directly.
-        self.native_autograd = all(has_native_autograd(f"{self.namespace}::{name}") for name in DIFFERENTIABLE)
 
     def __repr__(self) -> str:
         return f"Kernels({self.namespace!r})"
@@ -55,7 +54,8 @@ def define(namespace: str) -> Kernels:
     """Define every schema, fake and traced autograd in ``namespace`` (once); its kernels."""
     if namespace not in _DEFINED:
         lib = torch.library.Library(namespace, "DEF")
-        kernels = Kernels(namespace)
+        native = all(has_native_autograd(f"{namespace}::{name}") for name in DIFFERENTIABLE)
+        kernels = Kernels(namespace, native)
         for op in OPS:
             op.register(lib, kernels)
         kernels.bind()

@@ -59,9 +59,13 @@ below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
 def has_native_autograd(qualname: str) -> bool:
-    """True if ``ns::op`` has a kernel at the Autograd key already: the extension registers
-    its ops' autograd in C++ (csrc/autograd.cpp), and then no Python formula is added."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd")
+    """True if ``ns::op`` has a kernel at the Autograd key before vaekern defines it: the
+    extension registers its ops' autograd in C++ (csrc/autograd.cpp), and then no Python
+    formula is added. Asked before the schema exists (kernels may precede it)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd")
+    except RuntimeError:  # no kernel of any kind registered for it
+        return False
 
 
 def no_double_backward(op: str) -> None:

@@ -33,7 +33,6 @@ from vaekern._ops._common import (
     acc_dtype,
     below_autograd,
     grad_like,
-    has_native_autograd,
     loss_like,
     no_double_backward,
     scaled_rows,
@@ -102,7 +101,7 @@ def register(lib: torch.library.Library, kernels) -> None:
         lib.define(name + schema)
     torch.library.register_fake(f"{ns}::bernoulli_nll", bernoulli_nll_fake, lib=lib)
     torch.library.register_fake(f"{ns}::bernoulli_nll_backward_", bernoulli_nll_backward_fake, lib=lib)
-    if not has_native_autograd(f"{ns}::bernoulli_nll"):
+    if not kernels.native_autograd:
         torch.library.register_autograd(
             f"{ns}::bernoulli_nll",
             lambda ctx, *grads: _traced_backward(kernels, ctx, *grads),

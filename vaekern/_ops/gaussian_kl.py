@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from vaekern._ops._common import acc_dtype, below_autograd, has_native_autograd, loss_like, per_row
+from vaekern._ops._common import acc_dtype, below_autograd, loss_like, per_row
 
 SCHEMAS = {
     "gaussian_kl": "(Tensor mu, Tensor logvar, int reduction) -> Tensor",
@@ -89,7 +89,7 @@ def register(lib: torch.library.Library, kernels) -> None:
         lib.define(name + schema)
     torch.library.register_fake(f"{ns}::gaussian_kl", gaussian_kl_fake, lib=lib)
     torch.library.register_fake(f"{ns}::gaussian_kl_backward", gaussian_kl_backward_fake, lib=lib)
-    if not has_native_autograd(f"{ns}::gaussian_kl"):
+    if not kernels.native_autograd:
         torch.library.register_autograd(
             f"{ns}::gaussian_kl",
             lambda ctx, grad_out: _traced_backward(kernels, ctx, grad_out),

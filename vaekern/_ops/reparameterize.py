@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from vaekern._ops._common import below_autograd, has_native_autograd
+from vaekern._ops._common import below_autograd
 
 SCHEMAS = {
     "reparameterize": "(Tensor mu, Tensor logvar, Tensor? eps, Tensor? seed) -> Tensor",
@@ -78,7 +78,7 @@ def register(lib: torch.library.Library, kernels) -> None:
         lib.define(name + schema)
     torch.library.register_fake(f"{ns}::reparameterize", reparameterize_fake, lib=lib)
     torch.library.register_fake(f"{ns}::reparameterize_backward", reparameterize_backward_fake, lib=lib)
-    if not has_native_autograd(f"{ns}::reparameterize"):
+    if not kernels.native_autograd:
         torch.library.register_autograd(
             f"{ns}::reparameterize",
             lambda ctx, grad_z: _traced_backward(kernels, ctx, grad_z),

@@ -28,7 +28,6 @@ from vaekern._ops._common import (
     acc_dtype,
     below_autograd,
     grad_like,
-    has_native_autograd,
     loss_like,
     no_double_backward,
     scaled_rows,
@@ -131,7 +130,7 @@ def register(lib: torch.library.Library, kernels) -> None:
         lib.define(name + schema)
     torch.library.register_fake(f"{ns}::vae_loss", vae_loss_fake, lib=lib)
     torch.library.register_fake(f"{ns}::vae_loss_backward_", vae_loss_backward_fake, lib=lib)
-    if not has_native_autograd(f"{ns}::vae_loss"):
+    if not kernels.native_autograd:
         torch.library.register_autograd(
             f"{ns}::vae_loss",
             lambda ctx, *grads: _traced_backward(kernels, ctx, *grads),
