@@ -106,6 +106,15 @@ class ReferenceKernels:
         g_mu, g_lv = self._grads(out, (m, lv), grad_out.double().expand_as(out))
         return g_mu.to(mu.dtype), g_lv.to(logvar.dtype)
 
+    def reparameterize(self, mu, logvar, eps, seed):
+        assert eps is not None, "the reference draws no noise of its own: pass eps"
+        return reference.reparameterize_ref(mu, logvar, eps).to(mu.dtype)
+
+    def reparameterize_backward(self, grad_z, mu, logvar, eps, seed):
+        m, lv = (x.detach().double().requires_grad_() for x in (mu, logvar))
+        g_mu, g_lv = self._grads(reference.reparameterize_ref(m, lv, eps), (m, lv), grad_z.double())
+        return g_mu.to(mu.dtype), g_lv.to(logvar.dtype)
+
     def vae_loss(self, recon, target, mu, logvar, beta, from_logits, reduction, compute_grad):
         acc = self._acc(recon, mu, logvar)
         loss, rec, kl = reference.vae_loss_ref(

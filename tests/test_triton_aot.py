@@ -35,7 +35,6 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
-from helpers import reference_kernels
 
 try:  # run by the interpreter (conftest) or on a GPU; the AOT script needs neither
     import triton
@@ -329,6 +328,8 @@ def split_rows(monkeypatch):
 def test_split_rows_match_reference(split_rows, reduction, from_logits):
     import vaekern._triton  # noqa: F401
 
+    from helpers import reference_kernels  # not at the top: the AOT worker runs this file without conftest
+
     tri, ref = torch.ops.vaekern_triton, reference_kernels
     dev = split_rows
     x = torch.randn(3, 10, 100, dtype=torch.float64, device=dev) * 3
@@ -403,6 +404,8 @@ def test_row_strides_read_in_place(split_rows):
     assert as_rows(t)[2] == 0
     h = torch.randn(4, 40, dtype=torch.float64, device=dev)
     mu, lv = h.chunk(2, dim=1)
+    from helpers import reference_kernels  # not at the top: the AOT worker runs this file without conftest
+
     tri, ref = torch.ops.vaekern_triton, reference_kernels
     for a, b in zip(tri.bernoulli_nll(x, t, True, 0, True), ref.bernoulli_nll(x, t, True, 0, True)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
