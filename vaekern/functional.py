@@ -45,6 +45,8 @@ class VAELossParts(NamedTuple):
 def _tensor(name: str, x, dtypes=_FLOATS) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
     if x.dtype not in dtypes:
         names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
         raise TypeError(f"{name} must have dtype in ({names}), got {x.dtype}")
@@ -67,6 +69,8 @@ def _same_shape(a: tuple[str, Tensor], b: tuple[str, Tensor]) -> None:
 
 
 def _reduction(reduction) -> int:
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction must be a str, one of {tuple(REDUCTIONS)}, got {type(reduction).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
     return REDUCTIONS[reduction]
@@ -108,6 +112,7 @@ def _plainly_valid(recon, target, mu, logvar) -> bool:
             and mu.shape == logvar.shape
             and mu.shape[0] == recon.shape[0]  # IndexError for a 0-d tensor
             and recon.device == target.device == mu.device == logvar.device
+            and recon.layout is target.layout is mu.layout is logvar.layout is torch.strided
         )
     except (AttributeError, IndexError):
         return False
@@ -245,6 +250,8 @@ def reparameterize(
         if eps.dtype != mu.dtype:
             raise TypeError(f"eps has dtype {eps.dtype} but mu has dtype {mu.dtype}")
     else:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if generator is not None and torch.device(generator.device).type != device.type:
             raise ValueError(f"generator is on {generator.device} but mu is on {device}")
         if kernels is None:
@@ -271,13 +278,29 @@ def _beta(beta, dtype: torch.dtype, device: torch.device) -> Tensor:
         if beta.requires_grad:
             raise ValueError("beta must not require grad: vae_loss does not differentiate it")
         return beta.to(dtype)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a float or a 0-d floating tensor, got {type(beta).__name__}")
+    beta = float_beta(beta)
+    if beta > torch.finfo(dtype).max:
+        raise ValueError(f"beta={beta:g} overflows the loss dtype {dtype}; the largest is {torch.finfo(dtype).max:g}")
     if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         # Traced: a constant of the graph. Captured: the graph's own fill, so that no
         # replay reads a cached tensor that the cache may since have dropped.
-        return torch.full((), float(beta), dtype=dtype, device=device)
-    return _beta_tensor(float(beta), dtype, device)
+        return torch.full((), beta, dtype=dtype, device=device)
+    return _beta_tensor(beta, dtype, device)
+
+
+def float_beta(beta) -> float:
+    """A Python beta as a float: finite, not negative and not NaN, or a named error.
+
+    A tensor beta is not inspected: that would need a device sync."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a float or a 0-d floating tensor, got {type(beta).__name__}")
+    try:
+        value = float(beta)
+    except OverflowError:
+        raise ValueError("beta is beyond the range of float64 (about 1.8e308)") from None
+    if not value >= 0.0 or value == float("inf"):  # NaN fails the first comparison
+        raise ValueError(f"beta must be finite and >= 0, got {value}")
+    return value
 
 
 @functools.lru_cache(maxsize=16)
