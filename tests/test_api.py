@@ -170,3 +170,18 @@ def test_float_beta_in_range_of_the_loss_dtype_is_accepted():
     # A tensor beta is not inspected (that would need a device sync): NaN in, NaN out.
     assert vaekern.vae_loss(r, t, m, lv, beta=torch.tensor(float("nan"))).isnan()
 
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_eps_that_requires_grad_is_refused(backend):
+    """Issue 16, item 2: eps would get no gradient on the fused backends; it is refused by
+    name on every backend, as target is."""
+    if backend not in vaekern.available_backends("cpu"):
+        pytest.skip(f"backend {backend} not available")
+    m, lv = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    eps = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="eps must not require grad"):
+        vaekern.reparameterize(m, lv, eps=eps, backend=backend)
+    with torch.no_grad():  # no graph is built: nothing to refuse
+        vaekern.reparameterize(m, lv, eps=eps, backend=backend)
+    vaekern.reparameterize(m, lv, eps=eps.detach(), backend=backend).sum().backward()
+    assert m.grad is not None and eps.grad is None

@@ -245,6 +245,9 @@ def reparameterize(
         if generator is not None:
             raise ValueError("pass either eps or generator, not both")
         _tensor("eps", eps)
+        if eps.requires_grad and torch.is_grad_enabled():
+            # The fused backends would leave it without a gradient; refused everywhere alike.
+            raise ValueError("eps must not require grad: reparameterize differentiates mu and logvar only")
         _same_shape(("mu", mu), ("eps", eps))
         _same_device(("mu", mu), ("eps", eps))
         if eps.dtype != mu.dtype:
