@@ -126,6 +126,10 @@ def _path(kernels, *differentiable: Tensor) -> str:
       extension's, csrc/autograd.cpp);
     * "function": the lean ``torch.autograd.Function`` of vaekern._ops, when a gradient is
       needed in eager mode and the op's autograd is Python (Triton's kernels);
+    * "transform": under a torch.func transform (``grad``, ``vjp``, ``jacrev``, ``vmap``,
+      and ``jvp``, which it refuses) unless grad mode is off: the op's Function for
+      functorch (``kernels.transforms``), out of place; functorch accepts neither the C++
+      autograd nor the eager Functions;
     * "kernel": the kernel alone, below autograd, when no gradient is needed.
     """
     if torch.compiler.is_compiling():
@@ -134,8 +138,11 @@ def _path(kernels, *differentiable: Tensor) -> str:
         return "kernel"
     for t in differentiable:
         if t.requires_grad:
+            if torch._C._are_functorch_transforms_active():
+                return "transform"
             return "op" if kernels.native_autograd else "function"
-    return "kernel"
+    # Under jvp the tangents need no requires_grad: the Function refuses forward mode by name.
+    return "transform" if torch._C._are_functorch_transforms_active() else "kernel"
 
 
 def _needs_grad(x: Tensor) -> bool:
@@ -180,6 +187,8 @@ def bernoulli_nll(
             return kernels.bernoulli_nll(input, target, from_logits, red, _needs_grad(input))[0]
         case "function":
             return BernoulliNLLFunction.apply(kernels, input, target, from_logits, red)
+        case "transform":
+            return kernels.transforms["bernoulli_nll"].apply(input, target, from_logits, red, True)[0]
     with below_autograd():
         return kernels.bernoulli_nll(input, target, from_logits, red, False)[0]
 
@@ -208,6 +217,8 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", backend:
             return kernels.gaussian_kl(mu, logvar, red)
         case "function":
             return GaussianKLFunction.apply(kernels, mu, logvar, red)
+        case "transform":
+            return kernels.transforms["gaussian_kl"].apply(mu, logvar, red)
     with below_autograd():
         return kernels.gaussian_kl(mu, logvar, red)
 
@@ -268,6 +279,8 @@ def reparameterize(
             return kernels.reparameterize(mu, logvar, eps, seed)
         case "function":
             return ReparameterizeFunction.apply(kernels, mu, logvar, eps, seed)
+        case "transform":
+            return kernels.transforms["reparameterize"].apply(mu, logvar, eps, seed)[0]
     with below_autograd():
         return kernels.reparameterize(mu, logvar, eps, seed)
 
@@ -374,6 +387,8 @@ def vae_loss(
                 loss, rec, kl, _ = kernels.vae_loss(*args, _needs_grad(recon))
             case "function":
                 loss, rec, kl = VAELossFunction.apply(kernels, *args)
+            case "transform":
+                loss, rec, kl, _ = kernels.transforms["vae_loss"].apply(*args, _needs_grad(recon))
             case _:
                 with below_autograd():
                     loss, rec, kl, _ = kernels.vae_loss(*args, False)

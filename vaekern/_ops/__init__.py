@@ -36,6 +36,8 @@ class Kernels:
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
         self.native_autograd = False
+        # Op name -> its autograd.Function for torch.func transforms (see transform_function).
+        self.transforms: dict[str, type[torch.autograd.Function]] = {}
 
     def bind(self) -> None:
         packet = getattr(torch.ops, self.namespace)
