@@ -17,7 +17,9 @@
 //   loss.backward() moves no image-sized bytes; or out of place where someone else holds
 //   the buffer, or while AOTAutograd traces (torch.compile, opcheck), whose partitioner
 //   cannot take an in-place update of a saved forward output (scale_in_place). Double
-//   backward raises: the saved gradient has no graph.
+//   backward through the reconstruction raises: the saved gradient has no graph. vae_loss
+//   whose recon needs no gradient supports it: the latents' gradient is then the KL's, in
+//   differentiable ATen ops (differentiable_kl_grads).
 // * gaussian_kl, reparameterize: backward calls the backward kernel, or, when it must
 //   build a graph (create_graph=True), the same formula in differentiable ATen ops.
 #include <ATen/TensorOperators.h>
@@ -265,7 +267,8 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    no_double_backward("vae_loss");
+    const bool want_recon = ctx->needs_input_grad(0);
+    if (want_recon) no_double_backward("vae_loss");
     const Tensor* present = nullptr;
     for (int i = 0; i < 3; ++i) {
       if (grads[i].defined()) present = &grads[i];
@@ -280,14 +283,17 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     auto saved = ctx->get_saved_variables();
     const Tensor &recon = saved[0], &target = saved[1], &mu = saved[2], &logvar = saved[3], &beta = saved[4];
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    const bool want_recon = ctx->needs_input_grad(0);
+    variable_list out(8);
+    if (at::GradMode::is_enabled()) {  // create_graph=True, recon needs no gradient: the KL's, differentiable
+      std::tie(out[2], out[3]) = differentiable_kl_grads(grad_loss * beta + grad_kl_term, mu, logvar, reduction);
+      return out;
+    }
     Tensor grad = take_saved_grad(ctx);
     if (want_recon && (!grad.defined() || !ctx->saved_data["grad_computed"].toBool())) {  // a second backward, or none
       grad = std::get<3>(vae_loss_kernel()
                              .call(recon, target, mu, logvar, beta, ctx->saved_data["from_logits"].toBool(),
                                    reduction, true));
     }
-    variable_list out(8);
     if (want_recon && !scale_in_place(grad, grad_loss)) {
       out[0] = scaled_rows(grad, grad_loss + grad_recon_term);
       std::tie(out[2], out[3]) = gaussian_kl_backward_kernel()

@@ -124,3 +124,64 @@ def test_empty_dims(backend):
     assert vaekern.bernoulli_nll(r, t, reduction="none", backend=backend).shape == (0,)
     assert vaekern.bernoulli_nll(r, t, reduction="sum", backend=backend) == 0
     assert vaekern.bernoulli_nll(r, t, backend=backend).isnan()
+
+
+# Issue 16, item 8: each of these used to raise an error that named nothing (or nothing at all).
+UNCLEAR_CALLS = [
+    ("beta overflows float32", lambda r, t, m, lv: vaekern.vae_loss(r, t, m, lv, beta=1e39), ValueError, "beta"),
+    ("beta beyond float64", lambda r, t, m, lv: vaekern.vae_loss(r, t, m, lv, beta=2**1030), ValueError, "beta"),
+    ("beta inf", lambda r, t, m, lv: vaekern.vae_loss(r, t, m, lv, beta=float("inf")), ValueError, "beta"),
+    ("beta negative", lambda r, t, m, lv: vaekern.vae_loss(r, t, m, lv, beta=-0.5), ValueError, "beta"),
+    ("beta nan", lambda r, t, m, lv: vaekern.vae_loss(r, t, m, lv, beta=float("nan")), ValueError, "beta"),
+    ("generator int", lambda r, t, m, lv: vaekern.reparameterize(m, lv, generator=42), TypeError, "generator"),
+    ("generator str", lambda r, t, m, lv: vaekern.reparameterize(m, lv, generator="cpu"), TypeError, "generator"),
+    ("bnll reduction list", lambda r, t, m, lv: vaekern.bernoulli_nll(r, t, reduction=["mean"]), TypeError, "reduction"),
+    ("kl reduction list", lambda r, t, m, lv: vaekern.gaussian_kl(m, lv, reduction=["mean"]), TypeError, "reduction"),
+    ("vae reduction list", lambda r, t, m, lv: vaekern.vae_loss(r, t, m, lv, reduction=["mean"]), TypeError, "reduction"),
+    ("bnll sparse input", lambda r, t, m, lv: vaekern.bernoulli_nll(r.to_sparse(), t), TypeError, "input"),
+    ("bnll sparse target", lambda r, t, m, lv: vaekern.bernoulli_nll(r, t.to_sparse()), TypeError, "target"),
+    ("kl sparse mu", lambda r, t, m, lv: vaekern.gaussian_kl(m.to_sparse(), lv), TypeError, "mu"),
+    ("kl csr logvar", lambda r, t, m, lv: vaekern.gaussian_kl(m, lv.to_sparse_csr()), TypeError, "logvar"),
+    ("rep sparse mu", lambda r, t, m, lv: vaekern.reparameterize(m.to_sparse(), lv), TypeError, "mu"),
+    ("rep sparse eps", lambda r, t, m, lv: vaekern.reparameterize(m, lv, eps=torch.randn(4, 3).to_sparse()), TypeError, "eps"),
+    ("vae sparse recon", lambda r, t, m, lv: vaekern.vae_loss(r.to_sparse(), t, m, lv), TypeError, "recon"),
+    ("vae sparse mu", lambda r, t, m, lv: vaekern.vae_loss(r, t, m.to_sparse(), lv), TypeError, "mu"),
+    ("module beta negative", lambda r, t, m, lv: vaekern.nn.VAELoss(beta=-1.0)(r, t, m, lv), ValueError, "beta"),
+    ("module beta nan", lambda r, t, m, lv: vaekern.nn.VAELoss(beta=float("nan"))(r, t, m, lv), ValueError, "beta"),
+    ("module beta overflow", lambda r, t, m, lv: vaekern.nn.VAELoss(beta=1e39)(r, t, m, lv), ValueError, "beta"),
+    ("module beta huge int", lambda r, t, m, lv: vaekern.nn.VAELoss(beta=2**1030)(r, t, m, lv), ValueError, "beta"),
+    ("module reduction list", lambda r, t, m, lv: vaekern.nn.VAELoss(reduction=["mean"])(r, t, m, lv), TypeError, "reduction"),
+    ("module sparse mu", lambda r, t, m, lv: vaekern.nn.VAELoss()(r, t, m.to_sparse(), lv), TypeError, "mu"),
+]
+
+
+@pytest.mark.parametrize("call,exc,words", [c[1:] for c in UNCLEAR_CALLS], ids=[c[0] for c in UNCLEAR_CALLS])
+def test_unclear_input_raises_naming_the_argument(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call(*_inputs())
+
+
+def test_float_beta_in_range_of_the_loss_dtype_is_accepted():
+    """1e39 overflows a float32 loss but not a float64 one; 0 (no KL) is a valid weight."""
+    r, t, m, lv = (x.double() for x in _inputs())
+    assert torch.isfinite(vaekern.vae_loss(r, t, m, lv, beta=1e39, backend="reference"))
+    r, t, m, lv = _inputs()
+    torch.testing.assert_close(vaekern.vae_loss(r, t, m, lv, beta=0), vaekern.bernoulli_nll(r, t))
+    # A tensor beta is not inspected (that would need a device sync): NaN in, NaN out.
+    assert vaekern.vae_loss(r, t, m, lv, beta=torch.tensor(float("nan"))).isnan()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_eps_that_requires_grad_is_refused(backend):
+    """Issue 16, item 2: eps would get no gradient on the fused backends; it is refused by
+    name on every backend, as target is."""
+    if backend not in vaekern.available_backends("cpu"):
+        pytest.skip(f"backend {backend} not available")
+    m, lv = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    eps = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="eps must not require grad"):
+        vaekern.reparameterize(m, lv, eps=eps, backend=backend)
+    with torch.no_grad():  # no graph is built: nothing to refuse
+        vaekern.reparameterize(m, lv, eps=eps, backend=backend)
+    vaekern.reparameterize(m, lv, eps=eps.detach(), backend=backend).sum().backward()
+    assert m.grad is not None and eps.grad is None

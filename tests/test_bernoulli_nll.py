@@ -221,3 +221,26 @@ def test_backward_adopts_the_forward_gradient_in_place(backend, device):
     del grad
     out.backward(torch.rand_like(out) + 0.5)
     assert x.grad.data_ptr() == ptr
+
+
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
+def test_torch_func_grad_and_per_sample_gradients(backend, device, from_logits):
+    """Issue 16, item 10: torch.func.grad, and vmap over it (per-sample gradients), on every
+    backend, as the reference gives them; forward mode and a second order raise by name."""
+    from torch.func import grad, jvp, vmap
+
+    x = logits((5, 9), torch.float64, device) if from_logits else probs((5, 9), torch.float64, device)
+    t = target((5, 9), "float", device, torch.float64)
+
+    def loss(b, x, t):
+        return vaekern.bernoulli_nll(x, t, from_logits=from_logits, reduction="sum", backend=b) * 3
+
+    torch.testing.assert_close(grad(loss, argnums=1)(backend, x, t), grad(loss, argnums=1)("reference", x, t))
+    per_sample = vmap(grad(lambda b, x, t: loss(b, x[None], t[None]), argnums=1), in_dims=(None, 0, 0))
+    torch.testing.assert_close(per_sample(backend, x, t), per_sample("reference", x, t))
+    if backend == "reference":
+        return
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        jvp(lambda x: loss(backend, x, t), (x,), (torch.ones_like(x),))
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad(lambda x: grad(loss, argnums=1)(backend, x, t).sum())(x)

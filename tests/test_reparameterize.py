@@ -117,3 +117,32 @@ def test_opcheck(backend, device):
     g = torch.randn(5, 13, device=device)
     torch.library.opcheck(ops.reparameterize_backward, (g, mu, logvar, eps, None))
     torch.library.opcheck(ops.reparameterize_backward, (g, mu, logvar, None, seed))
+
+
+def test_torch_func_grad_and_per_sample_gradients(backend, device):
+    """Issue 16, item 10: torch.func.grad and vmap over it, with given noise (as the
+    reference) and with the op's own noise (d/dmu is 1, d/dlogvar matches the noise drawn)."""
+    from torch.func import grad, vmap
+
+    mu, logvar = latents((4, 3), torch.float64, device)
+    eps = torch.randn(4, 3, dtype=torch.float64, device=device)
+    w = torch.rand(4, 3, dtype=torch.float64, device=device)
+
+    def f(b, mu, logvar, eps=eps):
+        return (vaekern.reparameterize(mu, logvar, eps=eps, backend=b) * w).sum()
+
+    for argnums in (1, 2):
+        torch.testing.assert_close(grad(f, argnums)(backend, mu, logvar), grad(f, argnums)("reference", mu, logvar))
+    per_sample = vmap(grad(lambda b, m, lv, e: f(b, m[None], lv[None], e[None]), argnums=(1, 2)), in_dims=(None, 0, 0, 0))
+    for got, want in zip(per_sample(backend, mu, logvar, eps), per_sample("reference", mu, logvar, eps)):
+        torch.testing.assert_close(got, want)
+    gen = torch.Generator(device=device)
+    z = vaekern.reparameterize(mu, logvar, generator=gen.manual_seed(5), backend=backend)
+    drawn = (z - mu) / torch.exp(0.5 * logvar)
+
+    def sampled(mu, logvar):
+        return (vaekern.reparameterize(mu, logvar, generator=gen.manual_seed(5), backend=backend) * w).sum()
+
+    g_mu, g_lv = grad(sampled, argnums=(0, 1))(mu, logvar)
+    torch.testing.assert_close(g_mu, w)
+    torch.testing.assert_close(g_lv, w * 0.5 * torch.exp(0.5 * logvar) * drawn)

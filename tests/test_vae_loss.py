@@ -289,3 +289,62 @@ def test_backward_adopts_the_forward_gradient_in_place(backend, device):
     (loss * 3).backward()
     assert torch.equal(kept, before) and r2.grad.data_ptr() != kept.data_ptr()
     torch.testing.assert_close(r2.grad, r.grad)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_double_backward_through_the_latents(backend, device, reduction):
+    """Issue 16, item 9: with recon needing no gradient, double backward (create_graph=True)
+    goes through the KL part on every backend: eagerly (vaekern.vae_loss) and through the
+    registered op's own autograd (the traced path of the Python formula, or the C++ one)."""
+    recon, t = logits((3, 7), torch.float64, device), target((3, 7), "float", device, torch.float64)
+    mu, logvar = latents((3, 4), torch.float64, device)
+    beta = torch.tensor(0.3, dtype=torch.float64, device=device)
+
+    def fn(m, lv):
+        return vaekern.vae_loss(recon, t, m, lv, beta=beta, reduction=reduction, return_parts=True, backend=backend)
+
+    assert torch.autograd.gradgradcheck(fn, (leaf(mu), leaf(logvar)), fast_mode=True)
+    # A Hessian-vector product against the reference's.
+    hvps = []
+    for b in (backend, "reference"):
+        m, lv = leaf(mu), leaf(logvar)
+        loss = vaekern.vae_loss(recon, t, m, lv, beta=beta, reduction=reduction, backend=b)
+        g_m, g_lv = torch.autograd.grad(loss.sum() * 3, (m, lv), create_graph=True)
+        hvps.append(torch.autograd.grad((g_m * mu).sum() + (g_lv * logvar).sum(), (m, lv)))
+    for got, want in zip(*hvps):
+        torch.testing.assert_close(got, want)
+    if backend == "reference":
+        return
+    ops = kernels_of(backend, device)
+    red = {"none": 0, "mean": 1, "sum": 2}[reduction]
+
+    def op(m, lv):
+        return ops.vae_loss(recon, t, m, lv, beta, True, red, False)[:3]
+
+    assert torch.autograd.gradgradcheck(op, (leaf(mu), leaf(logvar)), fast_mode=True)
+
+
+def test_torch_func_grad_and_per_sample_gradients(backend, device):
+    """Issue 16, item 10: torch.func.grad and vmap over it (per-sample gradients of every
+    input) on every backend, as the reference gives them; forward mode raises by name."""
+    from torch.func import grad, jvp, vmap
+
+    recon, t = logits((5, 8), torch.float64, device), target((5, 8), "float", device, torch.float64)
+    mu, logvar = latents((5, 3), torch.float64, device)
+
+    def loss(b, r, t, m, lv):
+        parts = vaekern.vae_loss(r, t, m, lv, beta=0.7, return_parts=True, backend=b)
+        return parts.loss + 0.5 * parts.recon + 2 * parts.kl
+
+    args = (recon, t, mu, logvar)
+    for argnums in ((1, 3, 4), (3, 4)):
+        for got, want in zip(grad(loss, argnums)(backend, *args), grad(loss, argnums)("reference", *args)):
+            torch.testing.assert_close(got, want)
+    per_sample = vmap(
+        grad(lambda b, *xs: loss(b, *(x[None] for x in xs)), argnums=(1, 3, 4)), in_dims=(None, 0, 0, 0, 0)
+    )
+    for got, want in zip(per_sample(backend, *args), per_sample("reference", *args)):
+        torch.testing.assert_close(got, want)
+    if backend != "reference":
+        with pytest.raises(NotImplementedError, match="forward-mode"):
+            jvp(lambda r: loss(backend, r, t, mu, logvar), (recon,), (torch.ones_like(recon),))

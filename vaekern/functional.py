@@ -45,6 +45,8 @@ class VAELossParts(NamedTuple):
 def _tensor(name: str, x, dtypes=_FLOATS) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
     if x.dtype not in dtypes:
         names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
         raise TypeError(f"{name} must have dtype in ({names}), got {x.dtype}")
@@ -67,6 +69,8 @@ def _same_shape(a: tuple[str, Tensor], b: tuple[str, Tensor]) -> None:
 
 
 def _reduction(reduction) -> int:
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction must be a str, one of {tuple(REDUCTIONS)}, got {type(reduction).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
     return REDUCTIONS[reduction]
@@ -108,22 +112,31 @@ def _plainly_valid(recon, target, mu, logvar) -> bool:
             and mu.shape == logvar.shape
             and mu.shape[0] == recon.shape[0]  # IndexError for a 0-d tensor
             and recon.device == target.device == mu.device == logvar.device
+            and recon.layout is target.layout is mu.layout is logvar.layout is torch.strided
         )
     except (AttributeError, IndexError):
         return False
 
 
 def _path(kernels, *differentiable: Tensor) -> str:
-    """How a kernel is called: "op", "function" or "kernel".
+    """How a kernel is called: "op", "function", "transform" or "kernel".
 
     * "op": the registered op with its own autograd: while torch.compile traces (its
       formula then scales out of place), and always where that autograd is C++ (the
       extension's, csrc/autograd.cpp, which costs next to nothing when no gradient is due);
     * "function": the lean ``torch.autograd.Function`` of vaekern._ops, when a gradient is
       needed in eager mode and the op's autograd is Python (Triton's kernels);
+    * "transform": under a torch.func transform (``grad``, ``vjp``, ``jacrev``, ``vmap``,
+      and ``jvp``, which it refuses) unless grad mode is off: the op's Function for
+      functorch (``kernels.transforms``), out of place; functorch accepts neither the C++
+      autograd nor the eager Functions;
     * "kernel": the kernel alone, below the op's Python autograd, when no gradient is needed.
     """
-    if kernels.native_autograd or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return "op"
+    if torch.is_grad_enabled() and torch._C._are_functorch_transforms_active():
+        return "transform"  # with no input requiring grad too: jvp's tangents need none
+    if kernels.native_autograd:
         return "op"
     if torch.is_grad_enabled():
         for t in differentiable:
@@ -174,6 +187,8 @@ def bernoulli_nll(
             return kernels.bernoulli_nll(input, target, from_logits, red, _needs_grad(input))[0]
         case "function":
             return BernoulliNLLFunction.apply(kernels, input, target, from_logits, red)
+        case "transform":
+            return kernels.transforms["bernoulli_nll"].apply(input, target, from_logits, red, True)[0]
     with below_autograd():
         return kernels.bernoulli_nll(input, target, from_logits, red, False)[0]
 
@@ -202,6 +217,8 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", backend:
             return kernels.gaussian_kl(mu, logvar, red)
         case "function":
             return GaussianKLFunction.apply(kernels, mu, logvar, red)
+        case "transform":
+            return kernels.transforms["gaussian_kl"].apply(mu, logvar, red)
     with below_autograd():
         return kernels.gaussian_kl(mu, logvar, red)
 
@@ -239,11 +256,16 @@ def reparameterize(
         if generator is not None:
             raise ValueError("pass either eps or generator, not both")
         _tensor("eps", eps)
+        if eps.requires_grad and torch.is_grad_enabled():
+            # The fused backends would leave it without a gradient; refused everywhere alike.
+            raise ValueError("eps must not require grad: reparameterize differentiates mu and logvar only")
         _same_shape(("mu", mu), ("eps", eps))
         _same_device(("mu", mu), ("eps", eps))
         if eps.dtype != mu.dtype:
             raise TypeError(f"eps has dtype {eps.dtype} but mu has dtype {mu.dtype}")
     else:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if generator is not None and torch.device(generator.device).type != device.type:
             raise ValueError(f"generator is on {generator.device} but mu is on {device}")
         if kernels is None:
@@ -257,13 +279,13 @@ def reparameterize(
             return kernels.reparameterize(mu, logvar, eps, seed)
         case "function":
             return ReparameterizeFunction.apply(kernels, mu, logvar, eps, seed)
+        case "transform":
+            return kernels.transforms["reparameterize"].apply(mu, logvar, eps, seed)[0]
     with below_autograd():
         return kernels.reparameterize(mu, logvar, eps, seed)
 
 
 def _beta(beta, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if type(beta) is float and not torch.compiler.is_compiling() and device.type != "cuda":
-        return _beta_tensor(beta, dtype, device)  # the common case, checked below all the same
     if isinstance(beta, Tensor):
         if beta.dim() != 0 or not beta.is_floating_point():
             raise TypeError(f"beta must be a float or a 0-d floating tensor, got shape {tuple(beta.shape)} {beta.dtype}")
@@ -272,22 +294,44 @@ def _beta(beta, dtype: torch.dtype, device: torch.device) -> Tensor:
         if beta.requires_grad:
             raise ValueError("beta must not require grad: vae_loss does not differentiate it")
         return beta.to(dtype)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):  # before the cache: True == 1
         raise TypeError(f"beta must be a float or a 0-d floating tensor, got {type(beta).__name__}")
     if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         # Traced: a constant of the graph. Captured: the graph's own fill, so that no
         # replay reads a cached tensor that the cache may since have dropped.
-        return torch.full((), float(beta), dtype=dtype, device=device)
-    return _beta_tensor(float(beta), dtype, device)
+        return torch.full((), _checked_beta(beta, dtype), dtype=dtype, device=device)
+    return _beta_tensor(beta, dtype, device)
+
+
+def _checked_beta(beta, dtype: torch.dtype) -> float:
+    value = float_beta(beta)
+    if value > torch.finfo(dtype).max:
+        raise ValueError(f"beta={value:g} overflows the loss dtype {dtype}; the largest is {torch.finfo(dtype).max:g}")
+    return value
+
+
+def float_beta(beta) -> float:
+    """A Python beta as a float: finite, not negative and not NaN, or a named error.
+
+    A tensor beta is not inspected: that would need a device sync."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a float or a 0-d floating tensor, got {type(beta).__name__}")
+    try:
+        value = float(beta)
+    except OverflowError:
+        raise ValueError("beta is beyond the range of float64 (about 1.8e308)") from None
+    if not value >= 0.0 or value == float("inf"):  # NaN fails the first comparison
+        raise ValueError(f"beta must be finite and >= 0, got {value}")
+    return value
 
 
 @functools.lru_cache(maxsize=16)
 def _beta_tensor(beta: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # A float beta as the 0-d tensor the kernels read, made once per value instead of a
-    # torch.full per call (3 us of a 40 us step on 1x1 tensors). The kernels only read it
-    # and it is never handed to the caller, so sharing it is safe. A fill kernel, not a
-    # host-to-device copy: no sync.
-    return torch.full((), beta, dtype=dtype, device=device)
+    # A float beta as the 0-d tensor the kernels read, checked and made once per value
+    # instead of a torch.full per call (3 us of a 40 us step on 1x1 tensors; a bad value
+    # raises, and errors are not cached). The kernels only read it and it is never handed
+    # to the caller, so sharing it is safe. A fill kernel, not a host-to-device copy: no sync.
+    return torch.full((), _checked_beta(beta, dtype), dtype=dtype, device=device)
 
 
 def vae_loss(
@@ -349,6 +393,8 @@ def vae_loss(
                 loss, rec, kl, _ = kernels.vae_loss(*args, _needs_grad(recon))
             case "function":
                 loss, rec, kl = VAELossFunction.apply(kernels, *args)
+            case "transform":
+                loss, rec, kl, _ = kernels.transforms["vae_loss"].apply(*args, _needs_grad(recon))
             case _:
                 with below_autograd():
                     loss, rec, kl, _ = kernels.vae_loss(*args, False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vaekern.functional import VAELossParts, vae_loss
+from vaekern.functional import VAELossParts, _flag, _reduction, float_beta, vae_loss
 
 
 class VAELoss(nn.Module):
@@ -29,6 +29,13 @@ class VAELoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        # Checked here too, so that a bad setting fails where it is made; beta's range in
+        # the loss dtype (and a tensor beta's device) can only be checked on the call.
+        _reduction(reduction)
+        _flag("from_logits", from_logits)
+        _flag("return_parts", return_parts)
+        if not isinstance(beta, Tensor):
+            float_beta(beta)
         if isinstance(beta, Tensor):
             self.register_buffer("beta", beta)
         else:

@@ -37,6 +37,8 @@ class Kernels:
         self.namespace = namespace
         # The extension's ops carry their autograd in C++: they are then called directly.
         self.native_autograd = native_autograd
+        # Op name -> its autograd.Function for torch.func transforms (see transform_function).
+        self.transforms: dict[str, type[torch.autograd.Function]] = {}
 
     def bind(self) -> None:
         packet = getattr(torch.ops, self.namespace)

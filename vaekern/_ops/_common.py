@@ -1,5 +1,6 @@
 """What every op module of ``vaekern._ops`` shares: the reduction code, output dtypes,
-fake-output shapes and the per-row scaling of a saved gradient.
+fake-output shapes, the per-row scaling of a saved gradient, and the KL's gradient (of
+gaussian_kl and of vae_loss's latents).
 
 A leaf: it imports nothing from vaekern, so every op module, the Triton launchers and the
 backend registry can import it without a circle.
@@ -68,14 +69,106 @@ def has_native_autograd(qualname: str) -> bool:
         return False
 
 
+# The kernels' clamp of the variance's exponent; tests/test_limits.py ties it to the reference.
+LOGVAR_MAX = 60.0
+
+
+def differentiable_kl_grads(grad_out, mu, logvar, reduction: int):
+    """(d/dmu, d/dlogvar) of the reduced KL times grad_out, with ops autograd can differentiate."""
+    s = per_row(grad_out / mu.shape[0] if reduction == 1 else grad_out, mu.shape[0], mu.dim())
+    g_mu = s * mu
+    g_lv = s * 0.5 * torch.expm1(logvar.clamp(max=LOGVAR_MAX))
+    return g_mu.to(mu.dtype), g_lv.to(logvar.dtype)
+
+
+def kl_grads(kernels, grad_out, mu, logvar, reduction: int):
+    """gaussian_kl's backward (and vae_loss's for the latents): the kernel, or the
+    differentiable form when backward builds a graph (double backward)."""
+    if torch.is_grad_enabled():
+        return differentiable_kl_grads(grad_out, mu, logvar, reduction)
+    return kernels.gaussian_kl_backward(grad_out, mu, logvar, reduction)
+
+
+def double_backward_error(op: str) -> RuntimeError:
+    return RuntimeError(
+        f"vaekern.{op}: double backward (create_graph=True) is not supported, because the "
+        "reconstruction gradient is computed in the forward pass and has no graph of its own. "
+        'Use backend="reference" (plain PyTorch autograd) for higher-order gradients.'
+    )
+
+
 def no_double_backward(op: str) -> None:
     """Raise if backward is asked to build a graph (``create_graph=True``)."""
     if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"vaekern.{op}: double backward (create_graph=True) is not supported, because the "
-            "reconstruction gradient is computed in the forward pass and has no graph of its own. "
-            'Use backend="reference" (plain PyTorch autograd) for higher-order gradients.'
+        raise double_backward_error(op)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """A gradient that a kernel computed, passed on unchanged, whose own derivative raises.
+
+    ``torch.func.grad`` always runs backward with ``create_graph=True``, so a backward that
+    refused a graph outright would refuse every ``torch.func.grad``. This lets the first
+    order through and raises only where a second one is actually taken."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, input, op):
+        return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op = inputs[2]
+
+    @staticmethod
+    def backward(ctx, _):
+        raise double_backward_error(ctx.op)
+
+
+def first_order_only(grad: Tensor, input: Tensor, op: str) -> Tensor:
+    """``grad`` (a kernel's d/d``input``) for a backward. Where it builds a graph: under a
+    torch.func transform, ``grad`` that raises if differentiated again; otherwise the
+    clear error right away (``create_graph=True``), as the eager and C++ paths give."""
+    if not torch.is_grad_enabled():
+        return grad
+    if not torch._C._are_functorch_transforms_active():
+        raise double_backward_error(op)
+    return _FirstOrderOnly.apply(grad, input, op)
+
+
+def transform_function(name: str, kernels, setup_context, backward, forward=None) -> type[torch.autograd.Function]:
+    """Kernel op ``name`` of ``kernels`` as an autograd.Function that torch.func transforms.
+
+    The path of ``torch.func.grad``, ``vjp``, ``jacrev`` and ``vmap`` (per-sample
+    gradients): functorch needs a Python Function with a separate ``setup_context``, which
+    neither the eager Functions (state on ctx, in-place scaling) nor the C++ autograd
+    (refused by functorch outright) are. It reuses the traced path's ``setup_context`` and
+    out-of-place backward; vmap runs them per sample (``generate_vmap_rule``), and the
+    kernels have no batching rule, so PyTorch loops over the samples. Forward-mode AD
+    (``jvp``, ``jacfwd``, ``hessian``) has no formula and raises. ``forward(kernels, *args)``,
+    where given, replaces the kernel call (it runs below autograd)."""
+
+    def kernel_forward(*args):
+        with below_autograd():
+            return forward(kernels, *args) if forward is not None else getattr(kernels, name)(*args)
+
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            f"vaekern.{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian) is not supported: the "
+            'fused kernels have no forward-mode formula. Use reverse mode (torch.func.grad, vjp, jacrev) or backend="reference".'
         )
+
+    return type(
+        f"{name}_transform",
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(kernel_forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(lambda ctx, *grads: backward(kernels, ctx, *grads)),
+            "jvp": staticmethod(jvp),
+            "generate_vmap_rule": True,
+        },
+    )
 
 
 def take_saved_grad(ctx) -> Tensor | None:

@@ -22,7 +22,12 @@ Autograd, two paths over the same kernels:
   ``torch.compile`` and by ``opcheck``): the same gradient is an op output, saved and
   scaled out of place, which Inductor fuses.
 
-Double backward through either path raises: the saved gradient has no graph.
+* torch.func (``transform_function``): the traced path's formula in a Function that
+  functorch accepts.
+
+Double backward through any path raises: the saved gradient has no graph. Under torch.func,
+whose ``grad`` always builds a graph, the first order goes through and the error comes
+where a second order is taken (``first_order_only``).
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ import torch
 from vaekern._ops._common import (
     acc_dtype,
     below_autograd,
+    first_order_only,
     grad_like,
     loss_like,
     no_double_backward,
     scaled_rows,
     take_saved_grad,
+    transform_function,
 )
 
 SCHEMAS = {
@@ -62,13 +69,14 @@ def _setup_context(ctx, inputs, output):
 
 
 def _traced_backward(kernels, ctx, grad_out, _):
-    no_double_backward("bernoulli_nll")
+    """Also the backward of the torch.func path (``transform_function``)."""
     if grad_out is None or not ctx.needs_input_grad[0]:
         return None, None, None, None, None
     input, target, grad = ctx.saved_tensors
     if grad.numel() != input.numel():  # the forward was asked for no gradient
-        grad = kernels.bernoulli_nll(input, target, *ctx.args, True)[1]
-    return scaled_rows(grad, grad_out), None, None, None, None
+        with below_autograd():
+            grad = kernels.bernoulli_nll(input, target, *ctx.args, True)[1]
+    return scaled_rows(first_order_only(grad, input, "bernoulli_nll"), grad_out), None, None, None, None
 
 
 class BernoulliNLLFunction(torch.autograd.Function):
@@ -101,6 +109,7 @@ def register(lib: torch.library.Library, kernels) -> None:
         lib.define(name + schema)
     torch.library.register_fake(f"{ns}::bernoulli_nll", bernoulli_nll_fake, lib=lib)
     torch.library.register_fake(f"{ns}::bernoulli_nll_backward_", bernoulli_nll_backward_fake, lib=lib)
+    kernels.transforms["bernoulli_nll"] = transform_function("bernoulli_nll", kernels, _setup_context, _traced_backward)
     if not kernels.native_autograd:
         torch.library.register_autograd(
             f"{ns}::bernoulli_nll",

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from vaekern._ops._common import acc_dtype, below_autograd, loss_like, per_row
+from vaekern._ops._common import acc_dtype, below_autograd, kl_grads, loss_like, transform_function
 
 SCHEMAS = {
     "gaussian_kl": "(Tensor mu, Tensor logvar, int reduction) -> Tensor",
     "gaussian_kl_backward": "(Tensor grad_out, Tensor mu, Tensor logvar, int reduction) -> (Tensor, Tensor)",
 }
-
-# The kernels' clamp of the variance's exponent; tests/test_limits.py ties it to the reference.
-LOGVAR_MAX = 60.0
 
 
 def gaussian_kl_fake(mu, logvar, reduction):
@@ -37,21 +34,6 @@ def gaussian_kl_backward_fake(grad_out, mu, logvar, reduction):
         torch.empty_like(mu, memory_format=torch.contiguous_format),
         torch.empty_like(logvar, memory_format=torch.contiguous_format),
     )
-
-
-def differentiable_grads(grad_out, mu, logvar, reduction: int):
-    """(d/dmu, d/dlogvar) of the reduced KL times grad_out, with ops autograd can differentiate."""
-    s = per_row(grad_out / mu.shape[0] if reduction == 1 else grad_out, mu.shape[0], mu.dim())
-    g_mu = s * mu
-    g_lv = s * 0.5 * torch.expm1(logvar.clamp(max=LOGVAR_MAX))
-    return g_mu.to(mu.dtype), g_lv.to(logvar.dtype)
-
-
-def kl_grads(kernels, grad_out, mu, logvar, reduction: int):
-    """The backward of both paths: the kernel, or the differentiable form for double backward."""
-    if torch.is_grad_enabled():
-        return differentiable_grads(grad_out, mu, logvar, reduction)
-    return kernels.gaussian_kl_backward(grad_out, mu, logvar, reduction)
 
 
 def _setup_context(ctx, inputs, output):
@@ -89,6 +71,7 @@ def register(lib: torch.library.Library, kernels) -> None:
         lib.define(name + schema)
     torch.library.register_fake(f"{ns}::gaussian_kl", gaussian_kl_fake, lib=lib)
     torch.library.register_fake(f"{ns}::gaussian_kl_backward", gaussian_kl_backward_fake, lib=lib)
+    kernels.transforms["gaussian_kl"] = transform_function("gaussian_kl", kernels, _setup_context, _traced_backward)
     if not kernels.native_autograd:
         torch.library.register_autograd(
             f"{ns}::gaussian_kl",

@@ -10,14 +10,15 @@ from which the kernel draws its own noise) is not None.
 Autograd: both paths save mu, logvar and eps or the seed: the noise is regenerated in
 backward, never saved. A backward that builds a graph (``create_graph=True``) evaluates
 the gradients with differentiable PyTorch ops; the kernel's own noise is then recovered as
-``reparameterize(0, 0, None, seed)``, which is eps exactly (exp(0) = 1).
+``reparameterize(0, 0, None, seed)``, which is eps exactly (exp(0) = 1). Under torch.func
+(``transform_function``) that noise is drawn in the forward, as a second output, and saved.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vaekern._ops._common import below_autograd
+from vaekern._ops._common import below_autograd, transform_function
 
 SCHEMAS = {
     "reparameterize": "(Tensor mu, Tensor logvar, Tensor? eps, Tensor? seed) -> Tensor",
@@ -42,7 +43,8 @@ def latent_grads(kernels, grad_z, mu, logvar, eps, seed):
         return kernels.reparameterize_backward(grad_z, mu, logvar, eps, seed)
     if eps is None:
         zeros = torch.zeros_like(mu)
-        eps = kernels.reparameterize(zeros, zeros, None, seed)
+        with below_autograd():
+            eps = kernels.reparameterize(zeros, zeros, None, seed)
     return grad_z, grad_z * 0.5 * torch.exp(0.5 * logvar) * eps
 
 
@@ -53,6 +55,27 @@ def _setup_context(ctx, inputs, output):
 
 def _traced_backward(kernels, ctx, grad_z):
     return (*latent_grads(kernels, grad_z, *ctx.saved_tensors), None, None)
+
+
+def _transform_forward(kernels, mu, logvar, eps, seed):
+    # Under torch.func the kernel's noise is drawn here, below every transform, and saved:
+    # backward cannot call the op again (functorch refuses the extension's C++ autograd).
+    z = kernels.reparameterize(mu, logvar, eps, seed)
+    if eps is None:
+        zeros = torch.zeros_like(mu)
+        return z, kernels.reparameterize(zeros, zeros, None, seed)
+    return z, mu.new_empty((0,))
+
+
+def _transform_setup_context(ctx, inputs, output):
+    mu, logvar, eps, seed = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(mu, logvar, output[1] if eps is None else eps)
+
+
+def _transform_backward(kernels, ctx, grad_z, _):
+    mu, logvar, eps = ctx.saved_tensors
+    return (*latent_grads(kernels, grad_z, mu, logvar, eps, None), None, None)
 
 
 class ReparameterizeFunction(torch.autograd.Function):
@@ -78,6 +101,9 @@ def register(lib: torch.library.Library, kernels) -> None:
         lib.define(name + schema)
     torch.library.register_fake(f"{ns}::reparameterize", reparameterize_fake, lib=lib)
     torch.library.register_fake(f"{ns}::reparameterize_backward", reparameterize_backward_fake, lib=lib)
+    kernels.transforms["reparameterize"] = transform_function(
+        "reparameterize", kernels, _transform_setup_context, _transform_backward, _transform_forward
+    )
     if not kernels.native_autograd:
         torch.library.register_autograd(
             f"{ns}::reparameterize",

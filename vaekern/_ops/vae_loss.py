@@ -17,7 +17,12 @@ Kernels:
 
 Autograd, as in ``bernoulli_nll``: eager (:class:`VAELossFunction`) scales the forward's
 gradient in place; traced (registered) scales the saved output out of place. Outputs that
-took no part in the loss get a zero upstream gradient. Double backward raises.
+took no part in the loss get a zero upstream gradient. Double backward
+(``create_graph=True``) works where recon needs no gradient: the latents' gradient is then
+``gaussian_kl``'s differentiable form (``kl_grads``); through recon it raises, since the
+saved reconstruction gradient has no graph (under torch.func only where a second order
+through recon is actually taken, see ``first_order_only``).
+torch.func: ``transform_function`` over the traced path's formula.
 """
 
 from __future__ import annotations
@@ -27,11 +32,14 @@ import torch
 from vaekern._ops._common import (
     acc_dtype,
     below_autograd,
+    first_order_only,
     grad_like,
+    kl_grads,
     loss_like,
     no_double_backward,
     scaled_rows,
     take_saved_grad,
+    transform_function,
 )
 
 SCHEMAS = {
@@ -73,7 +81,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _traced_backward(kernels, ctx, grad_loss, grad_recon_term, grad_kl_term, _):
-    no_double_backward("vae_loss")
+    """Also the backward of the torch.func path (``transform_function``)."""
     grads = _materialized((grad_loss, grad_recon_term, grad_kl_term))
     if grads is None:
         return (None,) * 8
@@ -83,9 +91,10 @@ def _traced_backward(kernels, ctx, grad_loss, grad_recon_term, grad_kl_term, _):
     g_recon = None
     if ctx.needs_input_grad[0]:
         if grad.numel() != recon.numel():  # the forward was asked for no gradient
-            grad = kernels.vae_loss(recon, target, mu, logvar, beta, from_logits, reduction, True)[3]
-        g_recon = scaled_rows(grad, grad_loss + grad_recon_term)
-    g_mu, g_lv = kernels.gaussian_kl_backward(grad_loss * beta + grad_kl_term, mu, logvar, reduction)
+            with below_autograd():
+                grad = kernels.vae_loss(recon, target, mu, logvar, beta, from_logits, reduction, True)[3]
+        g_recon = scaled_rows(first_order_only(grad, recon, "vae_loss"), grad_loss + grad_recon_term)
+    g_mu, g_lv = kl_grads(kernels, grad_loss * beta + grad_kl_term, mu, logvar, reduction)
     return g_recon, None, g_mu, g_lv, None, None, None, None
 
 
@@ -106,11 +115,15 @@ class VAELossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_recon_term, grad_kl_term):
-        no_double_backward("vae_loss")
         grads = _materialized((grad_loss, grad_recon_term, grad_kl_term))
         if grads is None:
             return (None,) * 8
         recon, target, mu, logvar, beta = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: through the latents only
+            if ctx.needs_input_grad[1]:
+                no_double_backward("vae_loss")
+            grad_loss, _, grad_kl_term = grads
+            return None, None, None, *kl_grads(ctx.kernels, grad_loss * beta + grad_kl_term, mu, logvar, ctx.args[1]), None, None, None
         from_logits, reduction = ctx.args
         grad = take_saved_grad(ctx)
         if grad is None:  # a second backward through the same graph
@@ -130,6 +143,7 @@ def register(lib: torch.library.Library, kernels) -> None:
         lib.define(name + schema)
     torch.library.register_fake(f"{ns}::vae_loss", vae_loss_fake, lib=lib)
     torch.library.register_fake(f"{ns}::vae_loss_backward_", vae_loss_backward_fake, lib=lib)
+    kernels.transforms["vae_loss"] = transform_function("vae_loss", kernels, _setup_context, _traced_backward)
     if not kernels.native_autograd:
         torch.library.register_autograd(
             f"{ns}::vae_loss",
