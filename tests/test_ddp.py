@@ -11,6 +11,7 @@ vaekern itself does no collective: its ops are per-row sums and a local reductio
 import datetime
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -74,11 +75,14 @@ def test_ddp_matches_one_process(tmp_path, reduction, factor):
     if "cpu" not in vaekern.available_backends(torch.device("cpu")):
         pytest.skip("the cpu backend is not built")
     ctx = mp.start_processes(_rank, args=(_free_port(), reduction, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn")
-    # join raises if a rank failed, and returns False if they are still running at the timeout.
-    if not ctx.join(timeout=120):
-        for proc in ctx.processes:
-            proc.kill()
-        pytest.fail("the DDP ranks did not finish within 120 s")
+    # join returns True once every rank has exited, False while one still runs (it returns
+    # as soon as any one exits), and raises if a rank failed.
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the DDP ranks did not finish within 120 s")
     x, eps = _data()
     whole = _grads(TinyVAE(), x, eps, reduction)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
