@@ -11,8 +11,8 @@ Conventions shared by every backend (the kernels implement exactly these):
 * Bernoulli NLL with logits ``l`` and target ``t`` uses the softplus form,
   ``max(l, 0) - l*t + log1p(exp(-|l|))``, which never overflows (logits of +-1e4 are
   fine), and adds softplus to -l*t without cancellation. Its gradient is
-  ``sigmoid(l) - t``: autograd through max and abs gets l = 0 wrong, so the value is
-  joined, straight through, to ``logaddexp(l, 0) - l*t``, whose gradient is that.
+  ``sigmoid(l) - t``, which autograd gets through that form everywhere but at l = 0, where
+  ``logaddexp(l, 0) - l*t`` stands in.
 * Bernoulli NLL with probabilities ``p`` clamps each log at -100 (``BCE_LOG_MIN``), and its
   gradient is ``(p - t) / max(p*(1-p), 1e-12)`` (``BCE_GRAD_EPS``), finite at p = 0 or 1:
   exactly ``torch.nn.functional.binary_cross_entropy``'s value and gradient (which cannot
@@ -76,8 +76,12 @@ def bernoulli_nll_ref(
     x = input.double()
     t = target.double()
     if from_logits:
-        value = x.clamp(min=0) - x * t + torch.log1p(torch.exp(-x.abs()))
-        nll = value.detach() + _through(torch.logaddexp(x, torch.zeros_like(x)) - x * t)
+        nll = x.clamp(min=0) - x * t + torch.log1p(torch.exp(-x.abs()))
+        # At l = 0 exactly, max and abs hand autograd the subgradient 1 - t; the softplus's
+        # is 1/2 - t, which logaddexp gives. That branch reads l only where l = 0, so that
+        # its unused gradient stays finite elsewhere (logaddexp's is NaN at l = +inf).
+        at_zero = torch.where(x == 0, x, 0.0)
+        nll = torch.where(x == 0, torch.logaddexp(at_zero, torch.zeros_like(x)) - at_zero * t, nll)
     else:
         value = -(t * torch.log(x).clamp(min=BCE_LOG_MIN) + (1 - t) * torch.log1p(-x).clamp(min=BCE_LOG_MIN))
         nll = value.detach() + _through(_bce_antiderivative(x, t))
@@ -97,7 +101,8 @@ def _bce_antiderivative(p: Tensor, t: Tensor) -> Tensor:
 
 
 def _through(f: Tensor) -> Tensor:
-    """Zero in value, f's gradient: f - f.detach() is exactly 0 wherever f is finite."""
+    """Zero in value, f's gradient: f - f.detach() is exactly 0 wherever f is finite, as
+    _bce_antiderivative is for every p in [0, 1] (a NaN keeps it: NaN in, NaN out)."""
     return f - f.detach()
 
 
