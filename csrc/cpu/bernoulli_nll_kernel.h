@@ -11,12 +11,14 @@
 // and log1p(e) within 2 ulp for every e in (0, 1] (measured over 1.3M logits).
 //
 // Probabilities p: nll = -(t*max(log p, -100) + (1-t)*max(log1p(-p), -100)) with the
-// same correction for log1p(-p); grad = (p - t) / max(p*(1-p), 1e-12).
+// same correction for log1p(-p); grad = (p - t) / max(p*(1-p), 1e-12). The two limits are
+// kBceLogMin and kBceGradEps (loss_limits.h).
 // at::vec::maximum propagates NaN, so a NaN input gives a NaN loss and gradient.
 #pragma once
 
 #include "cpu/kernel_utils.h"
 #include "cpu/vec_math.h"
+#include "loss_limits.h"
 
 namespace vaekern::cpu::CPU_CAPABILITY {
 
@@ -38,14 +40,14 @@ inline void bernoulli_nll_elem(const Vec<A>& x, const Vec<A>& t, Vec<A>& nll, Ve
                                       x >= zero);
     grad = num * r;
   } else {
-    const Vec<A> log_min(A(-100));
+    const Vec<A> log_min(static_cast<A>(kBceLogMin));
     const Vec<A> q = one - x;
     // log1p(-p); the correction is 0/0 at p = 1, where log(q) = -inf is already right.
     const Vec<A> corr = Vec<A>::blendv(((zero - x) - (q - one)) / q, zero, q == zero);
     const Vec<A> log_p = at::vec::maximum(vlog(x), log_min);
     const Vec<A> log_q = at::vec::maximum(vlog(q) + corr, log_min);
     nll = zero - (t * log_p + (one - t) * log_q);
-    grad = (x - t) / at::vec::maximum(x * q, Vec<A>(A(1e-12)));
+    grad = (x - t) / at::vec::maximum(x * q, Vec<A>(static_cast<A>(kBceGradEps)));
   }
 }
 

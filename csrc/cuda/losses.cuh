@@ -9,16 +9,14 @@
 // Gaussian KL to N(0, I), with the straight-through clamp of vaekern.reference:
 //   kl = 0.5*(mu^2 + exp(min(lv, 60)) - 1 - lv)        (exp(.) - 1 evaluated as expm1)
 //   d kl / dmu = mu,  d kl / dlv = 0.5*(exp(min(lv, 60)) - 1)
+// 60, -100 and 1e-12 are kLogvarMax, kBceLogMin and kBceGradEps (loss_limits.h).
 #pragma once
 
 #include "common.cuh"
+#include "loss_limits.h"
 
 namespace vaekern {
 namespace cuda {
-
-constexpr double kLogvarMax = 60.0;
-constexpr double kLogMin = -100.0;
-constexpr double kDenMin = 1e-12;
 
 // The loss of one element; *grad gets its derivative (for an upstream gradient of 1).
 //
@@ -34,9 +32,9 @@ __device__ __forceinline__ acc_t bce(acc_t x, acc_t t, acc_t* grad) {
     *grad = dfma(-t, e, x >= acc_t(0) ? acc_t(1) - t : e - t) / (acc_t(1) + e);
     return dfma(-x, t, x > acc_t(0) ? x : acc_t(0)) + dlog1p(e);
   } else {
-    const acc_t lp = clamp_min(dlog(x), acc_t(kLogMin));
-    const acc_t lq = clamp_min(dlog1p(-x), acc_t(kLogMin));
-    *grad = (x - t) / clamp_min(x * (acc_t(1) - x), acc_t(kDenMin));
+    const acc_t lp = clamp_min(dlog(x), acc_t(kBceLogMin));
+    const acc_t lq = clamp_min(dlog1p(-x), acc_t(kBceLogMin));
+    *grad = (x - t) / clamp_min(x * (acc_t(1) - x), acc_t(kBceGradEps));
     return -(t * lp + (acc_t(1) - t) * lq);
   }
 }
