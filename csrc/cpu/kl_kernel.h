@@ -1,4 +1,4 @@
-// Vectorized loops of gaussian_kl (host code and math: gaussian_kl.cpp).
+// Vectorized loops of the Gaussian KL term (host code: kl.cpp; the op: gaussian_kl.cpp).
 //   kl      = 0.5 * (mu^2 + exp(min(lv, 60)) - 1 - lv)
 //   d/dmu   = s * mu,   d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)   (straight-through clamp)
 // 60 is kLogvarMax (loss_limits.h).
