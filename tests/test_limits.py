@@ -3,7 +3,7 @@
 The reference (vaekern/reference.py) defines them for Python: LOGVAR_MAX, the clamp of the
 KL's logvar; BCE_LOG_MIN, the clamp of the Bernoulli NLL's logs of probabilities; and
 BCE_GRAD_EPS, the floor of p*(1-p) in the probability gradient. C++ defines them once, in
-csrc/loss_limits.h (included by csrc/cpu and csrc/cuda), and Triton in
+csrc/conventions.h (included by csrc/cpu and csrc/cuda), and Triton in
 vaekern/_triton/_common.py. These tests tie each of them to the reference, and the
 reference's BCE limits to aten's F.binary_cross_entropy, whose behaviour they copy.
 """
@@ -21,7 +21,7 @@ from vaekern import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
-HEADER = CSRC / "loss_limits.h"
+HEADER = CSRC / "conventions.h"
 
 # C++ name -> the reference's name.
 CPP_NAMES = {"kLogvarMax": "LOGVAR_MAX", "kBceLogMin": "BCE_LOG_MIN", "kBceGradEps": "BCE_GRAD_EPS"}
@@ -35,7 +35,7 @@ _LITERAL = re.compile(r"(?<![\w.])(?:60|-\s*100|1e-12)(?:\.0*)?f?(?![\w.])")
 
 
 def cpp_constants() -> dict[str, float]:
-    """The constexpr doubles of csrc/loss_limits.h, by name."""
+    """The constexpr doubles of csrc/conventions.h, by name."""
     return {name: float(value.strip()) for name, value in _CONSTANT.findall(HEADER.read_text())}
 
 
@@ -47,7 +47,7 @@ def test_cpp_limits_equal_the_reference():
 
 
 def test_cpp_sources_spell_no_limit_as_a_literal():
-    """Outside csrc/loss_limits.h, code names the limits instead of repeating their values
+    """Outside csrc/conventions.h, code names the limits instead of repeating their values
     (comments may quote them: they cite the math)."""
     found = []
     for path in sorted(CSRC.rglob("*")):
@@ -55,7 +55,7 @@ def test_cpp_sources_spell_no_limit_as_a_literal():
             continue
         code = _COMMENT.sub("", path.read_text())
         found += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in _LITERAL.finditer(code)]
-    assert not found, f"limits spelled as literals, use csrc/loss_limits.h: {found}"
+    assert not found, f"limits spelled as literals, use csrc/conventions.h: {found}"
 
 
 def test_triton_limits_equal_the_reference():

@@ -7,7 +7,7 @@
 //           d nll/dp = (p - t) / max(p*(1-p), 1e-12)      (F.binary_cross_entropy's)
 // The element function is BernoulliNll (bernoulli_nll_kernel.h), run by the shared
 // likelihood loop (likelihood.h); -100 and 1e-12 are kBceLogMin and kBceGradEps
-// (loss_limits.h).
+// (conventions.h).
 // The gradient of the reduced loss for an upstream 1 (with 1/B for mean) is written in
 // forward, into a fresh contiguous buffer that autograd saves; backward
 // (bernoulli_nll_backward_) scales its rows in place and skips rows whose scale is 1.

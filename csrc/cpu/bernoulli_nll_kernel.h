@@ -15,13 +15,13 @@
 //
 // Probabilities p: nll = -(t*max(log p, -100) + (1-t)*max(log1p(-p), -100)) with the
 // same correction for log1p(-p); grad = (p - t) / max(p*(1-p), 1e-12). The two limits are
-// kBceLogMin and kBceGradEps (loss_limits.h).
+// kBceLogMin and kBceGradEps (conventions.h).
 // at::vec::maximum propagates NaN, so a NaN input gives a NaN loss and gradient.
 #pragma once
 
 #include "cpu/kernel_utils.h"
 #include "cpu/vec_math.h"
-#include "loss_limits.h"
+#include "conventions.h"
 
 namespace vaekern::cpu::CPU_CAPABILITY {
 

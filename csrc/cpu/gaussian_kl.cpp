@@ -3,7 +3,7 @@
 // Math (per element):
 //   kl      = 0.5 * (mu^2 + exp(min(lv, 60)) - 1 - lv)
 //   d/dmu   = mu,   d/dlv = 0.5 * (exp(min(lv, 60)) - 1)
-// The clamp (60 is kLogvarMax, loss_limits.h) keeps float32 from overflowing; it is
+// The clamp (60 is kLogvarMax, conventions.h) keeps float32 from overflowing; it is
 // straight-through, so the gradient keeps the clamped variance's sign
 // (vaekern/reference.py). Backward recomputes from mu and logvar (latent-sized, cheap) and
 // scales row b by s_b = grad_out (/ B for mean). The KL term itself (row sums, gradients)

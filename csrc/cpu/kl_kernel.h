@@ -1,7 +1,7 @@
 // Vectorized loops of the Gaussian KL term (host code: kl.cpp; the op: gaussian_kl.cpp).
 //   kl      = 0.5 * (mu^2 + exp(min(lv, 60)) - 1 - lv)
 //   d/dmu   = s * mu,   d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)   (straight-through clamp)
-// 60 is kLogvarMax (loss_limits.h).
+// 60 is kLogvarMax (conventions.h).
 // exp(x) - 1 is evaluated as expm1(x): near lv = 0, where a trained encoder's logvar
 // sits, exp(lv) - 1 would lose the low bits of the gradient to cancellation.
 // at::vec::minimum propagates NaN, so a NaN logvar gives NaN.
@@ -9,7 +9,7 @@
 
 #include "cpu/kernel_utils.h"
 #include "cpu/vec_math.h"
-#include "loss_limits.h"
+#include "conventions.h"
 
 namespace vaekern::cpu::CPU_CAPABILITY {
 

@@ -6,11 +6,11 @@
 // Probabilities p (logs clamped at -100 as F.binary_cross_entropy):
 //   nll = -(t*max(log p, -100) + (1-t)*max(log1p(-p), -100))
 //   d nll / dp = (p - t) / max(p*(1-p), 1e-12)
-// -100 and 1e-12 are kBceLogMin and kBceGradEps (loss_limits.h).
+// -100 and 1e-12 are kBceLogMin and kBceGradEps (conventions.h).
 #pragma once
 
 #include "common.cuh"
-#include "loss_limits.h"
+#include "conventions.h"
 
 namespace vaekern {
 namespace cuda {

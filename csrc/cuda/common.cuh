@@ -6,7 +6,7 @@
 // One file per op (bernoulli_nll.cu, gaussian_kl.cu, reparameterize.cu, vae_loss.cu) holds
 // its checks, launches and TORCH_LIBRARY_IMPL. The machinery they share sits in files named
 // for their job, listed so that each includes only files listed before it (and
-// csrc/loss_limits.h), never an op's:
+// csrc/conventions.h), never an op's:
 //   common.cuh          this file
 //   row_scale.cuh/.cu   per-row scales of backward (RowScale) and scale_rows_
 //   reduce_partials.cuh stage 2 (described below)

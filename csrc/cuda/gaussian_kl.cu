@@ -5,7 +5,7 @@
 // s = grad_out (grad_out / B for mean):
 //   grad_mu = s * mu,  grad_logvar = s * 0.5 * (exp(min(lv, 60)) - 1)
 // (the straight-through clamp of vaekern.reference: no -0.5 plateau above lv = 60; 60 is
-// kLogvarMax, loss_limits.h).
+// kLogvarMax, conventions.h).
 //
 // Dtypes: mu and logvar float16, bfloat16, float32 or float64, the same for both;
 // accumulated in float (double for double). The loss is float32, float64 for float64.

@@ -2,13 +2,13 @@
 // its element math, its stage-1 tile loop, and its latent gradients (kl.cu).
 //
 // KL to N(0, I), with the straight-through clamp of vaekern.reference (60 is kLogvarMax,
-// loss_limits.h):
+// conventions.h):
 //   kl = 0.5*(mu^2 + exp(min(lv, 60)) - 1 - lv)        (exp(.) - 1 evaluated as expm1)
 //   d kl / dmu = mu,  d kl / dlv = 0.5*(exp(min(lv, 60)) - 1)
 #pragma once
 
 #include "common.cuh"
-#include "loss_limits.h"
+#include "conventions.h"
 #include "row_scale.cuh"
 
 namespace vaekern {

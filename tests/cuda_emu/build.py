@@ -162,7 +162,7 @@ def load(variant: str = "") -> str:
     cpp_extension.load(
         name=ns,
         sources=sources,
-        # csrc itself, as for the real build: the headers shared with csrc/cpu (loss_limits.h).
+        # csrc itself, as for the real build: the headers shared with csrc/cpu (conventions.h).
         extra_include_paths=[str(HERE / "include"), str(src), str(CSRC.parent)],
         # The C++ namespace is renamed too, so that no symbol of vaekern._C or of another
         # variant, when it is loaded as well, stands in for one of these.
