@@ -1,4 +1,7 @@
-// Vectorized loops of bernoulli_nll (host code and math: bernoulli_nll.cpp).
+// The element function of bernoulli_nll (host code and math: bernoulli_nll.cpp), as the
+// functor that the likelihood loop of likelihood_kernel.h runs: value and d/dinput of one
+// vector of elements. from_logits picks the parametrization at compile time; kernel_table.h
+// enters both instances.
 //
 // Per element, logits l and target t, with e = exp(-|l|) computed once:
 //   nll  = max(l, 0) - l*t + log1p(e)
@@ -11,105 +14,47 @@
 // and log1p(e) within 2 ulp for every e in (0, 1] (measured over 1.3M logits).
 //
 // Probabilities p: nll = -(t*max(log p, -100) + (1-t)*max(log1p(-p), -100)) with the
-// same correction for log1p(-p); grad = (p - t) / max(p*(1-p), 1e-12).
+// same correction for log1p(-p); grad = (p - t) / max(p*(1-p), 1e-12). The two limits are
+// kBceLogMin and kBceGradEps (conventions.h).
 // at::vec::maximum propagates NaN, so a NaN input gives a NaN loss and gradient.
 #pragma once
 
 #include "cpu/kernel_utils.h"
 #include "cpu/vec_math.h"
+#include "conventions.h"
 
 namespace vaekern::cpu::CPU_CAPABILITY {
 
-template <typename A, bool kLogits>
-inline void bernoulli_nll_elem(const Vec<A>& x, const Vec<A>& t, Vec<A>& nll, Vec<A>& grad) {
-  const Vec<A> zero(A(0)), one(A(1));
-  if constexpr (kLogits) {
-    const Vec<A> e = exp_nonpositive(zero - x.abs());
-    const Vec<A> u = one + e;
-    const Vec<A> r = one / u;
-    const Vec<A> log1p_e = log_1_to_2(u) + (e - (u - one)) * r;
-    nll = at::vec::maximum(x, zero) - x * t + log1p_e;
-    // sigmoid(l) - t over the common denominator u: ((1-t) - t*e) / u for l >= 0,
-    // (e*(1-t) - t) / u for l < 0. Where the difference cancels (t near sigmoid(l)), the
-    // numerator is one fused multiply-add of exact or nearly exact terms, so the gradient
-    // keeps about 3x more correct bits than sigmoid(l) - t rounded twice.
-    const Vec<A> one_m_t = one - t;
-    const Vec<A> num = Vec<A>::blendv(at::vec::fmadd(e, one_m_t, zero - t), at::vec::fmadd(zero - t, e, one_m_t),
-                                      x >= zero);
-    grad = num * r;
-  } else {
-    const Vec<A> log_min(A(-100));
-    const Vec<A> q = one - x;
-    // log1p(-p); the correction is 0/0 at p = 1, where log(q) = -inf is already right.
-    const Vec<A> corr = Vec<A>::blendv(((zero - x) - (q - one)) / q, zero, q == zero);
-    const Vec<A> log_p = at::vec::maximum(vlog(x), log_min);
-    const Vec<A> log_q = at::vec::maximum(vlog(q) + corr, log_min);
-    nll = zero - (t * log_p + (one - t) * log_q);
-    grad = (x - t) / at::vec::maximum(x * q, Vec<A>(A(1e-12)));
-  }
-}
-
-template <typename in_t, typename tgt_t, bool kLogits>
-void bernoulli_nll_tasks(const BernoulliNllArgs& a, int64_t begin, int64_t end) {
-  using A = acc_t<in_t>;
-  constexpr int64_t W = Vec<A>::size();
-  const Vec<A> zero(A(0)), scale(static_cast<A>(a.grad_scale));
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t row = task / a.chunks;
-    const int64_t c0 = (task % a.chunks) * kChunk;
-    const int64_t c1 = std::min(a.cols, c0 + kChunk);
-    const int64_t off = row * a.cols;
-    const in_t* x = static_cast<const in_t*>(a.input) + off;
-    const tgt_t* t = static_cast<const tgt_t*>(a.target) + off;
-    in_t* g = a.grad ? static_cast<in_t*>(a.grad) + off : nullptr;
-    Vec<A> acc(A(0));
-    for (int64_t j = c0; j < c1; j += W) {
-      const int64_t n = std::min(W, c1 - j);
-      Vec<A> nll, grad;
-      bernoulli_nll_elem<A, kLogits>(load_as<A>(x + j, n), load_as<A>(t + j, n), nll, grad);
-      acc += n == W ? nll : Vec<A>::set(zero, nll, n);
-      if (g) store_as<A>(grad * scale, g + j, n);
-    }
-    a.partials[task] = hsum(acc);
-  }
-}
-
-inline void bernoulli_nll_kernel(const BernoulliNllArgs& a, int64_t begin, int64_t end) {
-  dispatch_float(a.input_dtype, [&](auto in) {
-    dispatch_target(a.target_dtype, [&](auto tgt) {
-      using in_t = decltype(in);
-      using tgt_t = decltype(tgt);
-      if (a.from_logits) {
-        bernoulli_nll_tasks<in_t, tgt_t, true>(a, begin, end);
-      } else {
-        bernoulli_nll_tasks<in_t, tgt_t, false>(a, begin, end);
-      }
-    });
-  });
-}
-
-// grad[row] *= scale[row], skipping rows whose scale is exactly 1 (the usual backward).
-template <typename T>
-void scale_rows_tasks(const ScaleRowsArgs& a, int64_t begin, int64_t end) {
-  using A = acc_t<T>;
-  constexpr int64_t W = Vec<A>::size();
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t row = task / a.chunks;
-    const double s = a.scale[row];
-    if (s == 1.0) continue;
-    const Vec<A> sv(static_cast<A>(s));
-    const int64_t c0 = (task % a.chunks) * kChunk;
-    const int64_t c1 = std::min(a.cols, c0 + kChunk);
-    T* g = static_cast<T*>(a.grad) + row * a.cols;
-    for (int64_t j = c0; j < c1; j += W) {
-      const int64_t n = std::min(W, c1 - j);
-      store_as<A>(load_as<A>(g + j, n) * sv, g + j, n);
+template <bool kFromLogits>
+struct BernoulliNll {
+  template <typename A>
+  void operator()(const Vec<A>& x, const Vec<A>& t, Vec<A>& nll, Vec<A>& grad) const {
+    const Vec<A> zero(A(0)), one(A(1));
+    if constexpr (kFromLogits) {
+      const Vec<A> e = exp_nonpositive(zero - x.abs());
+      const Vec<A> u = one + e;
+      const Vec<A> r = one / u;
+      const Vec<A> log1p_e = log_1_to_2(u) + (e - (u - one)) * r;
+      nll = at::vec::maximum(x, zero) - x * t + log1p_e;
+      // sigmoid(l) - t over the common denominator u: ((1-t) - t*e) / u for l >= 0,
+      // (e*(1-t) - t) / u for l < 0. Where the difference cancels (t near sigmoid(l)), the
+      // numerator is one fused multiply-add of exact or nearly exact terms, so the gradient
+      // keeps about 3x more correct bits than sigmoid(l) - t rounded twice.
+      const Vec<A> one_m_t = one - t;
+      const Vec<A> num = Vec<A>::blendv(at::vec::fmadd(e, one_m_t, zero - t), at::vec::fmadd(zero - t, e, one_m_t),
+                                        x >= zero);
+      grad = num * r;
+    } else {
+      const Vec<A> log_min(static_cast<A>(kBceLogMin));
+      const Vec<A> q = one - x;
+      // log1p(-p); the correction is 0/0 at p = 1, where log(q) = -inf is already right.
+      const Vec<A> corr = Vec<A>::blendv(((zero - x) - (q - one)) / q, zero, q == zero);
+      const Vec<A> log_p = at::vec::maximum(vlog(x), log_min);
+      const Vec<A> log_q = at::vec::maximum(vlog(q) + corr, log_min);
+      nll = zero - (t * log_p + (one - t) * log_q);
+      grad = (x - t) / at::vec::maximum(x * q, Vec<A>(static_cast<A>(kBceGradEps)));
     }
   }
-}
-
-inline void scale_rows_kernel(const ScaleRowsArgs& a, int64_t begin, int64_t end) {
-  dispatch_float(a.dtype, [&](auto v) { scale_rows_tasks<decltype(v)>(a, begin, end); });
-}
+};
 
 }  // namespace vaekern::cpu::CPU_CAPABILITY

@@ -5,8 +5,10 @@
 #pragma once
 
 #include "cpu/bernoulli_nll_kernel.h"
-#include "cpu/gaussian_kl_kernel.h"
+#include "cpu/kl_kernel.h"
+#include "cpu/likelihood_kernel.h"
 #include "cpu/reparameterize_kernel.h"
+#include "cpu/row_ops_kernel.h"
 
 #define VAEKERN_STR2(x) #x
 #define VAEKERN_STR(x) VAEKERN_STR2(x)
@@ -15,13 +17,13 @@ namespace vaekern::cpu::CPU_CAPABILITY {
 
 extern const Kernels kKernels;
 const Kernels kKernels = {
-    VAEKERN_STR(CPU_CAPABILITY),
-    &bernoulli_nll_kernel,
-    &scale_rows_kernel,
-    &gaussian_kl_kernel,
-    &gaussian_kl_backward_kernel,
-    &reparameterize_kernel,
-    &reparameterize_backward_kernel,
+    .name = VAEKERN_STR(CPU_CAPABILITY),
+    .bernoulli_nll = {&likelihood_kernel<BernoulliNll<false>>, &likelihood_kernel<BernoulliNll<true>>},
+    .scale_rows = &scale_rows_kernel,
+    .gaussian_kl = &gaussian_kl_kernel,
+    .gaussian_kl_backward = &gaussian_kl_backward_kernel,
+    .reparameterize = &reparameterize_kernel,
+    .reparameterize_backward = &reparameterize_backward_kernel,
 };
 
 }  // namespace vaekern::cpu::CPU_CAPABILITY

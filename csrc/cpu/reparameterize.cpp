@@ -11,7 +11,10 @@
 // float (double for double). Outputs contiguous.
 #include <torch/library.h>
 
-#include "cpu/ops.h"
+#include <ATen/ops/empty.h>
+
+#include "cpu/checks.h"
+#include "cpu/row_ops.h"
 
 namespace vaekern::cpu {
 namespace {

@@ -1,7 +1,8 @@
 // vae_loss on CPU: the negative ELBO, recon + beta * kl, in one call.
 //
 // The reconstruction term is bernoulli_nll (with its gradient computed in the same pass)
-// and the KL term gaussian_kl; see those files for the math. Per row b:
+// and the KL term gaussian_kl; see those files for the math. Both run the shared term
+// code (likelihood.h with the Bernoulli's element function, kl.h). Per row b:
 //   loss_b = recon_b + beta * kl_b;  for mean/sum both terms are reduced first.
 // Backward (vae_loss_backward_):
 //   d/d recon = saved gradient * (g_loss + g_recon_term)   (rows whose factor is 1 skipped)
@@ -11,7 +12,11 @@
 // logvar is float64, else float32.
 #include <torch/library.h>
 
-#include "cpu/ops.h"
+#include "cpu/allocation.h"
+#include "cpu/checks.h"
+#include "cpu/kl.h"
+#include "cpu/likelihood.h"
+#include "cpu/row_ops.h"
 
 namespace vaekern::cpu {
 namespace {
@@ -38,8 +43,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(const at
 
   at::Tensor grad = compute_grad ? empty_output(recon.sizes(), recon.options()) : recon.new_empty({0});
   const double grad_scale = reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0;
-  const std::vector<double> rec = bernoulli_nll_rows(recon, target, from_logits, grad_scale,
-                                                     compute_grad ? grad : at::Tensor());
+  const std::vector<double> rec = likelihood_rows(kernels().bernoulli_nll[from_logits], recon, target, grad_scale,
+                                                  compute_grad ? grad : at::Tensor());
   const std::vector<double> kl = gaussian_kl_rows(mu, logvar);
 
   at::Tensor rec_t = reduce_rows(rec, reduction, dt);

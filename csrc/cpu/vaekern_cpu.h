@@ -4,14 +4,25 @@
 // ------
 // Two layers, as in PyTorch's own aten/src/ATen/native/cpu:
 //
-// * host code, one file per op (bernoulli_nll.cpp, gaussian_kl.cpp, reparameterize.cpp,
-//   vae_loss.cpp): shape and dtype checks, allocation, at::parallel_for over a fixed task
-//   grid, the fixed-order reductions, and TORCH_LIBRARY_IMPL(vaekern, CPU, m).
-// * vectorized loops over raw pointers, one header per op (<op>_kernel.h), compiled once
-//   per CPU capability by capability/{default,avx2,avx512}.cpp into a table of function
-//   pointers (struct Kernels). kernels() picks the table at the first call from
-//   at::get_cpu_capability(), so one build runs everywhere and ATEN_CPU_CAPABILITY=avx2
-//   or =default forces a narrower one, exactly as it does for PyTorch's kernels.
+// * host code: one file per op (bernoulli_nll.cpp, gaussian_kl.cpp, reparameterize.cpp,
+//   vae_loss.cpp) for its checks, outputs and TORCH_LIBRARY_IMPL(vaekern, CPU, m), over
+//   shared files named for their job: checks.h (argument checks), allocation.h (outputs
+//   on huge pages), row_ops.h (task grain, upstream gradients per row, the fixed-order
+//   reductions, scale_rows_), likelihood.h (the likelihood term's row sums and gradient)
+//   and kl.h (the KL term's row sums and gradients). Each runs at::parallel_for over a
+//   fixed task grid.
+// * vectorized loops over raw pointers (<name>_kernel.h), compiled once per CPU
+//   capability by capability/{default,avx2,avx512}.cpp into a table of function pointers
+//   (struct Kernels, filled in kernel_table.h). kernels() picks the table at the first
+//   call from at::get_cpu_capability(), so one build runs everywhere and
+//   ATEN_CPU_CAPABILITY=avx2 or =default forces a narrower one, exactly as it does for
+//   PyTorch's kernels.
+//
+// A likelihood is one element functor: the loop of likelihood_kernel.h is templated on it
+// (its header says what the functor provides), and bernoulli_nll_kernel.h holds the
+// Bernoulli's. A new likelihood adds its functor, its reference, an entry in Kernels and
+// the op that calls likelihood_rows with it; tiling, partial sums, row scaling and the
+// KL are reused as they are.
 //
 // Determinism: a row is split into column chunks of a fixed size (kChunk); each
 // (row, chunk) task sums into its own double partial, and the host adds the partials
@@ -36,17 +47,19 @@ constexpr int64_t kNoiseBlock = 1024;
 
 inline int64_t num_chunks(int64_t cols) { return cols <= kChunk ? 1 : (cols + kChunk - 1) / kChunk; }
 
-struct BernoulliNllArgs {
-  const void* input;          // [rows, cols] logits or probabilities
+struct LikelihoodArgs {
+  const void* input;          // [rows, cols] decoder output (logits, probabilities, ...)
   c10::ScalarType input_dtype;  // float, double, bfloat16, half
   const void* target;         // [rows, cols]
   c10::ScalarType target_dtype;  // any of the above, bool, uint8
   void* grad;                 // [rows, cols] input dtype, or nullptr: no gradient
-  double* partials;           // [rows, chunks] per-chunk sums of the NLL
+  double* partials;           // [rows, chunks] per-chunk sums of the element values
   int64_t rows, cols, chunks;
-  bool from_logits;
   double grad_scale;          // 1, or 1/B for reduction=mean
 };
+
+// Tasks are (row, chunk) pairs in row-major order, [begin, end).
+using LikelihoodKernel = void (*)(const LikelihoodArgs&, int64_t begin, int64_t end);
 
 struct ScaleRowsArgs {
   void* grad;                 // [rows, cols], scaled in place
@@ -80,8 +93,9 @@ struct ReparameterizeArgs {
 
 struct Kernels {
   const char* name;
+  // Indexed by from_logits: [0] probabilities, [1] logits.
+  LikelihoodKernel bernoulli_nll[2];
   // Tasks are (row, chunk) pairs in row-major order, [begin, end).
-  void (*bernoulli_nll)(const BernoulliNllArgs&, int64_t begin, int64_t end);
   void (*scale_rows)(const ScaleRowsArgs&, int64_t begin, int64_t end);
   // Tasks are rows.
   void (*gaussian_kl)(const GaussianKlArgs&, int64_t begin, int64_t end);

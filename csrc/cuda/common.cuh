@@ -1,7 +1,22 @@
-// Shared machinery of the CUDA kernels of vaekern (csrc/cuda/<op>.cu).
+// The base of the CUDA kernels of vaekern (csrc/cuda/<op>.cu): tiling constants, math that
+// keeps NaN, vector loads, group reductions, and host-side checks and shapes.
 //
 // Design
 // ------
+// One file per op (bernoulli_nll.cu, gaussian_kl.cu, reparameterize.cu, vae_loss.cu) holds
+// its checks, launches and TORCH_LIBRARY_IMPL. The machinery they share sits in files named
+// for their job, listed so that each includes only files listed before it (and
+// csrc/conventions.h), never an op's:
+//   common.cuh          this file
+//   row_scale.cuh/.cu   per-row scales of backward (RowScale) and scale_rows_
+//   reduce_partials.cuh stage 2 (described below)
+//   likelihood.cuh      the likelihood term: its stage-1 tile loop, templated on an
+//                       element functor, and the single-term forward
+//   kl.cuh/.cu          the Gaussian KL term: element math, tile loop, latent gradients
+//   bernoulli_nll.cuh   BernoulliNll, the element functor of the one likelihood so far
+// A new likelihood is one element functor (likelihood.cuh says what it provides), its
+// reference, and its op; tiling, reductions, row scaling and the KL are reused.
+//
 // Every loss is a sum over each row (dim 0 is the batch) followed by a reduction over rows.
 // Stage 1 cuts each row of D elements into C = ceil(D / L) tiles and gives each tile to a
 // *group* of G lanes of one warp (G a power of two, 1..32, chosen from the row length so
@@ -226,7 +241,7 @@ inline unsigned blocks_for(int64_t threads) {
 // A (B, ...) tensor viewed as B rows of D elements: a row stride, with the rest of each row
 // contiguous. Anything else is copied contiguous first.
 struct Rows {
-  Tensor t;
+  Tensor tensor;  // the input, or its contiguous copy
   int64_t B, D, row_stride;
 };
 
@@ -288,162 +303,6 @@ inline std::vector<int64_t> loss_shape(int64_t reduction, int64_t B) {
 
 inline at::ScalarType acc_scalar(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// ---- per-row scales of the backward kernels -------------------------------------------------
-// s_b = (a_b * beta + c_b) / divisor, each operand () (stride 0) or (B,), float or double,
-// evaluated in double. a is required; beta and c are optional.
-struct RowScale {
-  const void* a;
-  const void* beta;
-  const void* c;
-  int64_t sa, sc;
-  int ka, kbeta, kc;
-  double divisor;
-
-  __device__ __forceinline__ double operator()(int64_t b) const {
-    double s = load_kind<double>(a, b * sa, ka);
-    if (beta != nullptr) s *= load_kind<double>(beta, 0, kbeta);
-    if (c != nullptr) s += load_kind<double>(c, b * sc, kc);
-    return divisor == 1.0 ? s : s / divisor;
-  }
-};
-
-// A () or (B,) gradient of a loss, as a RowScale operand (any float dtype, any stride).
-inline Tensor scale_operand(const Tensor& g, const Tensor& like, int64_t B, const char* name, int64_t* stride) {
-  check_cuda(g, name, like);
-  check_float(g, name);
-  TORCH_CHECK(g.dim() == 0 || (g.dim() == 1 && g.size(0) == B), "vaekern (cuda): ", name,
-              " must have shape () or (", B, ",), got ", g.sizes());
-  Tensor t = g;
-  if (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble) t = t.to(at::kFloat);
-  *stride = t.dim() == 0 ? 0 : t.stride(0);
-  return t;
-}
-
-// ---- stage 2 --------------------------------------------------------------------------------
-// Row s of stream r is pr[s*cr, min((s+1)*cr, nr)), likewise for the optional stream k
-// (present when has_k). Writes out_r[s] = sum_r / divisor, out_k[s] = sum_k / divisor and
-// out_loss[s] = out_r[s] + beta * out_k[s] (each output optional but out_r).
-// has_k is a flag of its own, not pk != nullptr: the data pointer of an empty stream
-// (B = 0) is null, and out_k and out_loss must still be written (NaN for mean, 0 for sum).
-template <typename acc_t>
-struct FinalArgs {
-  const acc_t* pr;
-  const acc_t* pk;
-  bool has_k;
-  int64_t cr, nr, ck, nk, nrows;
-  acc_t divisor;
-  const void* beta;
-  int kbeta;
-  acc_t* out_r;
-  acc_t* out_k;
-  acc_t* out_loss;
-};
-
-template <typename acc_t>
-__device__ __forceinline__ void final_store(const FinalArgs<acc_t>& a, int64_t s, acc_t r, acc_t k) {
-  r = r / a.divisor;
-  a.out_r[s] = r;
-  if (a.has_k) {
-    k = k / a.divisor;
-    if (a.out_k != nullptr) a.out_k[s] = k;
-    if (a.out_loss != nullptr) a.out_loss[s] = r + load_kind<acc_t>(a.beta, 0, a.kbeta) * k;
-  }
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t strided_sum(const acc_t* p, int64_t begin, int64_t end, int64_t first, int step) {
-  acc_t v = 0;
-  for (int64_t i = begin + first; i < end; i += step) v += p[i];
-  return v;
-}
-
-// A group of G <= 32 lanes per row (many short rows).
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) final_group_kernel(FinalArgs<acc_t> a, int G) {
-  const GroupPos pos = group_pos(G);
-  for (int64_t first = pos.first; first < a.nrows; first += pos.stride) {
-    const int64_t s = first + pos.group;
-    acc_t r = 0, k = 0;
-    if (s < a.nrows) {
-      r = strided_sum(a.pr, s * a.cr, min((s + 1) * a.cr, a.nr), pos.sub, G);
-      if (a.has_k) k = strided_sum(a.pk, s * a.ck, min((s + 1) * a.ck, a.nk), pos.sub, G);
-    }
-    r = group_sum(r, G);
-    k = group_sum(k, G);
-    if (pos.sub == 0 && s < a.nrows) final_store(a, s, r, k);
-  }
-}
-
-// A block per row (few long rows).
-template <typename acc_t>
-__global__ void __launch_bounds__(kFinalThreads) final_block_kernel(FinalArgs<acc_t> a) {
-  for (int64_t s = blockIdx.x; s < a.nrows; s += gridDim.x) {
-    acc_t r = block_sum(strided_sum(a.pr, s * a.cr, min((s + 1) * a.cr, a.nr), threadIdx.x, blockDim.x));
-    acc_t k = 0;
-    if (a.has_k) k = block_sum(strided_sum(a.pk, s * a.ck, min((s + 1) * a.ck, a.nk), threadIdx.x, blockDim.x));
-    if (threadIdx.x == 0) final_store(a, s, r, k);
-  }
-}
-
-template <typename acc_t>
-inline void launch_final(const FinalArgs<acc_t>& a, cudaStream_t stream) {
-  if (a.nrows == 0) return;
-  const int64_t longest = a.has_k && a.ck > a.cr ? a.ck : a.cr;
-  if (longest > 256 && a.nrows < 1024) {
-    const int64_t blocks = a.nrows < kMaxBlocks ? a.nrows : kMaxBlocks;
-    final_block_kernel<acc_t><<<static_cast<unsigned>(blocks), kFinalThreads, 0, stream>>>(a);
-  } else {
-    const int G = pow2_at_least(longest, 32);
-    final_group_kernel<acc_t><<<blocks_for(a.nrows * G), kThreads, 0, stream>>>(a, G);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Shrinks a flat stream of n partials to ceil(n / kSegment) segment sums until at most
-// kFlatMax remain; fixed segments, so the order of the sum is fixed.
-template <typename acc_t>
-inline Tensor shrink_flat(Tensor p, int64_t* n, cudaStream_t stream) {
-  while (*n > kFlatMax) {
-    const int64_t segs = ceil_div(*n, kSegment);
-    Tensor q = at::empty({segs}, p.options());
-    FinalArgs<acc_t> a{p.data_ptr<acc_t>(), nullptr, false, kSegment, *n, 0, 0, segs, acc_t(1), nullptr, kF32,
-                       q.data_ptr<acc_t>(), nullptr, nullptr};
-    launch_final(a, stream);
-    p = q;
-    *n = segs;
-  }
-  return p;
-}
-
-// Stage 2: B rows of cr partials (stream r, required) and of ck partials (stream k,
-// optional: ck == 0) into the outputs, reduced over rows as `reduction` says. out_k and
-// out_loss may be undefined; beta is read on the device.
-template <typename acc_t>
-inline void reduce_partials(const Tensor& pr, int64_t cr, const Tensor& pk, int64_t ck, int64_t B, int64_t reduction,
-                            const Tensor& beta, const Tensor& out_r, const Tensor& out_k, const Tensor& out_loss,
-                            cudaStream_t stream) {
-  const bool two = ck > 0;
-  const void* beta_ptr = beta.defined() ? beta.data_ptr() : nullptr;
-  const int kbeta = beta.defined() ? kind_of(beta.scalar_type()) : kF32;
-  acc_t* o_k = out_k.defined() ? out_k.data_ptr<acc_t>() : nullptr;
-  acc_t* o_loss = out_loss.defined() ? out_loss.data_ptr<acc_t>() : nullptr;
-  if (reduction == 0) {
-    FinalArgs<acc_t> a{pr.data_ptr<acc_t>(), two ? pk.data_ptr<acc_t>() : nullptr, two, cr, B * cr, ck, B * ck, B,
-                       acc_t(1), beta_ptr, kbeta, out_r.data_ptr<acc_t>(), o_k, o_loss};
-    launch_final(a, stream);
-    return;
-  }
-  int64_t nr = B * cr, nk = B * ck;
-  Tensor qr = shrink_flat<acc_t>(pr, &nr, stream);
-  Tensor qk = two ? shrink_flat<acc_t>(pk, &nk, stream) : pk;
-  // mean over B = 0 rows is 0/0 = NaN, as torch's mean of an empty tensor.
-  const acc_t divisor = reduction == 1 ? static_cast<acc_t>(B) : acc_t(1);
-  FinalArgs<acc_t> a{qr.data_ptr<acc_t>(), two ? qk.data_ptr<acc_t>() : nullptr, two, nr, nr, nk, nk, 1,
-                     divisor, beta_ptr, kbeta, out_r.data_ptr<acc_t>(), o_k, o_loss};
-  final_block_kernel<acc_t><<<1, kFinalThreads, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // Tiles of B rows of D elements for groups of G lanes, each lane doing up to kIters vector
 // loads of `vec` elements per tile. Fewer loads per tile when that leaves fewer than
 // kWantTiles tiles, so that small batches (128 x 784, say) still spread over every SM.
@@ -461,10 +320,6 @@ inline Tiling tiling(int64_t B, int64_t D, int vec, int64_t min_lanes = 1) {
   const int64_t len = static_cast<int64_t>(G) * vec * iters;
   return Tiling{G, len, std::max<int64_t>(1, ceil_div(D, len))};
 }
-
-// Scales row b of `grad` (any strides) by scale(b) in place; rows whose factor is exactly 1
-// are not touched (bernoulli_nll.cu; also run by vae_loss_backward_).
-void scale_rows_(const Tensor& grad, const RowScale& scale, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace vaekern

@@ -1,15 +1,19 @@
 // gaussian_kl and gaussian_kl_backward on CUDA.
 //
-// Math (see losses.cuh): kl = 0.5*(mu^2 + exp(min(lv, 60)) - 1 - lv) per element, summed
-// per row, reduced over rows. Backward, with s = grad_out (grad_out / B for mean):
+// Math (see kl.cuh): kl = 0.5*(mu^2 + exp(min(lv, 60)) - 1 - lv) per element, summed per
+// row, reduced over rows (reduce_partials.cuh). Backward (gaussian_kl_grads, kl.cu), with
+// s = grad_out (grad_out / B for mean):
 //   grad_mu = s * mu,  grad_logvar = s * 0.5 * (exp(min(lv, 60)) - 1)
-// (the straight-through clamp of vaekern.reference: no -0.5 plateau above lv = 60).
+// (the straight-through clamp of vaekern.reference: no -0.5 plateau above lv = 60; 60 is
+// kLogvarMax, conventions.h).
 //
 // Dtypes: mu and logvar float16, bfloat16, float32 or float64, the same for both;
 // accumulated in float (double for double). The loss is float32, float64 for float64.
 // Nothing is saved by forward beyond the inputs themselves.
 // Limits: latents are small, so loads are scalar (coalesced across the group).
-#include "losses.cuh"
+#include "kl.cuh"
+#include "reduce_partials.cuh"
+#include "row_scale.cuh"
 
 namespace vaekern {
 namespace cuda {
@@ -38,22 +42,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    gaussian_kl_bwd_kernel(const scalar_t* __restrict__ mu,  // [B, D] contiguous
-                           const scalar_t* __restrict__ lv,  // [B, D] contiguous
-                           scalar_t* __restrict__ grad_mu,   // [B, D] contiguous
-                           scalar_t* __restrict__ grad_lv,   // [B, D] contiguous
-                           RowScale scale, int64_t n, int64_t D) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
-    const acc_t s = static_cast<acc_t>(scale(i / D));
-    grad_mu[i] = static_cast<scalar_t>(s * to_acc<scalar_t, acc_t>(mu[i]));
-    grad_lv[i] = static_cast<scalar_t>(s * kl_grad_lv(to_acc<scalar_t, acc_t>(lv[i])));
-  }
-}
-
 }  // namespace
 
 Tensor gaussian_kl_cuda(const Tensor& mu, const Tensor& logvar, int64_t reduction) {
@@ -77,7 +65,7 @@ Tensor gaussian_kl_cuda(const Tensor& mu, const Tensor& logvar, int64_t reductio
     Tensor partials = direct ? out : at::empty({B * tiles}, out.options());
     if (B > 0) {
       gaussian_kl_fwd_kernel<scalar_t, acc_t><<<blocks_for(B * tiles * G), kThreads, 0, stream>>>(
-          m.t.data_ptr<scalar_t>(), l.t.data_ptr<scalar_t>(), partials.data_ptr<acc_t>(), m.row_stride,
+          m.tensor.data_ptr<scalar_t>(), l.tensor.data_ptr<scalar_t>(), partials.data_ptr<acc_t>(), m.row_stride,
           l.row_stride, B, D, len, tiles, G);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -86,25 +74,6 @@ Tensor gaussian_kl_cuda(const Tensor& mu, const Tensor& logvar, int64_t reductio
     }
   });
   return out;
-}
-
-// The latent gradients for a RowScale s: shared with vae_loss_backward_ (vae_loss.cu).
-std::tuple<Tensor, Tensor> gaussian_kl_grads_cuda(const Tensor& mu, const Tensor& logvar, const RowScale& scale,
-                                                  cudaStream_t stream) {
-  const Tensor m = mu.contiguous();
-  const Tensor l = logvar.contiguous();
-  Tensor grad_mu = at::empty(mu.sizes(), mu.options());
-  Tensor grad_lv = at::empty(logvar.sizes(), logvar.options());
-  const int64_t n = m.numel();
-  if (n == 0) return {grad_mu, grad_lv};
-  const int64_t D = n / m.size(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "gaussian_kl_backward_cuda", [&] {
-    gaussian_kl_bwd_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        m.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(), grad_mu.data_ptr<scalar_t>(), grad_lv.data_ptr<scalar_t>(),
-        scale, n, D);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {grad_mu, grad_lv};
 }
 
 std::tuple<Tensor, Tensor> gaussian_kl_backward_cuda(const Tensor& grad_out, const Tensor& mu, const Tensor& logvar,
@@ -116,9 +85,11 @@ std::tuple<Tensor, Tensor> gaussian_kl_backward_cuda(const Tensor& grad_out, con
   const int64_t B = mu.size(0);
   int64_t stride = 0;
   const Tensor go = scale_operand(grad_out, mu, B, "grad_out", &stride);
-  const RowScale scale{go.data_ptr(), nullptr, nullptr, stride, 0, kind_of(go.scalar_type()), kF32, kF32,
-                       reduction == 1 ? static_cast<double>(B) : 1.0};
-  return gaussian_kl_grads_cuda(mu, logvar, scale, stream);
+  const RowScale scale{.grad_loss = go.data_ptr(),
+                       .grad_loss_stride = stride,
+                       .grad_loss_kind = kind_of(go.scalar_type()),
+                       .divisor = reduction == 1 ? static_cast<double>(B) : 1.0};
+  return gaussian_kl_grads(mu, logvar, scale, stream);
 }
 
 TORCH_LIBRARY_IMPL(vaekern, CUDA, m) {

@@ -1,6 +1,6 @@
 // vae_loss and vae_loss_backward_ on CUDA: the negative ELBO of a Bernoulli-decoder VAE.
 //
-// Math (see losses.cuh): per row b,
+// Math (the element functor BernoulliNll of bernoulli_nll.cuh, and kl.cuh): per row b,
 //   recon_b = sum_j nll(recon[b, j], target[b, j]),  kl_b = sum_k kl(mu[b, k], logvar[b, k])
 //   loss = R(recon) + beta * R(kl), with R the reduction over rows (none, mean, sum).
 // Backward, for upstream gradients gL (loss), gR (recon term), gK (kl term):
@@ -8,18 +8,25 @@
 //   grad_mu, grad_logvar = gaussian_kl's gradients for the scale gL * beta + gK (/ B for mean)
 //
 // Forward is one stage-1 launch: row b has tiles_per_row reconstruction tiles plus
-// kl_tiles latent tiles, each summed by one group of lanes, so a single pass covers the
-// pixels and the latents; the gradient of the reduced reconstruction term (upstream 1) is
-// written on the way. Stage 2 (common.cuh) reduces both streams of partials in a fixed
-// order and forms loss = recon + beta * kl with beta read on the device.
-// Backward scales the saved gradient in place (rows whose factor is exactly 1 are left
-// untouched) and computes the latent gradients.
+// kl_tiles latent tiles, each summed by one group of lanes (likelihood_tile of
+// likelihood.cuh, kl_tile of kl.cuh), so a single pass covers the pixels and the latents;
+// the gradient of the reduced reconstruction term (upstream 1) is written on the way.
+// Stage 2 (reduce_partials.cuh) reduces both streams of partials in a fixed order and forms
+// loss = recon + beta * kl with beta read on the device. The kernel is templated on the
+// likelihood's element functor, as likelihood.cuh describes.
+// Backward scales the saved gradient in place (scale_rows_, row_scale.cuh; rows whose
+// factor is exactly 1 are left untouched) and computes the latent gradients
+// (gaussian_kl_grads, kl.cu).
 //
 // Dtypes: recon float16, bfloat16, float32, float64; target any float dtype, bool or uint8;
 // mu and logvar any float dtype (both the same), independently of recon. Accumulation and
 // the losses are float64 if any of recon, mu, logvar is float64, else float32.
 // Limits: misaligned reconstruction rows take scalar loads; latents always do.
-#include "losses.cuh"
+#include "bernoulli_nll.cuh"
+#include "kl.cuh"
+#include "likelihood.cuh"
+#include "reduce_partials.cuh"
+#include "row_scale.cuh"
 
 namespace vaekern {
 namespace cuda {
@@ -54,9 +61,9 @@ __device__ __forceinline__ acc_t latent_tile(const LatentArgs& l, int64_t b, int
   }
 }
 
-template <bool kLogits, typename scalar_t, typename acc_t>
+template <typename Elem, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
-    vae_loss_fwd_kernel(ReconArgs<scalar_t, acc_t> a, LatentArgs l,
+    vae_loss_fwd_kernel(LikelihoodArgs<scalar_t, acc_t> a, LatentArgs l,
                         acc_t* __restrict__ recon_partials,  // [B, tiles_per_row]
                         acc_t* __restrict__ kl_partials,     // [B, kl_tiles]
                         int64_t B, int64_t tiles_per_row, int64_t kl_tiles, int G) {
@@ -70,7 +77,7 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
     if (tile < ntiles) {
       b = tile / per_row;
       j = tile - b * per_row;
-      v = j < tiles_per_row ? recon_tile<kLogits>(a, b, j * a.tile_len, pos.sub, G)
+      v = j < tiles_per_row ? likelihood_tile<Elem>(a, b, j * a.tile_len, pos.sub, G)
                             : latent_tile<acc_t>(l, b, (j - tiles_per_row) * l.tile_len, pos.sub, G);
     }
     v = group_sum(v, G);  // after the branches: every lane of the warp takes part
@@ -85,40 +92,43 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
 }
 
 template <typename scalar_t, typename acc_t>
-void vae_loss_launch(const Rows& x, const Rows& t, at::ScalarType t_dtype, const Rows& m, const Rows& lv,
-                     at::ScalarType lat_dtype, const Tensor& beta, bool from_logits, int64_t reduction,
+void vae_loss_launch(const Rows& x, const Rows& t, at::ScalarType target_dtype, const Rows& m, const Rows& lv,
+                     at::ScalarType latent_dtype, const Tensor& beta, bool from_logits, int64_t reduction,
                      const Tensor& grad, const Tensor& loss, const Tensor& rec, const Tensor& kl,
                      cudaStream_t stream) {
   const int64_t B = x.B;
-  const Tiling tl = tiling(B, x.D, recon_vec<scalar_t, acc_t>(), m.D);
+  const Tiling tl = tiling(B, x.D, likelihood_vec<scalar_t, acc_t>(), m.D);
   const int G = tl.G;
   const int64_t tile_len = tl.tile_len, tiles = tl.tiles_per_row;
   const int64_t kl_len = kl_tile_len(G);
   const int64_t kl_tiles = std::max<int64_t>(1, ceil_div(m.D, kl_len));
-  Tensor pr = at::empty({B * tiles}, loss.options());
-  Tensor pk = at::empty({B * kl_tiles}, loss.options());
-  const ReconArgs<scalar_t, acc_t> a{x.t.data_ptr<scalar_t>(),
-                                     t.t.data_ptr(),
-                                     grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr,
-                                     x.row_stride,
-                                     t.row_stride,
-                                     x.D,
-                                     tile_len,
-                                     kind_of(t_dtype),
-                                     reduction == 1 ? acc_t(1) / static_cast<acc_t>(B) : acc_t(1)};
-  const LatentArgs l{m.t.data_ptr(), lv.t.data_ptr(), m.row_stride, lv.row_stride, m.D, kl_len, kind_of(lat_dtype)};
+  Tensor recon_partials = at::empty({B * tiles}, loss.options());
+  Tensor kl_partials = at::empty({B * kl_tiles}, loss.options());
+  const LikelihoodArgs<scalar_t, acc_t> a{x.tensor.data_ptr<scalar_t>(),
+                                          t.tensor.data_ptr(),
+                                          grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr,
+                                          x.row_stride,
+                                          t.row_stride,
+                                          x.D,
+                                          tile_len,
+                                          kind_of(target_dtype),
+                                          reduction == 1 ? acc_t(1) / static_cast<acc_t>(B) : acc_t(1)};
+  const LatentArgs l{m.tensor.data_ptr(), lv.tensor.data_ptr(), m.row_stride, lv.row_stride, m.D, kl_len,
+                     kind_of(latent_dtype)};
   if (B > 0) {
     const unsigned blocks = blocks_for(B * (tiles + kl_tiles) * G);
+    acc_t* recon_out = recon_partials.data_ptr<acc_t>();
+    acc_t* kl_out = kl_partials.data_ptr<acc_t>();
     if (from_logits) {
-      vae_loss_fwd_kernel<true><<<blocks, kThreads, 0, stream>>>(a, l, pr.data_ptr<acc_t>(), pk.data_ptr<acc_t>(), B,
-                                                                 tiles, kl_tiles, G);
+      using Elem = BernoulliNll<true>;
+      vae_loss_fwd_kernel<Elem><<<blocks, kThreads, 0, stream>>>(a, l, recon_out, kl_out, B, tiles, kl_tiles, G);
     } else {
-      vae_loss_fwd_kernel<false><<<blocks, kThreads, 0, stream>>>(a, l, pr.data_ptr<acc_t>(), pk.data_ptr<acc_t>(), B,
-                                                                  tiles, kl_tiles, G);
+      using Elem = BernoulliNll<false>;
+      vae_loss_fwd_kernel<Elem><<<blocks, kThreads, 0, stream>>>(a, l, recon_out, kl_out, B, tiles, kl_tiles, G);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  reduce_partials<acc_t>(pr, tiles, pk, kl_tiles, B, reduction, beta, rec, kl, loss, stream);
+  reduce_partials<acc_t>(recon_partials, tiles, kl_partials, kl_tiles, B, reduction, beta, rec, kl, loss, stream);
 }
 
 void check_beta(const Tensor& beta, const Tensor& like) {
@@ -165,38 +175,49 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(const Tensor& recon, co
   return {loss, rec, kl, grad};
 }
 
-std::tuple<Tensor, Tensor> vae_loss_backward__cuda(const Tensor& grad_recon, const Tensor& grad_loss,
-                                                   const Tensor& grad_recon_term, const Tensor& grad_kl_term,
-                                                   const Tensor& mu, const Tensor& logvar, const Tensor& beta,
-                                                   int64_t reduction) {
+std::tuple<Tensor, Tensor> vae_loss_backward_cuda(const Tensor& grad_recon, const Tensor& grad_loss,
+                                                  const Tensor& grad_recon_term, const Tensor& grad_kl_term,
+                                                  const Tensor& mu, const Tensor& logvar, const Tensor& beta,
+                                                  int64_t reduction) {
   check_latents(mu, logvar, mu);
   check_beta(beta, mu);
   check_reduction(reduction);
   const c10::cuda::CUDAGuard guard(mu.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t B = mu.size(0);
-  int64_t s_loss = 0, s_rec = 0, s_kl = 0;
-  const Tensor gl = scale_operand(grad_loss, mu, B, "grad_loss", &s_loss);
-  const Tensor gr = scale_operand(grad_recon_term, mu, B, "grad_recon_term", &s_rec);
-  const Tensor gk = scale_operand(grad_kl_term, mu, B, "grad_kl_term", &s_kl);
+  int64_t loss_stride = 0, recon_stride = 0, kl_stride = 0;
+  const Tensor loss_g = scale_operand(grad_loss, mu, B, "grad_loss", &loss_stride);
+  const Tensor recon_g = scale_operand(grad_recon_term, mu, B, "grad_recon_term", &recon_stride);
+  const Tensor kl_g = scale_operand(grad_kl_term, mu, B, "grad_kl_term", &kl_stride);
   if (grad_recon.numel() > 0) {
     check_cuda(grad_recon, "grad_recon", mu);
     check_float(grad_recon, "grad_recon");
     TORCH_CHECK(grad_recon.size(0) == B, "vaekern (cuda): grad_recon has batch size ", grad_recon.size(0),
                 " but mu has batch size ", B);
     // The saved gradient already holds d R(recon) / d recon: scale row b by gL_b + gR_b.
-    const RowScale rs{gl.data_ptr(), nullptr, gr.data_ptr(), s_loss, s_rec, kind_of(gl.scalar_type()), kF32,
-                      kind_of(gr.scalar_type()), 1.0};
-    scale_rows_(grad_recon, rs, stream);
+    const RowScale recon_scale{.grad_loss = loss_g.data_ptr(),
+                               .grad_term = recon_g.data_ptr(),
+                               .grad_loss_stride = loss_stride,
+                               .grad_term_stride = recon_stride,
+                               .grad_loss_kind = kind_of(loss_g.scalar_type()),
+                               .grad_term_kind = kind_of(recon_g.scalar_type())};
+    scale_rows_(grad_recon, recon_scale, stream);
   }
-  const RowScale ks{gl.data_ptr(), beta.data_ptr(), gk.data_ptr(), s_loss, s_kl, kind_of(gl.scalar_type()),
-                    kind_of(beta.scalar_type()), kind_of(gk.scalar_type()), reduction == 1 ? static_cast<double>(B) : 1.0};
-  return gaussian_kl_grads_cuda(mu, logvar, ks, stream);
+  const RowScale kl_scale{.grad_loss = loss_g.data_ptr(),
+                          .beta = beta.data_ptr(),
+                          .grad_term = kl_g.data_ptr(),
+                          .grad_loss_stride = loss_stride,
+                          .grad_term_stride = kl_stride,
+                          .grad_loss_kind = kind_of(loss_g.scalar_type()),
+                          .beta_kind = kind_of(beta.scalar_type()),
+                          .grad_term_kind = kind_of(kl_g.scalar_type()),
+                          .divisor = reduction == 1 ? static_cast<double>(B) : 1.0};
+  return gaussian_kl_grads(mu, logvar, kl_scale, stream);
 }
 
 TORCH_LIBRARY_IMPL(vaekern, CUDA, m) {
   m.impl("vae_loss", &vae_loss_cuda);
-  m.impl("vae_loss_backward_", &vae_loss_backward__cuda);
+  m.impl("vae_loss_backward_", &vae_loss_backward_cuda);
 }
 
 }  // namespace cuda

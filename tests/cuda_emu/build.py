@@ -161,7 +161,8 @@ def load(variant: str = "") -> str:
     cpp_extension.load(
         name=ns,
         sources=sources,
-        extra_include_paths=[str(HERE / "include"), str(src)],
+        # csrc itself, as for the real build: the headers shared with csrc/cpu (conventions.h).
+        extra_include_paths=[str(HERE / "include"), str(src), str(CSRC.parent)],
         # The C++ namespace is renamed too, so that no symbol of vaekern._C or of another
         # variant, when it is loaded as well, stands in for one of these.
         extra_cflags=["-O1", "-std=c++20", "-include", str(HERE / "vkemu.h"), "-fno-strict-aliasing",

@@ -1,6 +1,7 @@
-// Vectorized loops of gaussian_kl (host code and math: gaussian_kl.cpp).
+// Vectorized loops of the Gaussian KL term (host code: kl.cpp; the op: gaussian_kl.cpp).
 //   kl      = 0.5 * (mu^2 + exp(min(lv, 60)) - 1 - lv)
 //   d/dmu   = s * mu,   d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)   (straight-through clamp)
+// 60 is kLogvarMax (conventions.h).
 // exp(x) - 1 is evaluated as expm1(x): near lv = 0, where a trained encoder's logvar
 // sits, exp(lv) - 1 would lose the low bits of the gradient to cancellation.
 // at::vec::minimum propagates NaN, so a NaN logvar gives NaN.
@@ -8,13 +9,14 @@
 
 #include "cpu/kernel_utils.h"
 #include "cpu/vec_math.h"
+#include "conventions.h"
 
 namespace vaekern::cpu::CPU_CAPABILITY {
 
-// exp(min(lv, 60)) - 1
+// exp(min(lv, kLogvarMax)) - 1
 template <typename A>
 inline Vec<A> clamped_var_m1(const Vec<A>& lv) {
-  return vexpm1(at::vec::minimum(lv, Vec<A>(A(60))));
+  return vexpm1(at::vec::minimum(lv, Vec<A>(static_cast<A>(kLogvarMax))));
 }
 
 template <typename T>

@@ -1,0 +1,20 @@
+// The Gaussian KL term on CPU, shared by the ops that have one (gaussian_kl.cpp,
+// vae_loss.cpp): per-row sums of the KL, and the latent gradients for per-row scales.
+// Math and vectorized loops: kl_kernel.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+#include <vector>
+
+namespace vaekern::cpu {
+
+// Per-row KL sums.
+std::vector<double> gaussian_kl_rows(const at::Tensor& mu, const at::Tensor& logvar);
+
+// (scale[b] * d kl_b / d mu, scale[b] * d kl_b / d logvar), contiguous.
+std::tuple<at::Tensor, at::Tensor> gaussian_kl_grads(const std::vector<double>& scale, const at::Tensor& mu,
+                                                     const at::Tensor& logvar);
+
+}  // namespace vaekern::cpu

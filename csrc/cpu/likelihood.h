@@ -1,0 +1,22 @@
+// The likelihood term on CPU, shared by every op that has one (bernoulli_nll.cpp,
+// vae_loss.cpp): per-row sums of an element function over (input, target), with its
+// gradient written in the same pass. The vectorized loop, and how a likelihood plugs into
+// it (one element functor), are in likelihood_kernel.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "cpu/vaekern_cpu.h"
+
+namespace vaekern::cpu {
+
+// Per-row sums of the element values, by `kernel` (an entry of the Kernels table, such as
+// kernels().bernoulli_nll[from_logits]). Writes d(value)/d(input) times grad_scale into
+// grad when grad is defined (contiguous, input's shape and dtype). Non-contiguous inputs
+// are copied to contiguous first.
+std::vector<double> likelihood_rows(LikelihoodKernel kernel, const at::Tensor& input, const at::Tensor& target,
+                                    double grad_scale, const at::Tensor& grad);
+
+}  // namespace vaekern::cpu

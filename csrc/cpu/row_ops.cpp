@@ -1,0 +1,65 @@
+// The row operations of row_ops.h.
+#include "cpu/row_ops.h"
+
+#include <ATen/ops/empty.h>
+
+#include "cpu/checks.h"
+
+namespace vaekern::cpu {
+
+std::vector<double> row_values(const at::Tensor& t, int64_t rows, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "vaekern (cpu): ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.numel() == 1 || (t.dim() == 1 && t.size(0) == rows), "vaekern (cpu): ", name,
+              " must have one element or shape (", rows, ",), got ", t.sizes());
+  std::vector<double> out(rows);
+  const int64_t stride = t.numel() == 1 ? 0 : t.stride(0);
+  auto fill = [&](const auto* p) {
+    for (int64_t b = 0; b < rows; ++b) out[b] = static_cast<double>(p[b * stride]);
+  };
+  switch (t.scalar_type()) {
+    case at::kFloat: fill(t.const_data_ptr<float>()); break;
+    case at::kDouble: fill(t.const_data_ptr<double>()); break;
+    case at::kBFloat16: fill(t.const_data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: fill(t.const_data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "vaekern (cpu): ", name, " must be a floating tensor, got ", t.scalar_type());
+  }
+  return out;
+}
+
+double reduced_value(const std::vector<double>& rows, int64_t reduction) {
+  double s = 0;
+  for (double r : rows) s += r;
+  return reduction == 1 ? s / static_cast<double>(rows.size()) : s;
+}
+
+at::Tensor reduce_rows(const std::vector<double>& rows, int64_t reduction, c10::ScalarType dtype) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  at::Tensor out = at::empty(reduction == 0 ? at::IntArrayRef{n} : at::IntArrayRef{}, at::TensorOptions().dtype(dtype));
+  auto write = [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    if (reduction == 0) {
+      for (int64_t b = 0; b < n; ++b) p[b] = static_cast<T>(rows[b]);
+      return;
+    }
+    p[0] = static_cast<T>(reduced_value(rows, reduction));
+  };
+  if (dtype == at::kDouble) write(out.mutable_data_ptr<double>()); else write(out.mutable_data_ptr<float>());
+  return out;
+}
+
+void scale_rows_(const at::Tensor& grad, const std::vector<double>& scale) {
+  bool all_one = true;
+  for (double s : scale) all_one = all_one && s == 1.0;
+  if (all_one || grad.numel() == 0) return;
+  TORCH_CHECK(is_float(grad.scalar_type()), "vaekern (cpu): the saved gradient must be floating, got ",
+              grad.scalar_type());
+  at::Tensor g = grad.is_contiguous() ? grad : grad.contiguous();
+  const int64_t rows = g.size(0), cols = row_len(g), chunks = num_chunks(cols);
+  ScaleRowsArgs args{g.mutable_data_ptr(), g.scalar_type(), scale.data(), rows, cols, chunks};
+  const Kernels& k = kernels();
+  at::parallel_for(0, rows * chunks, 4 * grain(std::min(cols, kChunk)),
+                   [&](int64_t begin, int64_t end) { k.scale_rows(args, begin, end); });
+  if (!g.is_same(grad)) grad.copy_(g);
+}
+
+}  // namespace vaekern::cpu
