@@ -69,6 +69,13 @@ def test_triton_limits_equal_the_reference():
         assert getattr(_common, name) == getattr(reference, name), name
 
 
+def test_op_layer_limit_equals_the_reference():
+    """The op layer's differentiable KL gradient (double backward) clamps where the kernels do."""
+    from vaekern._ops import _common
+
+    assert _common.LOGVAR_MAX == reference.LOGVAR_MAX
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_bce_limits_are_atens(dtype):
     """At p = 0, t = 1, F.binary_cross_entropy clamps log p at BCE_LOG_MIN and divides by its

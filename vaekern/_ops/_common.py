@@ -69,7 +69,8 @@ def has_native_autograd(qualname: str) -> bool:
         return False
 
 
-# The kernels' clamp of the variance's exponent; tests/test_limits.py ties it to the reference.
+# The variance's exponent clamp of the differentiable KL gradient (double backward), as in the
+# kernels; tests/test_limits.py ties it to the reference.
 LOGVAR_MAX = 60.0
 
 

@@ -29,7 +29,7 @@ Dtypes: input float16, bfloat16, float32, float64; target any float dtype, bool 
 each loaded in its own width. Sums and gradient math in float32 (float64 for float64
 input); the gradient is rounded once to the input's dtype. The loss is float32/float64.
 
-Saved for backward: only the gradient buffer written here (by ``_ops.py``), never an input.
+Saved for backward: only the gradient buffer written here (by ``vaekern._ops.bernoulli_nll``), never an input.
 
 Limits: rows with contiguous non-batch dims are read in place at any row stride
 (padding, ``expand``-ed targets); other layouts (a transposed matrix, channels-last) are

@@ -18,7 +18,7 @@ Dtypes: mu and logvar float16, bfloat16, float32, float64 (the same for both); m
 float32 (float64 for float64); the KL is float32/float64, gradients in mu's dtype.
 ``min(lv, 60)`` propagates NaN; logvar in [-100, 100] neither overflows nor NaNs.
 
-Saved for backward (by ``_ops.py``): mu and logvar, which are latent-sized; the backward
+Saved for backward (by ``vaekern._ops.gaussian_kl``): mu and logvar, which are latent-sized; the backward
 recomputes ``exp`` rather than keeping a variance buffer.
 
 Limits: latents are read in place at any row stride (``h.chunk(2, dim=1)`` halves);

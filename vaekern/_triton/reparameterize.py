@@ -11,13 +11,13 @@ seed with ``tl.load`` (no host sync, CUDA-graph safe) and draws
 = the element's index in the contiguous [B, Z] layout, Box-Muller to one float32 normal.
 The backward regenerates exactly the same eps from the seed: nothing is saved but the
 seed, and ``reparameterize(zeros, zeros, None, seed)`` returns that eps itself (the
-double-backward path of ``_ops.py`` relies on it; exp(0) = 1 exactly).
+double-backward path of ``vaekern._ops.reparameterize`` relies on it; exp(0) = 1 exactly).
 
 Dtypes: mu, logvar (and eps) float16, bfloat16, float32, float64, all the same; math in
 float32 (float64 for float64; the generated noise itself is float32, as the reference's
 ``torch.randn(dtype=float32)``); outputs in mu's dtype, contiguous.
 
-Saved for backward (by ``_ops.py``): mu, logvar, and eps or the seed.
+Saved for backward (by ``vaekern._ops.reparameterize``): mu, logvar, and eps or the seed.
 
 Limits: B * Z below 2**31 with a seed (32-bit Philox counters). Latents are read in place
 at any row stride; other layouts are copied first. A given seed gives the same noise on

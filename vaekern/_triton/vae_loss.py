@@ -35,7 +35,7 @@ Dtypes: recon float16, bfloat16, float32, float64; target any float dtype, bool 
 mu/logvar the same float dtype as each other. Losses in float32, or float64 if any of
 recon/mu/logvar is float64; gradients in each input's dtype.
 
-Saved for backward (by ``_ops.py``): the reconstruction gradient written here (our own
+Saved for backward (by ``vaekern._ops.vae_loss``): the reconstruction gradient written here (our own
 buffer), mu, logvar and beta.
 
 Limits: as ``bernoulli_nll.py`` and ``gaussian_kl.py`` (row strides read in place,
