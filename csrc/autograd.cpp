@@ -123,6 +123,20 @@ Tensor scaled_rows(const Tensor& saved, const Tensor& scale) {
   return (saved * per_row(scale, saved.sym_size(0), saved.dim())).to(saved.scalar_type());
 }
 
+// Keeps the forward's reconstruction gradient in ctx for the first backward, with what a
+// later backward needs to recompute it; returns the output the caller sees (visible).
+Tensor keep_saved_grad(AutogradContext* ctx, const Tensor& grad, bool from_logits, int64_t reduction,
+                       bool compute_grad) {
+  Tensor shown = visible(grad);
+  ctx->mark_non_differentiable({shown});
+  ctx->set_materialize_grads(false);
+  ctx->saved_data["from_logits"] = from_logits;
+  ctx->saved_data["reduction"] = reduction;
+  ctx->saved_data["grad"] = grad;
+  ctx->saved_data["grad_computed"] = compute_grad;
+  return shown;
+}
+
 // The forward's gradient for the first backward only; undefined after.
 Tensor take_saved_grad(AutogradContext* ctx) {
   auto it = ctx->saved_data.find("grad");
@@ -139,13 +153,7 @@ struct BernoulliNLLFunction : public torch::autograd::Function<BernoulliNLLFunct
     at::AutoDispatchBelowADInplaceOrView below;
     auto [loss, grad] =
         bernoulli_nll_kernel().call(input, target, from_logits, reduction, compute_grad);
-    Tensor shown = visible(grad);
-    ctx->mark_non_differentiable({shown});
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["from_logits"] = from_logits;
-    ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["grad"] = grad;
-    ctx->saved_data["grad_computed"] = compute_grad;
+    Tensor shown = keep_saved_grad(ctx, grad, from_logits, reduction, compute_grad);
     ctx->save_for_backward({input, target});
     return {loss, shown};
   }
@@ -255,13 +263,7 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [loss, rec, kl, grad] = vae_loss_kernel()
                                      .call(recon, target, mu, logvar, beta, from_logits, reduction, compute_grad);
-    Tensor shown = visible(grad);
-    ctx->mark_non_differentiable({shown});
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["from_logits"] = from_logits;
-    ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["grad"] = grad;
-    ctx->saved_data["grad_computed"] = compute_grad;
+    Tensor shown = keep_saved_grad(ctx, grad, from_logits, reduction, compute_grad);
     ctx->save_for_backward({recon, target, mu, logvar, beta});
     return {loss, rec, kl, shown};
   }

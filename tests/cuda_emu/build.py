@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from torch.utils import cpp_extension
 
 import vaekern

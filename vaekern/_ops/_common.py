@@ -8,6 +8,8 @@ backend registry can import it without a circle.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -180,3 +182,21 @@ def take_saved_grad(ctx) -> Tensor | None:
     AccumulateGrad adopt the buffer as ``.grad`` without a copy."""
     grad, ctx.saved_grad = ctx.saved_grad, None
     return grad
+
+
+def register_op(lib: torch.library.Library, kernels, schemas: dict, fakes: dict, setup_context, traced_backward,
+                transform=None) -> None:
+    """Define one op module's kernel schemas in ``lib``'s namespace with their ``fakes``; its
+    torch.func Function (``transform``, or one from the traced path); and, unless the
+    namespace has its own autograd (the extension's, in C++), the traced path's autograd of
+    its differentiable op, the first schema."""
+    ns = lib.ns
+    for name, schema in schemas.items():
+        lib.define(name + schema)
+        torch.library.register_fake(f"{ns}::{name}", fakes[name], lib=lib)
+    op = next(iter(schemas))
+    kernels.transforms[op] = transform or transform_function(op, kernels, setup_context, traced_backward)
+    if not kernels.native_autograd:
+        torch.library.register_autograd(
+            f"{ns}::{op}", functools.partial(traced_backward, kernels), setup_context=setup_context, lib=lib
+        )

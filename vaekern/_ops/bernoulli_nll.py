@@ -41,9 +41,9 @@ from vaekern._ops._common import (
     grad_like,
     loss_like,
     no_double_backward,
+    register_op,
     scaled_rows,
     take_saved_grad,
-    transform_function,
 )
 
 SCHEMAS = {
@@ -104,16 +104,8 @@ class BernoulliNLLFunction(torch.autograd.Function):
 def register(lib: torch.library.Library, kernels) -> None:
     """Define the schemas in ``lib``'s namespace, with their fakes and, unless the
     namespace has its own (the extension's, in C++), the autograd of both paths."""
-    ns = lib.ns
-    for name, schema in SCHEMAS.items():
-        lib.define(name + schema)
-    torch.library.register_fake(f"{ns}::bernoulli_nll", bernoulli_nll_fake, lib=lib)
-    torch.library.register_fake(f"{ns}::bernoulli_nll_backward_", bernoulli_nll_backward_fake, lib=lib)
-    kernels.transforms["bernoulli_nll"] = transform_function("bernoulli_nll", kernels, _setup_context, _traced_backward)
-    if not kernels.native_autograd:
-        torch.library.register_autograd(
-            f"{ns}::bernoulli_nll",
-            lambda ctx, *grads: _traced_backward(kernels, ctx, *grads),
-            setup_context=_setup_context,
-            lib=lib,
-        )
+    register_op(
+        lib, kernels, SCHEMAS,
+        {"bernoulli_nll": bernoulli_nll_fake, "bernoulli_nll_backward_": bernoulli_nll_backward_fake},
+        _setup_context, _traced_backward,
+    )  # fmt: skip

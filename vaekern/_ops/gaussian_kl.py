@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from vaekern._ops._common import acc_dtype, below_autograd, kl_grads, loss_like, transform_function
+from vaekern._ops._common import acc_dtype, below_autograd, kl_grads, loss_like, register_op
 
 SCHEMAS = {
     "gaussian_kl": "(Tensor mu, Tensor logvar, int reduction) -> Tensor",
@@ -66,16 +66,8 @@ class GaussianKLFunction(torch.autograd.Function):
 def register(lib: torch.library.Library, kernels) -> None:
     """Define the schemas in ``lib``'s namespace, with their fakes and, unless the
     namespace has its own (the extension's, in C++), the autograd of both paths."""
-    ns = lib.ns
-    for name, schema in SCHEMAS.items():
-        lib.define(name + schema)
-    torch.library.register_fake(f"{ns}::gaussian_kl", gaussian_kl_fake, lib=lib)
-    torch.library.register_fake(f"{ns}::gaussian_kl_backward", gaussian_kl_backward_fake, lib=lib)
-    kernels.transforms["gaussian_kl"] = transform_function("gaussian_kl", kernels, _setup_context, _traced_backward)
-    if not kernels.native_autograd:
-        torch.library.register_autograd(
-            f"{ns}::gaussian_kl",
-            lambda ctx, grad_out: _traced_backward(kernels, ctx, grad_out),
-            setup_context=_setup_context,
-            lib=lib,
-        )
+    register_op(
+        lib, kernels, SCHEMAS,
+        {"gaussian_kl": gaussian_kl_fake, "gaussian_kl_backward": gaussian_kl_backward_fake},
+        _setup_context, _traced_backward,
+    )  # fmt: skip

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from vaekern._ops._common import below_autograd, transform_function
+from vaekern._ops._common import below_autograd, register_op, transform_function
 
 SCHEMAS = {
     "reparameterize": "(Tensor mu, Tensor logvar, Tensor? eps, Tensor? seed) -> Tensor",
@@ -96,18 +96,11 @@ class ReparameterizeFunction(torch.autograd.Function):
 def register(lib: torch.library.Library, kernels) -> None:
     """Define the schemas in ``lib``'s namespace, with their fakes and, unless the
     namespace has its own (the extension's, in C++), the autograd of both paths."""
-    ns = lib.ns
-    for name, schema in SCHEMAS.items():
-        lib.define(name + schema)
-    torch.library.register_fake(f"{ns}::reparameterize", reparameterize_fake, lib=lib)
-    torch.library.register_fake(f"{ns}::reparameterize_backward", reparameterize_backward_fake, lib=lib)
-    kernels.transforms["reparameterize"] = transform_function(
+    transform = transform_function(
         "reparameterize", kernels, _transform_setup_context, _transform_backward, _transform_forward
     )
-    if not kernels.native_autograd:
-        torch.library.register_autograd(
-            f"{ns}::reparameterize",
-            lambda ctx, grad_z: _traced_backward(kernels, ctx, grad_z),
-            setup_context=_setup_context,
-            lib=lib,
-        )
+    register_op(
+        lib, kernels, SCHEMAS,
+        {"reparameterize": reparameterize_fake, "reparameterize_backward": reparameterize_backward_fake},
+        _setup_context, _traced_backward, transform,
+    )  # fmt: skip

@@ -37,9 +37,9 @@ from vaekern._ops._common import (
     kl_grads,
     loss_like,
     no_double_backward,
+    register_op,
     scaled_rows,
     take_saved_grad,
-    transform_function,
 )
 
 SCHEMAS = {
@@ -138,16 +138,8 @@ class VAELossFunction(torch.autograd.Function):
 def register(lib: torch.library.Library, kernels) -> None:
     """Define the schemas in ``lib``'s namespace, with their fakes and, unless the
     namespace has its own (the extension's, in C++), the autograd of both paths."""
-    ns = lib.ns
-    for name, schema in SCHEMAS.items():
-        lib.define(name + schema)
-    torch.library.register_fake(f"{ns}::vae_loss", vae_loss_fake, lib=lib)
-    torch.library.register_fake(f"{ns}::vae_loss_backward_", vae_loss_backward_fake, lib=lib)
-    kernels.transforms["vae_loss"] = transform_function("vae_loss", kernels, _setup_context, _traced_backward)
-    if not kernels.native_autograd:
-        torch.library.register_autograd(
-            f"{ns}::vae_loss",
-            lambda ctx, *grads: _traced_backward(kernels, ctx, *grads),
-            setup_context=_setup_context,
-            lib=lib,
-        )
+    register_op(
+        lib, kernels, SCHEMAS,
+        {"vae_loss": vae_loss_fake, "vae_loss_backward_": vae_loss_backward_fake},
+        _setup_context, _traced_backward,
+    )  # fmt: skip
