@@ -3,10 +3,11 @@
 // The schemas, fakes and the Python autograd of vaekern/_ops/<op>.py serve every other
 // namespace (Triton's, the tests' emulated CUDA). Here the same two paths are written once
 // more, in C++, because a step on small tensors is all host overhead: forward+backward of
-// vae_loss on 1x1 CPU tensors takes about 75 us through a Python autograd.Function and
-// about 40 us through this, against 127 us for the eager pytorch/examples loss (CPU time,
-// 2 EPYC cores, torch 2.14.1). vaekern.backends registers the namespace's Python fakes but
-// no Python autograd when it finds these kernels at the Autograd key.
+// vae_loss on 1x1 CPU tensors took about 75 us through a Python autograd.Function and takes
+// about 51 us through this, against 111-127 us for the eager pytorch/examples loss (CPU
+// time, Intel Xeon, 1 thread, torch 2.14.1; the overhead benchmark: 54 us against 125 us).
+// vaekern.backends registers the namespace's Python fakes but no Python autograd when it
+// finds these kernels at the Autograd key.
 //
 // Math and saved tensors: as in vaekern/_ops/<op>.py, whose headers state them.
 //

@@ -327,9 +327,10 @@ def float_beta(beta) -> float:
 @functools.lru_cache(maxsize=16)
 def _beta_tensor(beta: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     # A float beta as the 0-d tensor the kernels read, checked and made once per value
-    # instead of a torch.full per call (3 us of a 40 us step on 1x1 tensors; a bad value
-    # raises, and errors are not cached). The kernels only read it and it is never handed
-    # to the caller, so sharing it is safe. A fill kernel, not a host-to-device copy: no sync.
+    # instead of a fill and its range checks per call (1.7 us of the 12 us no-grad call on
+    # 1x1 CPU tensors, Intel Xeon; a bad value raises, and errors are not cached). The
+    # kernels only read it and it is never handed to the caller, so sharing it is safe. A
+    # fill kernel, not a host-to-device copy: no sync.
     return torch.full((), _checked_beta(beta, dtype), dtype=dtype, device=device)
 
 

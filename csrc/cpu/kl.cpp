@@ -6,17 +6,26 @@
 #include "cpu/row_ops.h"
 
 namespace vaekern::cpu {
+namespace {
+
+// The arguments both directions share: mu and logvar (contiguous, kept alive by the caller).
+GaussianKlArgs latent_args(const at::Tensor& mu, const at::Tensor& logvar) {
+  GaussianKlArgs args{};
+  args.mu = mu.const_data_ptr();
+  args.logvar = logvar.const_data_ptr();
+  args.dtype = mu.scalar_type();
+  args.rows = mu.size(0);
+  args.cols = row_len(mu);
+  return args;
+}
+
+}  // namespace
 
 std::vector<double> gaussian_kl_rows(const at::Tensor& mu_, const at::Tensor& logvar_) {
   const at::Tensor mu = mu_.contiguous(), logvar = logvar_.contiguous();
   const int64_t rows = mu.size(0), cols = row_len(mu);
   std::vector<double> out(rows);
-  GaussianKlArgs args{};
-  args.mu = mu.const_data_ptr();
-  args.logvar = logvar.const_data_ptr();
-  args.dtype = mu.scalar_type();
-  args.rows = rows;
-  args.cols = cols;
+  GaussianKlArgs args = latent_args(mu, logvar);
   args.out = out.data();
   const Kernels& k = kernels();
   at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) { k.gaussian_kl(args, begin, end); });
@@ -29,12 +38,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kl_grads(const std::vector<double>& 
   const int64_t rows = mu.size(0), cols = row_len(mu);
   at::Tensor grad_mu = at::empty(mu.sizes(), mu.options());
   at::Tensor grad_logvar = at::empty(logvar.sizes(), logvar.options());
-  GaussianKlArgs args{};
-  args.mu = mu.const_data_ptr();
-  args.logvar = logvar.const_data_ptr();
-  args.dtype = mu.scalar_type();
-  args.rows = rows;
-  args.cols = cols;
+  GaussianKlArgs args = latent_args(mu, logvar);
   args.scale = scale.data();
   args.grad_mu = grad_mu.mutable_data_ptr();
   args.grad_logvar = grad_logvar.mutable_data_ptr();
