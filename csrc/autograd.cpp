@@ -17,7 +17,9 @@
 //   gradient: in place, with the kernels' skip of rows scaled by exactly 1, so a plain
 //   loss.backward() moves no image-sized bytes; or out of place where someone else holds
 //   the buffer, or while AOTAutograd traces (torch.compile, opcheck), whose partitioner
-//   cannot take an in-place update of a saved forward output (scale_in_place). Double
+//   cannot take an in-place update of a saved forward output (scale_in_place). Either way
+//   a float16 element out of float16's normal range (overflowed, or a subnormal that lost
+//   bits) is recomputed by the backward kernel from the saved input and target. Double
 //   backward through the reconstruction raises: the saved gradient has no graph. vae_loss
 //   whose recon needs no gradient supports it: the latents' gradient is then the KL's, in
 //   differentiable ATen ops (differentiable_kl_grads).
@@ -28,6 +30,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/expm1.h>
 #include <ATen/ops/exp.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -45,7 +48,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 using BernoulliNLLSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, bool, int64_t, bool);
-using ScaleRowsSig = void(const Tensor&, const Tensor&);
+using ScaleRowsSig = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, int64_t);
 using GaussianKLSig = Tensor(const Tensor&, const Tensor&, int64_t);
 using LatentGradsSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t);
 using ReparameterizeSig = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
@@ -56,7 +59,8 @@ using ReparameterizeBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, cons
 using VAELossSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                               const Tensor&, const Tensor&, bool, int64_t, bool);
 using VAELossBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                      const Tensor&, const Tensor&, const Tensor&, int64_t);
+                                                      const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                      const Tensor&, bool, int64_t);
 
 // The kernel op `vaekern::<name>`, looked up on first use: the schemas are defined in
 // Python after this library is loaded.
@@ -119,8 +123,16 @@ Tensor per_row(const Tensor& scale, const c10::SymInt& batch, int64_t ndim) {
   return scale.expand_symint({batch}).reshape_symint(shape);
 }
 
-// The traced path's backward: saved * scale per row, out of place, in saved's dtype.
-Tensor scaled_rows(const Tensor& saved, const Tensor& scale) {
+// The out-of-place backward: saved * scale per row, in saved's dtype. A float16 gradient
+// is scaled by the kernel, on a copy, which recomputes the elements that overflowed or
+// lost bits in float16 in forward (input, target: the likelihood's).
+Tensor scaled_rows(const Tensor& saved, const Tensor& scale, const Tensor& input, const Tensor& target,
+                   bool from_logits, int64_t reduction) {
+  if (saved.scalar_type() == at::kHalf) {
+    Tensor out = saved.clone();
+    bernoulli_nll_backward_kernel().call(out, scale, input, target, from_logits, reduction);
+    return out;
+  }
   return (saved * per_row(scale, saved.sym_size(0), saved.dim())).to(saved.scalar_type());
 }
 
@@ -165,16 +177,16 @@ struct BernoulliNLLFunction : public torch::autograd::Function<BernoulliNLLFunct
     if (!grad_out.defined() || !ctx->needs_input_grad(0)) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     auto saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &target = saved[1];
+    const bool from_logits = ctx->saved_data["from_logits"].toBool();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
     Tensor grad = take_saved_grad(ctx);
     if (!grad.defined() || !ctx->saved_data["grad_computed"].toBool()) {  // a second backward, or none computed
-      grad = std::get<1>(bernoulli_nll_kernel()
-                             .call(input, target, ctx->saved_data["from_logits"].toBool(),
-                                   ctx->saved_data["reduction"].toInt(), true));
+      grad = std::get<1>(bernoulli_nll_kernel().call(input, target, from_logits, reduction, true));
     }
     if (scale_in_place(grad, grad_out)) {
-      bernoulli_nll_backward_kernel().call(grad, grad_out);
+      bernoulli_nll_backward_kernel().call(grad, grad_out, input, target, from_logits, reduction);
     } else {
-      grad = scaled_rows(grad, grad_out);
+      grad = scaled_rows(grad, grad_out, input, target, from_logits, reduction);
     }
     return {grad, Tensor(), Tensor(), Tensor(), Tensor()};
   }
@@ -187,13 +199,24 @@ std::tuple<Tensor, Tensor> bernoulli_nll_autograd(const Tensor& input, const Ten
 }
 
 // ---- gaussian_kl ---------------------------------------------------------------------------
-// (d/dmu, d/dlogvar) of the reduced KL times grad_out, in ATen ops that autograd can differentiate.
+// float64 if any tensor is float64, else float32: the kernels' math (vaekern/_ops/_common.py).
+c10::ScalarType acc_dtype(std::initializer_list<c10::ScalarType> dtypes) {
+  for (c10::ScalarType t : dtypes) {
+    if (t == at::kDouble) return at::kDouble;
+  }
+  return at::kFloat;
+}
+
+// (d/dmu, d/dlogvar) of the reduced KL times grad_out, in ATen ops that autograd can
+// differentiate. In the kernels' math dtype and rounded once: expm1 of a float16 logvar in
+// float16 is inf above 11.09 where the gradient is finite.
 std::tuple<Tensor, Tensor> differentiable_kl_grads(const Tensor& grad_out, const Tensor& mu, const Tensor& logvar,
                                                    int64_t reduction) {
   const c10::SymInt batch = mu.sym_size(0);
-  Tensor s = per_row(reduction == 1 ? grad_out.div(c10::Scalar(batch)) : grad_out, batch, mu.dim());
-  Tensor g_mu = s * mu;
-  Tensor g_lv = s * 0.5 * at::expm1(logvar.clamp_max(kLogvarMax));
+  const c10::ScalarType acc = acc_dtype({mu.scalar_type(), logvar.scalar_type(), grad_out.scalar_type()});
+  Tensor s = per_row((reduction == 1 ? grad_out.div(c10::Scalar(batch)) : grad_out).to(acc), batch, mu.dim());
+  Tensor g_mu = s * mu.to(acc);
+  Tensor g_lv = s * 0.5 * at::expm1(logvar.to(acc).clamp_max(kLogvarMax));
   return {g_mu.to(mu.scalar_type()), g_lv.to(logvar.scalar_type())};
 }
 
@@ -242,12 +265,16 @@ struct ReparameterizeFunction : public torch::autograd::Function<ReparameterizeF
                               .call(grad_z, mu, logvar, eps, seed);
       return {g_mu, g_lv, Tensor(), Tensor()};
     }
-    // Double backward: the kernel's own noise is z(0, 0) = eps exactly (exp(0) = 1).
+    // Double backward: the kernel's own noise is z(0, 0) = eps exactly (exp(0) = 1), drawn
+    // in the math dtype (it depends on the element's index only). In that dtype and rounded
+    // once: exp(logvar / 2) of a float16 logvar is inf above 22.2 where the gradient is not.
+    const c10::ScalarType acc = acc_dtype({mu.scalar_type()});
     Tensor noise = eps.has_value() ? *eps : [&] {
-      Tensor zeros = at::zeros_like(mu);
+      Tensor zeros = at::zeros_symint(mu.sym_sizes(), mu.options().dtype(acc));
       return reparameterize_kernel().call(zeros, zeros, std::nullopt, seed);
     }();
-    return {grad_z, grad_z * 0.5 * at::exp(logvar * 0.5) * noise, Tensor(), Tensor()};
+    Tensor g_lv = grad_z.to(acc) * 0.5 * at::exp(logvar.to(acc) * 0.5) * noise.to(acc);
+    return {grad_z, g_lv.to(logvar.scalar_type()), Tensor(), Tensor()};
   }
 };
 
@@ -286,6 +313,7 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     auto saved = ctx->get_saved_variables();
     const Tensor &recon = saved[0], &target = saved[1], &mu = saved[2], &logvar = saved[3], &beta = saved[4];
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const bool from_logits = ctx->saved_data["from_logits"].toBool();
     variable_list out(8);
     if (at::GradMode::is_enabled()) {  // create_graph=True, recon needs no gradient: the KL's, differentiable
       std::tie(out[2], out[3]) = differentiable_kl_grads(grad_loss * beta + grad_kl_term, mu, logvar, reduction);
@@ -293,19 +321,17 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     }
     Tensor grad = take_saved_grad(ctx);
     if (want_recon && (!grad.defined() || !ctx->saved_data["grad_computed"].toBool())) {  // a second backward, or none
-      grad = std::get<3>(vae_loss_kernel()
-                             .call(recon, target, mu, logvar, beta, ctx->saved_data["from_logits"].toBool(),
-                                   reduction, true));
+      grad = std::get<3>(vae_loss_kernel().call(recon, target, mu, logvar, beta, from_logits, reduction, true));
     }
     if (want_recon && !scale_in_place(grad, grad_loss)) {
-      out[0] = scaled_rows(grad, grad_loss + grad_recon_term);
+      out[0] = scaled_rows(grad, grad_loss + grad_recon_term, recon, target, from_logits, reduction);
       std::tie(out[2], out[3]) = gaussian_kl_backward_kernel()
                                      .call(grad_loss * beta + grad_kl_term, mu, logvar, reduction);
       return out;
     }
     if (!want_recon) grad = recon.new_empty_symint({c10::SymInt(0)});
-    std::tie(out[2], out[3]) = vae_loss_backward_kernel()
-                                   .call(grad, grad_loss, grad_recon_term, grad_kl_term, mu, logvar, beta, reduction);
+    std::tie(out[2], out[3]) = vae_loss_backward_kernel().call(grad, grad_loss, grad_recon_term, grad_kl_term, recon,
+                                                               target, mu, logvar, beta, from_logits, reduction);
     if (want_recon) out[0] = grad;
     return out;
   }

@@ -94,8 +94,13 @@ class ReferenceKernels:
         grad = self._grads(out, x)[0].to(input.dtype) if compute_grad else input.new_empty((0,))
         return out.detach().to(self._acc(input)), grad
 
-    def bernoulli_nll_backward_(self, grad_input, grad_out):
-        grad_input.mul_(grad_out.reshape((-1,) + (1,) * (grad_input.dim() - 1)) if grad_out.dim() else grad_out)
+    def bernoulli_nll_backward_(self, grad_input, grad_out, input, target, from_logits, reduction):
+        # The definition, not the kernels' route: the float64 gradient times the upstream,
+        # rounded once (the saved float16 gradient may have overflowed where this does not).
+        x = input.detach().double().requires_grad_()
+        out = reference.bernoulli_nll_ref(x, target, from_logits=from_logits, reduction=self._NAMES[reduction])
+        scale = grad_out.double().reshape((-1,) + (1,) * (input.dim() - 1)) if grad_out.dim() else grad_out.double()
+        grad_input.copy_(self._grads(out, x)[0] * scale)
 
     def gaussian_kl(self, mu, logvar, reduction):
         return reference.gaussian_kl_ref(mu, logvar, reduction=self._NAMES[reduction]).to(self._acc(mu, logvar))
@@ -123,9 +128,11 @@ class ReferenceKernels:
         grad = self.bernoulli_nll(recon, target, from_logits, reduction, True)[1] if compute_grad else recon.new_empty((0,))
         return loss.to(acc), rec.to(acc), kl.to(acc), grad
 
-    def vae_loss_backward_(self, grad_recon, grad_loss, grad_recon_term, grad_kl_term, mu, logvar, beta, reduction):
+    def vae_loss_backward_(
+        self, grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, mu, logvar, beta, from_logits, reduction
+    ):
         if grad_recon.numel():
-            self.bernoulli_nll_backward_(grad_recon, grad_loss + grad_recon_term)
+            self.bernoulli_nll_backward_(grad_recon, grad_loss + grad_recon_term, recon, target, from_logits, reduction)
         return self.gaussian_kl_backward(grad_loss * beta + grad_kl_term, mu, logvar, reduction)
 
 

@@ -175,8 +175,8 @@ def test_opcheck(backend, device):
         # Asked for no gradient while the input needs one: backward recomputes it.
         torch.library.opcheck(ops.bernoulli_nll, (leaf(x), t, True, reduction, False))
     grad = torch.randn(5, 13, device=device)
-    torch.library.opcheck(ops.bernoulli_nll_backward_, (grad, torch.rand(5, device=device)))
-    torch.library.opcheck(ops.bernoulli_nll_backward_, (grad, torch.tensor(3.0, device=device)))
+    torch.library.opcheck(ops.bernoulli_nll_backward_, (grad, torch.rand(5, device=device), x, t, True, 0))
+    torch.library.opcheck(ops.bernoulli_nll_backward_, (grad, torch.tensor(3.0, device=device), x, t, True, 1))
 
 
 def test_backward_leaves_rows_scaled_by_one_untouched(backend, device):
@@ -187,12 +187,13 @@ def test_backward_leaves_rows_scaled_by_one_untouched(backend, device):
     ops = kernels_of(backend, device)
     grad = torch.full((4, 300), 0x7F800001, dtype=torch.int32).view(torch.float32).to(device)
     bits = grad.view(torch.int32).clone()
-    ops.bernoulli_nll_backward_(grad, torch.tensor([1.0, 2.0, 1.0, 3.0], device=device))
+    x = t = torch.zeros_like(grad)  # read only for float16
+    ops.bernoulli_nll_backward_(grad, torch.tensor([1.0, 2.0, 1.0, 3.0], device=device), x, t, True, 0)
     after = grad.view(torch.int32)
     assert torch.equal(after[[0, 2]], bits[[0, 2]])
     assert not torch.equal(after[[1, 3]], bits[[1, 3]])
     g = grad.clone()
-    ops.bernoulli_nll_backward_(g, torch.tensor(1.0, device=device))
+    ops.bernoulli_nll_backward_(g, torch.tensor(1.0, device=device), x, t, True, 2)
     assert torch.equal(g.view(torch.int32), grad.view(torch.int32))
 
 
@@ -244,3 +245,50 @@ def test_torch_func_grad_and_per_sample_gradients(backend, device, from_logits):
         jvp(lambda x: loss(backend, x, t), (x,), (torch.ones_like(x),))
     with pytest.raises(RuntimeError, match="double backward"):
         grad(lambda x: grad(loss, argnums=1)(backend, x, t).sum())(x)
+
+
+def _float16_overflow_case(device):
+    """Probabilities whose gradient for an upstream of 1 is beyond float16's 65504 (p = 1e-5
+    and 5e-6 with target 1: -1e5 and -2e5), beside ordinary ones, and weights that bring it
+    back into range (0.25) or zero a row (0, which must give 0, not 0 * inf = NaN)."""
+    p = torch.tensor([[1e-5, 0.5, 0.3], [5e-6, 0.25, 0.5], [1e-5, 0.4, 0.9]], dtype=torch.float16, device=device)
+    t = torch.ones(3, 3, dtype=torch.float16, device=device)
+    w = torch.tensor([0.25, 0.0, 0.125], device=device)
+    return p, t, w
+
+
+def _reference_grad(p, t, w, reduction):
+    pr = leaf(p.double())
+    out = bernoulli_nll_ref(pr, t, from_logits=False, reduction=reduction)
+    (out * w.double() if reduction == "none" else out * w.double()[0]).sum().backward()
+    return pr.grad.to(torch.float16)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_float16_probability_gradient_is_scaled_before_it_is_rounded(backend, device, reduction):
+    """Issue 16 item 1: the saved float16 gradient used to overflow to inf (and a zero row
+    weight gave NaN) where the upstream gradient brings it back into float16's range."""
+    p, t, w = _float16_overflow_case(device)
+    want = _reference_grad(p, t, w, reduction)
+    assert want.isfinite().all()
+    x = leaf(p)
+    out = vaekern.bernoulli_nll(x, t, from_logits=False, reduction=reduction, backend=backend)
+    (out * w if reduction == "none" else out * w[0]).sum().backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, want, rtol=2e-3, atol=0)
+    x.grad = None  # a second backward recomputes the forward's gradient first
+    (out * w if reduction == "none" else out * w[0]).sum().backward()
+    torch.testing.assert_close(x.grad, want, rtol=2e-3, atol=0)
+
+
+def test_float16_probability_gradient_out_of_place(backend, device):
+    """The out-of-place scaling (a caller that holds the kernel's gradient output, as the
+    traced path and opcheck do) recomputes the overflowed elements too."""
+    p, t, w = _float16_overflow_case(device)
+    ops = kernels_of(backend, device)
+    _, grad = ops.bernoulli_nll(p, t, False, 0, True)
+    assert grad.isinf().any()  # what forward stores for an upstream of 1
+    kept = grad.clone()
+    ops.bernoulli_nll_backward_(grad, w, p, t, False, 0)
+    torch.testing.assert_close(grad, _reference_grad(p, t, w, "none"), rtol=2e-3, atol=0)
+    ops.bernoulli_nll_backward_(kept, torch.ones(3, device=device), p, t, False, 0)
+    assert kept.isinf().any()  # an upstream of exactly 1 leaves the true, overflowing, gradient

@@ -96,7 +96,7 @@ def test_vae_loss_thread_count_invariant(threads, shape):
 
     def run():
         loss, rec, kl, grad = ops.vae_loss(x, t, mu, logvar, beta, True, 0, True)
-        g_mu, g_lv = ops.vae_loss_backward_(grad, g, g * 0.5, g * 2.0, mu, logvar, beta, 0)
+        g_mu, g_lv = ops.vae_loss_backward_(grad, g, g * 0.5, g * 2.0, x, t, mu, logvar, beta, True, 0)
         return loss, rec, kl, grad, g_mu, g_lv
 
     assert _bitwise_equal(_at_threads(threads, 1, run), _at_threads(threads, 2, run))
@@ -165,7 +165,7 @@ def test_backward_skips_rows_scaled_by_exactly_one():
     t = target((4, 50), "float", "cpu")
     _, grad = ops.bernoulli_nll(x, t, True, 0, True)
     saved = grad.clone()
-    ops.bernoulli_nll_backward_(grad, torch.tensor([1.0, 2.0, float("nan"), 1.0]))
+    ops.bernoulli_nll_backward_(grad, torch.tensor([1.0, 2.0, float("nan"), 1.0]), x, t, True, 0)
     assert torch.equal(grad[0], saved[0]) and torch.equal(grad[3], saved[3])
     assert torch.equal(grad[1], saved[1] * 2)
     assert grad[2].isnan().all()

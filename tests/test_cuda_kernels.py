@@ -425,7 +425,7 @@ def test_vae_loss_backward_scales(reduction, kernels):
     outs = {}
     for name, impl in (("cuda", ops), ("reference", reference_kernels)):
         saved = impl.vae_loss(recon, target, mu, logvar, beta, True, reduction, True)[3]
-        g_mu, g_lv = impl.vae_loss_backward_(saved, *grads, mu, logvar, beta, reduction)
+        g_mu, g_lv = impl.vae_loss_backward_(saved, *grads, recon, target, mu, logvar, beta, True, reduction)
         outs[name] = (saved, g_mu, g_lv)
     for a, b in zip(outs["cuda"], outs["reference"]):
         _close(a, b, atol=1e-6, rtol=1e-5)
@@ -436,9 +436,9 @@ def test_backward_with_unit_scale_keeps_the_gradient_and_nan_propagates(kernels)
     x, t = torch.randn(4, 100, device=dev), torch.rand(4, 100, device=dev)
     _, grad = ops.bernoulli_nll(x, t, True, 0, True)
     before = grad.clone()
-    ops.bernoulli_nll_backward_(grad, torch.ones(4, device=dev))
+    ops.bernoulli_nll_backward_(grad, torch.ones(4, device=dev), x, t, True, 0)
     assert torch.equal(grad, before)
-    ops.bernoulli_nll_backward_(grad, torch.tensor([1.0, float("nan"), 2.0, 1.0], device=dev))
+    ops.bernoulli_nll_backward_(grad, torch.tensor([1.0, float("nan"), 2.0, 1.0], device=dev), x, t, True, 0)
     assert torch.equal(grad[0], before[0]) and torch.equal(grad[3], before[3])
     assert grad[1].isnan().all()
     torch.testing.assert_close(grad[2], 2 * before[2])

@@ -348,8 +348,8 @@ def test_split_rows_match_reference(split_rows, reduction, from_logits):
 
     go = torch.rand(3, dtype=torch.float64, device=dev) if reduction == 0 else torch.tensor(3.0, dtype=torch.float64)
     go = go.to(dev)
-    tri.bernoulli_nll_backward_(grad, go)
-    ref.bernoulli_nll_backward_(grad_r, go)
+    tri.bernoulli_nll_backward_(grad, go, x, t, from_logits, reduction)
+    ref.bernoulli_nll_backward_(grad_r, go, x, t, from_logits, reduction)
     torch.testing.assert_close(grad, grad_r, rtol=1e-12, atol=1e-12)
 
     res = tri.vae_loss(x, t, mu, lv, beta, from_logits, reduction, True)
@@ -357,8 +357,8 @@ def test_split_rows_match_reference(split_rows, reduction, from_logits):
     for a, b in zip(res, res_r):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     gk = go * 2
-    g_mu, g_lv = tri.vae_loss_backward_(res[3], go, go * 0.5, gk, mu, lv, beta, reduction)
-    g_mu_r, g_lv_r = ref.vae_loss_backward_(res_r[3], go, go * 0.5, gk, mu, lv, beta, reduction)
+    g_mu, g_lv = tri.vae_loss_backward_(res[3], go, go * 0.5, gk, x, t, mu, lv, beta, from_logits, reduction)
+    g_mu_r, g_lv_r = ref.vae_loss_backward_(res_r[3], go, go * 0.5, gk, x, t, mu, lv, beta, from_logits, reduction)
     for a, b in ((res[3], res_r[3]), (g_mu, g_mu_r), (g_lv, g_lv_r)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 

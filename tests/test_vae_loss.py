@@ -220,7 +220,7 @@ def test_opcheck(backend, device):
         g = (lambda: torch.rand(5, device=device)) if reduction == 0 else (lambda: torch.rand((), device=device))
         grad = torch.randn(5, 13, device=device)
         torch.library.opcheck(
-            ops.vae_loss_backward_, (grad, g(), g(), g(), mu, logvar, beta, reduction)
+            ops.vae_loss_backward_, (grad, g(), g(), g(), recon, t, mu, logvar, beta, True, reduction)
         )
 
 
@@ -233,7 +233,8 @@ def test_backward_leaves_rows_scaled_by_one_untouched(backend, device):
     grad_loss = torch.tensor([1.0, 0.5, 0.25], device=device)
     grad_recon = torch.tensor([0.0, 0.5, 0.25], device=device)
     beta = torch.tensor(1.0, device=device)
-    ops.vae_loss_backward_(grad, grad_loss, grad_recon, torch.zeros(3, device=device), mu, logvar, beta, 0)
+    recon, t = torch.zeros_like(grad), torch.zeros_like(grad)  # read only for float16
+    ops.vae_loss_backward_(grad, grad_loss, grad_recon, torch.zeros(3, device=device), recon, t, mu, logvar, beta, True, 0)
     after = grad.view(torch.int32)
     assert torch.equal(after[:2], bits[:2])
     assert not torch.equal(after[2], bits[2])
@@ -348,3 +349,18 @@ def test_torch_func_grad_and_per_sample_gradients(backend, device):
     if backend != "reference":
         with pytest.raises(NotImplementedError, match="forward-mode"):
             jvp(lambda r: loss(backend, r, t, mu, logvar), (recon,), (torch.ones_like(recon),))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_float16_probability_gradient_is_scaled_before_it_is_rounded(backend, device, reduction):
+    """Issue 16 item 1, through the fused loss: recon's gradient for an upstream of 1 is
+    beyond float16's range at p = 1e-5, target 1; a loss weight of 0.25 brings it back."""
+    p = torch.tensor([[1e-5, 0.5, 0.3], [5e-6, 0.25, 0.5]], dtype=torch.float16, device=device)
+    t = torch.ones(2, 3, device=device)
+    mu, logvar = latents((2, 4), torch.float32, device)
+    x, xr = leaf(p), leaf(p.double())
+    (0.25 * vaekern.vae_loss(x, t, mu, logvar, from_logits=False, reduction=reduction, backend=backend)).sum().backward()
+    (0.25 * vae_loss_ref(xr, t, mu, logvar, from_logits=False, reduction=reduction)[0]).sum().backward()
+    want = xr.grad.to(torch.float16)
+    assert want.isfinite().all()
+    torch.testing.assert_close(x.grad, want, rtol=2e-3, atol=0)

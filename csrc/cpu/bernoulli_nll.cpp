@@ -10,7 +10,10 @@
 // (conventions.h).
 // The gradient of the reduced loss for an upstream 1 (with 1/B for mean) is written in
 // forward, into a fresh contiguous buffer that autograd saves; backward
-// (bernoulli_nll_backward_) scales its rows in place and skips rows whose scale is 1.
+// (bernoulli_nll_backward_) scales its rows in place and skips rows whose scale is 1. A
+// float16 element outside float16's normal range (its forward value overflowed, or is a
+// subnormal that lost bits) is recomputed there from input and target, and rounded once
+// after the upstream scaling (row_ops_kernel.h).
 //
 // dtypes: input float32/float64/bfloat16/float16, computed in float (double for double);
 // target any of those, bool or uint8. Loss float32, float64 for float64 input.
@@ -39,9 +42,13 @@ std::tuple<at::Tensor, at::Tensor> bernoulli_nll_cpu(const at::Tensor& input, co
   return {reduce_rows(nll, reduction, acc_dtype({&input})), grad};
 }
 
-void bernoulli_nll_backward_cpu(const at::Tensor& grad_input, const at::Tensor& grad_out) {
+void bernoulli_nll_backward_cpu(const at::Tensor& grad_input, const at::Tensor& grad_out, const at::Tensor& input,
+                                const at::Tensor& target, bool from_logits, int64_t reduction) {
   if (grad_input.numel() == 0) return;
-  scale_rows_(grad_input, row_values(grad_out, grad_input.size(0), "grad_out"));
+  check_reduction(reduction);
+  const int64_t rows = grad_input.size(0);
+  scale_rows_(kernels().bernoulli_nll_scale_rows[from_logits], grad_input, row_values(grad_out, rows, "grad_out"),
+              input, target, reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0);
 }
 
 }  // namespace

@@ -19,7 +19,7 @@ extern const Kernels kKernels;
 const Kernels kKernels = {
     .name = VAEKERN_STR(CPU_CAPABILITY),
     .bernoulli_nll = {&likelihood_kernel<BernoulliNll<false>>, &likelihood_kernel<BernoulliNll<true>>},
-    .scale_rows = &scale_rows_kernel,
+    .bernoulli_nll_scale_rows = {&scale_rows_kernel<BernoulliNll<false>>, &scale_rows_kernel<BernoulliNll<true>>},
     .gaussian_kl = &gaussian_kl_kernel,
     .gaussian_kl_backward = &gaussian_kl_backward_kernel,
     .reparameterize = &reparameterize_kernel,

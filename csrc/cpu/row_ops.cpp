@@ -47,7 +47,8 @@ at::Tensor reduce_rows(const std::vector<double>& rows, int64_t reduction, c10::
   return out;
 }
 
-void scale_rows_(const at::Tensor& grad, const std::vector<double>& scale) {
+void scale_rows_(ScaleRowsKernel kernel, const at::Tensor& grad, const std::vector<double>& scale,
+                 const at::Tensor& input, const at::Tensor& target, double grad_scale) {
   bool all_one = true;
   for (double s : scale) all_one = all_one && s == 1.0;
   if (all_one || grad.numel() == 0) return;
@@ -56,9 +57,21 @@ void scale_rows_(const at::Tensor& grad, const std::vector<double>& scale) {
   at::Tensor g = grad.is_contiguous() ? grad : grad.contiguous();
   const int64_t rows = g.size(0), cols = row_len(g), chunks = num_chunks(cols);
   ScaleRowsArgs args{g.mutable_data_ptr(), g.scalar_type(), scale.data(), rows, cols, chunks};
-  const Kernels& k = kernels();
+  at::Tensor x, t;  // kept alive through the launch
+  if (g.scalar_type() == at::kHalf) {
+    check_target(target, input);
+    TORCH_CHECK(input.sizes() == grad.sizes() && input.scalar_type() == grad.scalar_type(),
+                "vaekern (cpu): the saved gradient has shape ", grad.sizes(), " and dtype ", grad.scalar_type(),
+                " but its input has shape ", input.sizes(), " and dtype ", input.scalar_type());
+    x = input.contiguous();
+    t = target.contiguous();
+    args.input = x.const_data_ptr();
+    args.target = t.const_data_ptr();
+    args.target_dtype = t.scalar_type();
+    args.grad_scale = grad_scale;
+  }
   at::parallel_for(0, rows * chunks, 4 * grain(std::min(cols, kChunk)),
-                   [&](int64_t begin, int64_t end) { k.scale_rows(args, begin, end); });
+                   [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
   if (!g.is_same(grad)) grad.copy_(g);
 }
 

@@ -42,7 +42,12 @@ double reduced_value(const std::vector<double>& rows, int64_t reduction);
 // The reduced loss: (B,) for none, () for mean and sum.
 at::Tensor reduce_rows(const std::vector<double>& rows, int64_t reduction, c10::ScalarType dtype);
 
-// grad[b] *= scale[b] in place, skipping rows whose scale is exactly 1.
-void scale_rows_(const at::Tensor& grad, const std::vector<double>& scale);
+// grad[b] *= scale[b] in place, skipping rows whose scale is exactly 1. grad is the
+// gradient of a likelihood term (kernel: its Kernels entry, such as
+// kernels().bernoulli_nll_scale_rows[from_logits]) over input and target, with grad_scale
+// folded in; a float16 element that overflowed or lost bits in forward is recomputed from
+// them (row_ops_kernel.h).
+void scale_rows_(ScaleRowsKernel kernel, const at::Tensor& grad, const std::vector<double>& scale,
+                 const at::Tensor& input, const at::Tensor& target, double grad_scale);
 
 }  // namespace vaekern::cpu

@@ -5,7 +5,8 @@
 // code (likelihood.h with the Bernoulli's element function, kl.h). Per row b:
 //   loss_b = recon_b + beta * kl_b;  for mean/sum both terms are reduced first.
 // Backward (vae_loss_backward_):
-//   d/d recon = saved gradient * (g_loss + g_recon_term)   (rows whose factor is 1 skipped)
+//   d/d recon = saved gradient * (g_loss + g_recon_term)   (rows whose factor is 1 skipped;
+//               float16 elements that overflowed or lost bits recomputed, see row_ops.h)
 //   d/d mu, d/d logvar = gaussian_kl gradients * (g_loss * beta + g_kl_term) (/ B for mean)
 //
 // dtypes: as bernoulli_nll and gaussian_kl; the loss dtype is float64 if any of recon, mu,
@@ -62,9 +63,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(const at
 
 std::tuple<at::Tensor, at::Tensor> vae_loss_backward_cpu(const at::Tensor& grad_recon, const at::Tensor& grad_loss,
                                                          const at::Tensor& grad_recon_term,
-                                                         const at::Tensor& grad_kl_term, const at::Tensor& mu,
+                                                         const at::Tensor& grad_kl_term, const at::Tensor& recon,
+                                                         const at::Tensor& target, const at::Tensor& mu,
                                                          const at::Tensor& logvar, const at::Tensor& beta,
-                                                         int64_t reduction) {
+                                                         bool from_logits, int64_t reduction) {
   check_latents(mu, logvar);
   check_reduction(reduction);
   const int64_t rows = mu.size(0);
@@ -82,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor> vae_loss_backward_cpu(const at::Tensor& grad_
   if (grad_recon.numel() != 0) {
     TORCH_CHECK(grad_recon.size(0) == rows, "vaekern (cpu): grad_recon has batch size ", grad_recon.size(0),
                 " but mu has batch size ", rows);
-    scale_rows_(grad_recon, recon_scale);
+    scale_rows_(kernels().bernoulli_nll_scale_rows[from_logits], grad_recon, recon_scale, recon, target,
+                reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0);
   }
   return gaussian_kl_grads(kl_scale, mu, logvar);
 }

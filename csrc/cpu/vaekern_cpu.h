@@ -18,11 +18,11 @@
 //   ATEN_CPU_CAPABILITY=avx2 or =default forces a narrower one, exactly as it does for
 //   PyTorch's kernels.
 //
-// A likelihood is one element functor: the loop of likelihood_kernel.h is templated on it
-// (its header says what the functor provides), and bernoulli_nll_kernel.h holds the
-// Bernoulli's. A new likelihood adds its functor, its reference, an entry in Kernels and
-// the op that calls likelihood_rows with it; tiling, partial sums, row scaling and the
-// KL are reused as they are.
+// A likelihood is one element functor: the loops of likelihood_kernel.h and
+// row_ops_kernel.h are templated on it (their headers say what the functor provides), and
+// bernoulli_nll_kernel.h holds the Bernoulli's. A new likelihood adds its functor, its
+// reference, its two entries in Kernels and the op that calls likelihood_rows with it;
+// tiling, partial sums, row scaling and the KL are reused as they are.
 //
 // Determinism: a row is split into column chunks of a fixed size (kChunk); each
 // (row, chunk) task sums into its own double partial, and the host adds the partials
@@ -66,7 +66,18 @@ struct ScaleRowsArgs {
   c10::ScalarType dtype;
   const double* scale;        // [rows]; a row whose scale is exactly 1 is skipped
   int64_t rows, cols, chunks;
+  // float16 grad only, else nullptr: the likelihood's (input, target), contiguous [rows,
+  // cols], from which an element outside float16's normal range (inf or subnormal: its
+  // forward value for an upstream of 1 overflowed or lost bits) is recomputed, times
+  // grad_scale (1, or 1/B for mean) and the row's scale (row_ops_kernel.h).
+  const void* input = nullptr;
+  const void* target = nullptr;
+  c10::ScalarType target_dtype = c10::ScalarType::Float;
+  double grad_scale = 1.0;
 };
+
+// Tasks are (row, chunk) pairs in row-major order, [begin, end).
+using ScaleRowsKernel = void (*)(const ScaleRowsArgs&, int64_t begin, int64_t end);
 
 struct GaussianKlArgs {
   const void* mu;             // [rows, cols]
@@ -95,8 +106,8 @@ struct Kernels {
   const char* name;
   // Indexed by from_logits: [0] probabilities, [1] logits.
   LikelihoodKernel bernoulli_nll[2];
-  // Tasks are (row, chunk) pairs in row-major order, [begin, end).
-  void (*scale_rows)(const ScaleRowsArgs&, int64_t begin, int64_t end);
+  // The backward of a saved Bernoulli gradient (same index): its rows scaled in place.
+  ScaleRowsKernel bernoulli_nll_scale_rows[2];
   // Tasks are rows.
   void (*gaussian_kl)(const GaussianKlArgs&, int64_t begin, int64_t end);
   void (*gaussian_kl_backward)(const GaussianKlArgs&, int64_t begin, int64_t end);

@@ -10,8 +10,10 @@
 // the partials in a fixed order (reduce_partials.cuh). Nothing else is saved: backward
 // only scales that gradient row by row.
 //
-// Backward (in place, scale_rows_ of row_scale.cuh): row b of grad_input times
-// grad_out[b] (or the scalar grad_out); rows whose factor is exactly 1 are not touched.
+// Backward (in place, scale_likelihood_rows_ of likelihood.cuh): row b of grad_input times
+// grad_out[b] (or the scalar grad_out); rows whose factor is exactly 1 are not touched. A
+// float16 element that overflowed or lost bits in forward is recomputed from input and
+// target.
 //
 // Dtypes: input float16, bfloat16, float32, float64 (accumulated in float, double for
 // double); target any of those, bool or uint8, read in its own width. Losses are float32,
@@ -19,7 +21,6 @@
 // Limits: rows whose pointers are not 16-byte aligned (odd row lengths) use scalar loads.
 #include "bernoulli_nll.cuh"
 #include "likelihood.cuh"
-#include "row_scale.cuh"
 
 namespace vaekern {
 namespace cuda {
@@ -51,17 +52,25 @@ std::tuple<Tensor, Tensor> bernoulli_nll_cuda(const Tensor& input, const Tensor&
   return {out, grad};
 }
 
-void bernoulli_nll_backward_cuda(const Tensor& grad_input, const Tensor& grad_out) {
+void bernoulli_nll_backward_cuda(const Tensor& grad_input, const Tensor& grad_out, const Tensor& input,
+                                 const Tensor& target, bool from_logits, int64_t reduction) {
   check_cuda(grad_input, "grad_input", grad_input);
   check_float(grad_input, "grad_input");
   TORCH_CHECK(grad_input.dim() >= 1, "vaekern (cuda): grad_input must have a batch dim");
+  check_reduction(reduction);
   const c10::cuda::CUDAGuard guard(grad_input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t B = grad_input.size(0);
   int64_t stride = 0;
-  const Tensor go = scale_operand(grad_out, grad_input, grad_input.size(0), "grad_out", &stride);
+  const Tensor go = scale_operand(grad_out, grad_input, B, "grad_out", &stride);
   const RowScale scale{
       .grad_loss = go.data_ptr(), .grad_loss_stride = stride, .grad_loss_kind = kind_of(go.scalar_type())};
-  scale_rows_(grad_input, scale, stream);
+  const double grad_scale = reduction == 1 ? 1.0 / static_cast<double>(B) : 1.0;
+  if (from_logits) {
+    scale_likelihood_rows_<BernoulliNll<true>>(grad_input, scale, input, target, grad_scale, stream);
+  } else {
+    scale_likelihood_rows_<BernoulliNll<false>>(grad_input, scale, input, target, grad_scale, stream);
+  }
 }
 
 TORCH_LIBRARY_IMPL(vaekern, CUDA, m) {

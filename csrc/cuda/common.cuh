@@ -8,10 +8,11 @@
 // for their job, listed so that each includes only files listed before it (and
 // csrc/conventions.h), never an op's:
 //   common.cuh          this file
-//   row_scale.cuh/.cu   per-row scales of backward (RowScale) and scale_rows_
+//   row_scale.cuh       per-row scales of backward (RowScale)
 //   reduce_partials.cuh stage 2 (described below)
 //   likelihood.cuh      the likelihood term: its stage-1 tile loop, templated on an
-//                       element functor, and the single-term forward
+//                       element functor, the single-term forward, and the backward's
+//                       in-place scaling of the saved gradient
 //   kl.cuh/.cu          the Gaussian KL term: element math, tile loop, latent gradients
 //   bernoulli_nll.cuh   BernoulliNll, the element functor of the one likelihood so far
 // A new likelihood is one element functor (likelihood.cuh says what it provides), its

@@ -13,12 +13,14 @@
 // double for double). Everything else is here and below: likelihood_tile<Elem> runs it
 // over a tile of a row, with 128-bit loads where the row allows, summing the values and
 // writing grad * grad_scale in the input's dtype; likelihood_forward<Elem> is a whole
-// single-term loss (stage 1, then reduce_partials.cuh). bernoulli_nll.cuh holds the one
-// likelihood so far, BernoulliNll<from_logits>.
+// single-term loss (stage 1, then reduce_partials.cuh); scale_likelihood_rows_<Elem> is the
+// backward's scaling of the saved gradient. bernoulli_nll.cuh holds the one likelihood so
+// far, BernoulliNll<from_logits>.
 #pragma once
 
 #include "common.cuh"
 #include "reduce_partials.cuh"
+#include "row_scale.cuh"
 
 namespace vaekern {
 namespace cuda {
@@ -144,6 +146,121 @@ void likelihood_forward(const Rows& x, const Rows& t, at::ScalarType target_dtyp
                              Tensor(), stream);
     }
   });
+}
+
+// ---- backward: the saved gradient's rows scaled in place ---------------------------------
+//
+// g[b, :] *= s_b, in one pass over the tiles of the forward's tiling; a group whose s_b is
+// exactly 1 returns without touching g, so the usual loss.backward() moves no image-sized
+// bytes. The product is formed in float (double for double) and rounded once to g's dtype.
+//
+// A float16 element outside float16's normal range is recomputed from the likelihood's
+// input and target, times grad_scale and s_b, in float, and rounded once. Forward stored
+// the gradient for an upstream of 1 (with 1/B for mean): beyond 65504 it overflowed to
+// inf, where an upstream below 1 (a loss weight, 1/accumulation steps) brings it back;
+// below 2^-14 it is a subnormal with fewer than 11 bits, or 0, where a GradScaler's
+// upstream (65536) would have kept them all. Only float16 has a narrower range than its
+// float math (bfloat16 has float's); the check is two compares per element of the rows
+// that are scaled at all.
+
+// The likelihood's operands, for that recompute: as LikelihoodArgs, without the output.
+template <typename scalar_t, typename acc_t>
+struct RecomputeArgs {
+  const scalar_t* input;  // [B, D], rows input_stride apart
+  const void* target;     // [B, D] of kind target_kind, rows target_stride apart
+  int64_t input_stride, target_stride;
+  int target_kind;
+  acc_t grad_scale;       // 1, or 1/B for reduction="mean"
+};
+
+template <typename Elem, typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t scaled_element(scalar_t g, acc_t s, const RecomputeArgs<scalar_t, acc_t>& r,
+                                                   int64_t b, int64_t e) {
+  const acc_t v = to_acc<scalar_t, acc_t>(g);
+  if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    const acc_t mag = dabs(v);
+    // float16's largest value and smallest normal (2^-14); NaN is neither and stays.
+    if (mag > acc_t(65504) || mag < acc_t(6.103515625e-05)) {
+      const int64_t t_off = b * r.target_stride * kind_size(r.target_kind);
+      acc_t d;
+      Elem{}(to_acc<scalar_t, acc_t>(r.input[b * r.input_stride + e]),
+             load_kind<acc_t>(static_cast<const char*>(r.target) + t_off, e, r.target_kind), &d);
+      return static_cast<scalar_t>(d * r.grad_scale * s);
+    }
+  }
+  return static_cast<scalar_t>(v * s);
+}
+
+template <typename Elem, typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    scale_rows_kernel(scalar_t* __restrict__ g,  // [B, D] saved gradient, contiguous, in place
+                      RowScale scale, RecomputeArgs<scalar_t, acc_type<scalar_t>> r, int64_t B, int64_t D,
+                      int64_t tile_len, int64_t tiles_per_row, int G) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  using acc_t = acc_type<scalar_t>;
+  const GroupPos pos = group_pos(G);
+  const int64_t ntiles = B * tiles_per_row;
+  for (int64_t first = pos.first; first < ntiles; first += pos.stride) {
+    const int64_t tile = first + pos.group;
+    if (tile >= ntiles) continue;  // no shuffles below: lanes may leave
+    const int64_t b = tile / tiles_per_row;
+    const double s = scale(b);
+    if (s == 1.0) continue;
+    scalar_t* row = g + b * D;
+    const int64_t start = (tile - b * tiles_per_row) * tile_len;
+    const int64_t end = min(start + tile_len, D);
+    int64_t e0 = start;
+    const acc_t sa = static_cast<acc_t>(s);
+    if (is_aligned(row, 16)) {
+      const int64_t vend = start + (end - start) / VEC * VEC;
+      for (int64_t e = start + pos.sub * VEC; e < vend; e += G * VEC) {
+        Vec<scalar_t, VEC> v = load_vec<scalar_t, VEC>(row + e);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v.v[i] = scaled_element<Elem>(v.v[i], sa, r, b, e + i);
+        store_vec(row + e, v);
+      }
+      e0 = vend;
+    }
+    for (int64_t e = e0 + pos.sub; e < end; e += G) row[e] = scaled_element<Elem>(row[e], sa, r, b, e);
+  }
+}
+
+// Scales row b of `grad`, the saved gradient of likelihood Elem over input and target
+// with grad_scale folded in, by scale(b) in place.
+template <typename Elem>
+void scale_likelihood_rows_(const Tensor& grad, const RowScale& scale, const Tensor& input, const Tensor& target,
+                            double grad_scale, cudaStream_t stream) {
+  if (grad.numel() == 0) return;
+  Tensor g = grad.is_contiguous() ? grad : grad.contiguous();
+  const int64_t B = g.size(0), D = g.numel() / B;
+  // Only float16 reads input and target: no copy of a strided one otherwise.
+  Rows x{}, t{};
+  if (g.scalar_type() == at::kHalf) {
+    check_cuda(input, "input", grad);
+    check_cuda(target, "target", grad);
+    TORCH_CHECK(input.sizes() == grad.sizes() && input.scalar_type() == grad.scalar_type() &&
+                    target.sizes() == grad.sizes(),
+                "vaekern (cuda): the saved gradient has shape ", grad.sizes(), " and dtype ", grad.scalar_type(),
+                " but its input has shape ", input.sizes(), " and dtype ", input.scalar_type(),
+                ", its target shape ", target.sizes());
+    x = as_rows(input);
+    t = as_rows(target);
+  }
+  AT_DISPATCH_SWITCH(g.scalar_type(), "vaekern scale_likelihood_rows_",
+                     AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, [&] {
+                       using acc_t = acc_type<scalar_t>;
+                       RecomputeArgs<scalar_t, acc_t> r{};
+                       if (x.tensor.defined()) {
+                         r = {x.tensor.data_ptr<scalar_t>(), t.tensor.data_ptr(), x.row_stride, t.row_stride,
+                              kind_of(target.scalar_type()), static_cast<acc_t>(grad_scale)};
+                       }
+                       const Tiling tl = tiling(B, D, 16 / sizeof(scalar_t));
+                       scale_rows_kernel<Elem, scalar_t><<<blocks_for(B * tl.tiles_per_row * tl.G), kThreads, 0,
+                                                           stream>>>(g.data_ptr<scalar_t>(), scale, r, B, D,
+                                                                     tl.tile_len, tl.tiles_per_row, tl.G);
+                       C10_CUDA_KERNEL_LAUNCH_CHECK();
+                     }));
+  if (!g.is_same(grad)) grad.copy_(g);
 }
 
 }  // namespace cuda

@@ -1,7 +1,7 @@
-// Per-row scales of the backward kernels, and scale_rows_ (row_scale.cu), which scales the
-// rows of a saved gradient in place. Shared by every backward: bernoulli_nll_backward_
-// and vae_loss_backward_ scale the gradient that forward saved, and gaussian_kl_backward
-// and vae_loss_backward_ pass a RowScale to the KL's gradients (kl.cuh).
+// Per-row scales of the backward kernels (RowScale). Shared by every backward:
+// bernoulli_nll_backward_ and vae_loss_backward_ scale the gradient that forward saved by
+// one (scale_likelihood_rows_, likelihood.cuh), and gaussian_kl_backward and
+// vae_loss_backward_ pass one to the KL's gradients (kl.cuh).
 #pragma once
 
 #include "common.cuh"
@@ -40,10 +40,6 @@ inline Tensor scale_operand(const Tensor& g, const Tensor& like, int64_t B, cons
   *stride = t.dim() == 0 ? 0 : t.stride(0);
   return t;
 }
-
-// Scales row b of `grad` (any strides) by scale(b) in place; rows whose factor is exactly 1
-// are not touched, so the usual loss.backward() moves no image-sized bytes.
-void scale_rows_(const Tensor& grad, const RowScale& scale, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace vaekern

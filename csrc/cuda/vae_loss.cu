@@ -14,8 +14,9 @@
 // Stage 2 (reduce_partials.cuh) reduces both streams of partials in a fixed order and forms
 // loss = recon + beta * kl with beta read on the device. The kernel is templated on the
 // likelihood's element functor, as likelihood.cuh describes.
-// Backward scales the saved gradient in place (scale_rows_, row_scale.cuh; rows whose
-// factor is exactly 1 are left untouched) and computes the latent gradients
+// Backward scales the saved gradient in place (scale_likelihood_rows_, likelihood.cuh; rows
+// whose factor is exactly 1 are left untouched, float16 elements that overflowed or lost
+// bits in forward are recomputed from recon and target) and computes the latent gradients
 // (gaussian_kl_grads, kl.cu).
 //
 // Dtypes: recon float16, bfloat16, float32, float64; target any float dtype, bool or uint8;
@@ -177,7 +178,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(const Tensor& recon, co
 
 std::tuple<Tensor, Tensor> vae_loss_backward_cuda(const Tensor& grad_recon, const Tensor& grad_loss,
                                                   const Tensor& grad_recon_term, const Tensor& grad_kl_term,
-                                                  const Tensor& mu, const Tensor& logvar, const Tensor& beta,
+                                                  const Tensor& recon, const Tensor& target, const Tensor& mu,
+                                                  const Tensor& logvar, const Tensor& beta, bool from_logits,
                                                   int64_t reduction) {
   check_latents(mu, logvar, mu);
   check_beta(beta, mu);
@@ -201,7 +203,12 @@ std::tuple<Tensor, Tensor> vae_loss_backward_cuda(const Tensor& grad_recon, cons
                                .grad_term_stride = recon_stride,
                                .grad_loss_kind = kind_of(loss_g.scalar_type()),
                                .grad_term_kind = kind_of(recon_g.scalar_type())};
-    scale_rows_(grad_recon, recon_scale, stream);
+    const double grad_scale = reduction == 1 ? 1.0 / static_cast<double>(B) : 1.0;
+    if (from_logits) {
+      scale_likelihood_rows_<BernoulliNll<true>>(grad_recon, recon_scale, recon, target, grad_scale, stream);
+    } else {
+      scale_likelihood_rows_<BernoulliNll<false>>(grad_recon, recon_scale, recon, target, grad_scale, stream);
+    }
   }
   const RowScale kl_scale{.grad_loss = loss_g.data_ptr(),
                           .beta = beta.data_ptr(),

@@ -71,9 +71,9 @@ def _run(ops) -> int:
                     scale = torch.rand(B) + 0.5 if r == 0 else torch.full((), 0.7)
                     for inp, logits in ((x, True), (p, False)):
                         _, grad = ops.bernoulli_nll(inp, t, logits, r, True)
-                        ops.bernoulli_nll_backward_(grad, scale)
+                        ops.bernoulli_nll_backward_(grad, scale, inp, t, logits, r)
                         *_, g = ops.vae_loss(inp, t, mu, lv, beta, logits, r, True)
-                        ops.vae_loss_backward_(g, scale, scale, scale, mu, lv, beta, r)
+                        ops.vae_loss_backward_(g, scale, scale, scale, inp, t, mu, lv, beta, logits, r)
                         calls += 4
                     ops.gaussian_kl(mu, lv, r)
                     ops.gaussian_kl_backward(scale, mu, lv, r)

@@ -44,11 +44,19 @@ def per_row(scale: Tensor, batch: int, ndim: int) -> Tensor:
     return scale.expand(batch).reshape((batch,) + (1,) * (ndim - 1))
 
 
-def scaled_rows(saved: Tensor, scale: Tensor) -> Tensor:
-    """``saved * scale`` per row, out of place, in saved's dtype.
+def scaled_rows(kernels, saved: Tensor, scale: Tensor, input: Tensor, target: Tensor, from_logits: bool,
+                reduction: int) -> Tensor:
+    """``saved * scale`` per row, out of place, in saved's dtype: the backward of a saved
+    likelihood gradient over (input, target) on the traced path.
 
-    The traced path's backward: AOTAutograd's partitioner cannot take an in-place update
-    of a saved forward output, and Inductor fuses this multiply into its consumer."""
+    AOTAutograd's partitioner cannot take an in-place update of a saved forward output, and
+    Inductor fuses this multiply into its consumer. A float16 gradient is scaled by the
+    backward kernel instead, on a copy: it recomputes the elements that overflowed or lost
+    bits in float16 in forward (``bernoulli_nll_backward_``)."""
+    if saved.dtype == torch.float16:
+        out = saved.clone()
+        kernels.bernoulli_nll_backward_(out, scale, input, target, from_logits, reduction)
+        return out
     return (saved * per_row(scale, saved.shape[0], saved.dim())).to(saved.dtype)
 
 

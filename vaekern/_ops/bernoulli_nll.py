@@ -9,8 +9,14 @@ Kernels (one namespace per backend, see ``vaekern.backends``):
   returns, next to the loss, ``grad = d(reduced loss)/d(input)`` for an upstream gradient of
   1 (for ``mean`` the 1/B is folded in), contiguous in input's dtype; ``(0,)`` when
   ``compute_grad`` is False.
-* ``bernoulli_nll_backward_(grad, grad_out)`` scales ``grad`` in place per row by
-  ``grad_out`` (() or (B,)), and leaves every row whose scale is exactly 1 untouched.
+* ``bernoulli_nll_backward_(grad, grad_out, input, target, from_logits, reduction)`` scales
+  ``grad`` in place per row by ``grad_out`` (() or (B,)), and leaves every row whose scale
+  is exactly 1 untouched. Where a float16 ``grad`` is outside float16's normal range, the
+  element is recomputed from ``input`` and ``target`` in float32 with the upstream applied
+  before the rounding: the forward's value for an upstream of 1 (1/B folded in for mean)
+  overflows to inf where a loss weight below 1 brings it back into range (and a zero weight
+  must give 0, not NaN), and is a subnormal with lost bits where a GradScaler's scale would
+  have kept them.
 
 Autograd, two paths over the same kernels:
 
@@ -48,7 +54,7 @@ from vaekern._ops._common import (
 
 SCHEMAS = {
     "bernoulli_nll": "(Tensor input, Tensor target, bool from_logits, int reduction, bool compute_grad) -> (Tensor, Tensor)",
-    "bernoulli_nll_backward_": "(Tensor(a!) grad_input, Tensor grad_out) -> ()",
+    "bernoulli_nll_backward_": "(Tensor(a!) grad_input, Tensor grad_out, Tensor input, Tensor target, bool from_logits, int reduction) -> ()",
 }
 
 
@@ -56,7 +62,7 @@ def bernoulli_nll_fake(input, target, from_logits, reduction, compute_grad):
     return loss_like(input, reduction, acc_dtype(input)), grad_like(input, compute_grad)
 
 
-def bernoulli_nll_backward_fake(grad_input, grad_out):
+def bernoulli_nll_backward_fake(grad_input, grad_out, input, target, from_logits, reduction):
     return None
 
 
@@ -76,7 +82,8 @@ def _traced_backward(kernels, ctx, grad_out, _):
     if grad.numel() != input.numel():  # the forward was asked for no gradient
         with below_autograd():
             grad = kernels.bernoulli_nll(input, target, *ctx.args, True)[1]
-    return scaled_rows(first_order_only(grad, input, "bernoulli_nll"), grad_out), None, None, None, None
+    grad = scaled_rows(kernels, first_order_only(grad, input, "bernoulli_nll"), grad_out, input, target, *ctx.args)
+    return grad, None, None, None, None
 
 
 class BernoulliNLLFunction(torch.autograd.Function):
@@ -93,11 +100,11 @@ class BernoulliNLLFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         no_double_backward("bernoulli_nll")
+        input, target = ctx.saved_tensors
         grad = take_saved_grad(ctx)
         if grad is None:  # a second backward through the same graph
-            input, target = ctx.saved_tensors
             grad = ctx.kernels.bernoulli_nll(input, target, *ctx.args, True)[1]
-        ctx.kernels.bernoulli_nll_backward_(grad, grad_out)
+        ctx.kernels.bernoulli_nll_backward_(grad, grad_out, input, target, *ctx.args)
         return None, grad, None, None, None
 
 

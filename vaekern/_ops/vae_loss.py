@@ -10,10 +10,13 @@ Kernels:
 
 * ``vae_loss(recon, target, mu, logvar, beta, from_logits, reduction, compute_grad)
   -> (loss, recon_term, kl_term, grad)``: ``grad`` as in ``bernoulli_nll``.
-* ``vae_loss_backward_(grad, g_loss, g_recon, g_kl, mu, logvar, beta, reduction)
-  -> (grad_mu, grad_logvar)``: scales ``grad`` in place per row by ``g_loss + g_recon``
-  (skipping rows where that is exactly 1, and doing nothing when ``grad`` is empty) and
-  returns the latents' gradients, in one launch.
+* ``vae_loss_backward_(grad, g_loss, g_recon, g_kl, recon, target, mu, logvar, beta,
+  from_logits, reduction) -> (grad_mu, grad_logvar)``: scales ``grad`` in place per row by
+  ``g_loss + g_recon`` as ``bernoulli_nll_backward_`` does (skipping rows where that is
+  exactly 1, recomputing float16 elements outside float16's normal range from ``recon``
+  and ``target``,
+  and doing nothing when ``grad`` is empty) and returns the latents' gradients, in one
+  launch.
 
 Autograd, as in ``bernoulli_nll``: eager (:class:`VAELossFunction`) scales the forward's
 gradient in place; traced (registered) scales the saved output out of place. Outputs that
@@ -44,7 +47,7 @@ from vaekern._ops._common import (
 
 SCHEMAS = {
     "vae_loss": "(Tensor recon, Tensor target, Tensor mu, Tensor logvar, Tensor beta, bool from_logits, int reduction, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)",
-    "vae_loss_backward_": "(Tensor(a!) grad_recon, Tensor grad_loss, Tensor grad_recon_term, Tensor grad_kl_term, Tensor mu, Tensor logvar, Tensor beta, int reduction) -> (Tensor, Tensor)",
+    "vae_loss_backward_": "(Tensor(a!) grad_recon, Tensor grad_loss, Tensor grad_recon_term, Tensor grad_kl_term, Tensor recon, Tensor target, Tensor mu, Tensor logvar, Tensor beta, bool from_logits, int reduction) -> (Tensor, Tensor)",
 }
 
 
@@ -54,7 +57,9 @@ def vae_loss_fake(recon, target, mu, logvar, beta, from_logits, reduction, compu
     return loss, torch.empty_like(loss), torch.empty_like(loss), grad_like(recon, compute_grad)
 
 
-def vae_loss_backward_fake(grad_recon, grad_loss, grad_recon_term, grad_kl_term, mu, logvar, beta, reduction):
+def vae_loss_backward_fake(
+    grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, mu, logvar, beta, from_logits, reduction
+):
     return (
         torch.empty_like(mu, memory_format=torch.contiguous_format),
         torch.empty_like(logvar, memory_format=torch.contiguous_format),
@@ -93,7 +98,9 @@ def _traced_backward(kernels, ctx, grad_loss, grad_recon_term, grad_kl_term, _):
         if grad.numel() != recon.numel():  # the forward was asked for no gradient
             with below_autograd():
                 grad = kernels.vae_loss(recon, target, mu, logvar, beta, from_logits, reduction, True)[3]
-        g_recon = scaled_rows(first_order_only(grad, recon, "vae_loss"), grad_loss + grad_recon_term)
+        g_recon = scaled_rows(
+            kernels, first_order_only(grad, recon, "vae_loss"), grad_loss + grad_recon_term, recon, target, *ctx.args
+        )
     g_mu, g_lv = kl_grads(kernels, grad_loss * beta + grad_kl_term, mu, logvar, reduction)
     return g_recon, None, g_mu, g_lv, None, None, None, None
 
@@ -130,7 +137,7 @@ class VAELossFunction(torch.autograd.Function):
             grad = ctx.kernels.vae_loss(
                 recon, target, mu, logvar, beta, from_logits, reduction, ctx.needs_input_grad[1]
             )[3]
-        g_mu, g_lv = ctx.kernels.vae_loss_backward_(grad, *grads, mu, logvar, beta, reduction)
+        g_mu, g_lv = ctx.kernels.vae_loss_backward_(grad, *grads, recon, target, mu, logvar, beta, from_logits, reduction)
         g_recon = grad if ctx.needs_input_grad[1] else None
         return None, g_recon, None, g_mu, g_lv, None, None, None
 

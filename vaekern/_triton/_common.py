@@ -191,11 +191,17 @@ def _loss_row_chunk(
 
 @triton.jit
 def _scale_row_chunk(
+    ELEM: tl.constexpr,  # the likelihood's element function, (x, t) -> (nll, d nll / dx)
     g_row,  # [D] pointer to this row of the saved gradient, scaled in place
+    x_row,  # [D] pointer to this row of the likelihood's input (RECOMPUTE)
+    t_row,  # [D] pointer to this row of its target (RECOMPUTE)
     s,  # scalar: the row's scale (fp32 or fp64)
     lo,  # first column of the chunk, a multiple of BLOCK
     hi,  # one past its last column, <= D
     D,  # row length
+    B,  # batch size: the forward divided the gradient by it for MEAN
+    MEAN: tl.constexpr,
+    RECOMPUTE: tl.constexpr,  # a float16 gradient: recompute the elements out of its normal range
     BLOCK: tl.constexpr,
 ):
     # Exactly 1 (the plain loss.backward()) moves no bytes; NaN != 1, so NaN scales.
@@ -205,7 +211,22 @@ def _scale_row_chunk(
             cols = start + cols0
             mask = cols < D
             g = tl.load(g_row + cols, mask=mask, other=0.0)
-            tl.store(g_row + cols, (g * s).to(g_row.dtype.element_ty), mask=mask)
+            out = g * s
+            if RECOMPUTE:
+                # A float16 element outside float16's normal range: its forward value (for an
+                # upstream of 1, with 1/B for mean) overflowed to inf beyond 65504, where this
+                # row's scale may bring it back, or is a subnormal (or 0) below 2**-14 that
+                # lost bits a GradScaler's scale would have kept. Recomputed in float32 from
+                # input and target and rounded once; the masked loads touch only those.
+                mag = tl.abs(g.to(tl.float32))
+                over = mask & ((mag > 65504.0) | (mag < 6.103515625e-05))
+                x = tl.load(x_row + cols, mask=over, other=0.5).to(tl.float32)
+                t = tl.load(t_row + cols, mask=over, other=0).to(tl.float32)
+                _, d = ELEM(x, t)
+                if MEAN:
+                    d = d * (tl.full([], 1.0, tl.float32) / B)
+                out = tl.where(over, d * s, out)
+            tl.store(g_row + cols, out.to(g_row.dtype.element_ty), mask=mask)
 
 
 # ---- element math: the KL to N(0, I) -----------------------------------------------------
@@ -378,6 +399,23 @@ def latent_config(B: int, Z: int, itemsize: int) -> tuple[int, int, int]:
 def math_itemsize(x: torch.Tensor, acc: torch.dtype) -> int:
     """Element size that sizes a block: x's, or 8 where the math is float64 (``acc``)."""
     return max(x.element_size(), acc.itemsize)
+
+
+def recompute_operands(grad: torch.Tensor, input: torch.Tensor, target: torch.Tensor):
+    """``(x, t, stride_x, stride_t, RECOMPUTE)`` for ``_scale_row_chunk``: the likelihood's
+    rows where ``grad`` is float16 (the only dtype whose values can overflow where its
+    float32 math does not), else ``grad`` as a placeholder that is never read, so that a
+    strided input is not copied for nothing."""
+    if grad.dtype != torch.float16:
+        return grad, grad, 0, 0, False
+    if input.shape != grad.shape or input.dtype != grad.dtype or target.shape != grad.shape:
+        raise ValueError(
+            f"vaekern (triton): the saved gradient has shape {tuple(grad.shape)} and dtype {grad.dtype} but its "
+            f"input has shape {tuple(input.shape)} and dtype {input.dtype}, its target shape {tuple(target.shape)}"
+        )
+    x, _, stride_x = as_rows(input)
+    t, _, stride_t = as_rows(as_loadable(target))
+    return x, t, stride_x, stride_t, True
 
 
 def scale_stride(g: torch.Tensor) -> int:

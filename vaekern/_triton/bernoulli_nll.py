@@ -23,13 +23,21 @@ skipped for ``reduction="none"`` when each row is one chunk, where the partials 
 the output). No atomics: two runs are bitwise equal.
 
 Backward: ``grad_input[b] *= grad_out[b]`` in place; a program whose scale is exactly 1
-returns without touching memory, so ``loss.backward()`` moves no image-sized bytes.
+returns without touching memory, so ``loss.backward()`` moves no image-sized bytes. A
+float16 gradient element outside float16's normal range is recomputed from input and
+target in float32 with the row's scale applied before the rounding
+(``_common._scale_row_chunk``): the forward's value for an upstream of 1 overflows to
+inf where (p - t) / (p(1-p)) passes 65504 (below p = 1.5e-5), which a loss weight below 1
+brings back into range, and is a subnormal with bits lost below 2**-14 (with 1/B folded
+in, common for confident pixels), which a GradScaler's scale would have kept.
 
 Dtypes: input float16, bfloat16, float32, float64; target any float dtype, bool or uint8,
 each loaded in its own width. Sums and gradient math in float32 (float64 for float64
 input); the gradient is rounded once to the input's dtype. The loss is float32/float64.
 
-Saved for backward: only the gradient buffer written here (by ``vaekern._ops.bernoulli_nll``), never an input.
+Saved for backward (by ``vaekern._ops.bernoulli_nll``): the gradient buffer written here,
+and the input and target by reference, which the backward reads only for the float16
+recompute.
 
 Limits: rows with contiguous non-batch dims are read in place at any row stride
 (padding, ``expand``-ed targets); other layouts (a transposed matrix, channels-last) are
@@ -54,6 +62,7 @@ from vaekern._triton._common import (
     as_rows,
     device_guard,
     finalize,
+    recompute_operands,
     row_config,
     scale_stride,
 )
@@ -92,16 +101,28 @@ def _bernoulli_nll_fwd_kernel(
 def _bernoulli_nll_bwd_kernel(
     grad_ptr,  # [B, D] contiguous: the saved gradient, scaled in place
     go_ptr,  # [B] or [] fp32/fp64: upstream gradient, one scale per row
+    x_ptr,  # [B, D] the forward's input, row stride stride_x (read only if RECOMPUTE)
+    t_ptr,  # [B, D] its target, row stride stride_t (likewise)
     D,  # elements per row
     stride_go,  # 0 for a scalar grad_out, else its stride
+    stride_x,
+    stride_t,
+    B,  # rows (the forward divided the gradient by it for MEAN)
     n_blocks,  # column blocks per chunk (as in the forward)
+    FROM_LOGITS: tl.constexpr,
+    MEAN: tl.constexpr,
+    RECOMPUTE: tl.constexpr,  # float16: recompute the elements out of its normal range
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     s = tl.load(go_ptr + row * stride_go)
     lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
-    _scale_row_chunk(grad_ptr + row * D, s, lo, hi, D, BLOCK)
+    ELEM: tl.constexpr = _bernoulli_logits_elem if FROM_LOGITS else _bernoulli_probs_elem
+    _scale_row_chunk(
+        ELEM, grad_ptr + row * D, x_ptr + row * stride_x, t_ptr + row * stride_t, s,
+        lo, hi, D, B, MEAN, RECOMPUTE, BLOCK,
+    )
 
 
 def bernoulli_nll(input, target, from_logits: bool, reduction: int, compute_grad: bool):
@@ -141,12 +162,14 @@ def bernoulli_nll(input, target, from_logits: bool, reduction: int, compute_grad
     return out, grad if compute_grad else input.new_empty((0,))
 
 
-def bernoulli_nll_backward_(grad_input, grad_out) -> None:
-    """``grad_input[b] *= grad_out[b]`` (or ``*= grad_out`` for a scalar), in place.
+def bernoulli_nll_backward_(grad_input, grad_out, input, target, from_logits: bool, reduction: int) -> None:
+    """``grad_input[b] *= grad_out[b]`` (or ``*= grad_out`` for a scalar), in place; a
+    float16 element outside float16's normal range is recomputed from ``input`` and ``target``.
 
     Args:
         grad_input: ``[B, ...]`` contiguous, the gradient saved by the forward.
         grad_out: ``()`` or ``(B,)`` float32/float64 upstream gradient.
+        input, target, from_logits, reduction: the forward's.
     """
     if grad_input.numel() == 0:
         return
@@ -154,9 +177,11 @@ def bernoulli_nll_backward_(grad_input, grad_out) -> None:
         raise ValueError("bernoulli_nll_backward_: grad_input must be the contiguous saved gradient")
     B = grad_input.shape[0]
     D = grad_input.numel() // B
+    x, t, stride_x, stride_t, recompute = recompute_operands(grad_input, input, target)
     BLOCK, num_warps, C, n_blocks = row_config(B, D, grad_input.element_size())
     with device_guard(grad_input):
         _bernoulli_nll_bwd_kernel[(B, C)](
-            grad_input, grad_out, D, scale_stride(grad_out), n_blocks,
+            grad_input, grad_out, x, t, D, scale_stride(grad_out), stride_x, stride_t, B, n_blocks,
+            FROM_LOGITS=from_logits, MEAN=reduction == 1, RECOMPUTE=recompute,
             BLOCK=BLOCK, num_warps=num_warps,
         )

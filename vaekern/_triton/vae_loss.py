@@ -12,7 +12,9 @@ Backward, for upstream gradients ``(g_loss, g_recon, g_kl)``, each () or (B,):
 
 * ``d/dx[b] = (g_loss + g_recon)[b] * grad_recon[b]``, where ``grad_recon`` is the
   gradient for an upstream 1, written by the forward (``/B`` folded in for mean) and
-  scaled in place; a row whose scale is exactly 1 is not touched.
+  scaled in place; a row whose scale is exactly 1 is not touched, and a float16 element
+  outside float16's normal range is recomputed from recon and target (as in
+  ``bernoulli_nll.py``).
 * ``d/dmu = s * mu``, ``d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)``, with
   ``s = (g_loss * beta + g_kl)[b]``, divided by B for mean.
 
@@ -36,7 +38,7 @@ mu/logvar the same float dtype as each other. Losses in float32, or float64 if a
 recon/mu/logvar is float64; gradients in each input's dtype.
 
 Saved for backward (by ``vaekern._ops.vae_loss``): the reconstruction gradient written here (our own
-buffer), mu, logvar and beta.
+buffer), mu, logvar and beta; recon and target by reference, read only for that recompute.
 
 Limits: as ``bernoulli_nll.py`` and ``gaussian_kl.py`` (row strides read in place,
 other layouts copied; D below 2**31 - 2**16, else ValueError). Blocks are sized by
@@ -63,6 +65,7 @@ from vaekern._triton._common import (
     device_guard,
     finalize,
     math_itemsize,
+    recompute_operands,
     row_config,
     scale_stride,
 )
@@ -134,7 +137,13 @@ def _vae_loss_bwd_kernel(
     stride_lv,  # row stride of logvar, in elements
     B,  # rows (the KL scale is divided by it for MEAN)
     n_blocks,  # column blocks per chunk (as in the forward)
+    x_ptr,  # [B, D] the forward's recon, row stride stride_x (read only if RECOMPUTE)
+    t_ptr,  # [B, D] its target, row stride stride_t (likewise)
+    stride_x,
+    stride_t,
+    FROM_LOGITS: tl.constexpr,
     MEAN: tl.constexpr,
+    RECOMPUTE: tl.constexpr,  # float16: recompute the elements out of its normal range
     BLOCK: tl.constexpr,
     BLOCK_Z: tl.constexpr,
 ):
@@ -154,7 +163,11 @@ def _vae_loss_bwd_kernel(
             tl.store(gmu_ptr + row * Z + cols, g_mu.to(gmu_ptr.dtype.element_ty), mask=m)
             tl.store(glv_ptr + row * Z + cols, g_lv.to(glv_ptr.dtype.element_ty), mask=m)
     lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
-    _scale_row_chunk(grad_ptr + row * D, g_loss + tl.load(gr_ptr + row * stride_gr), lo, hi, D, BLOCK)
+    ELEM: tl.constexpr = _bernoulli_logits_elem if FROM_LOGITS else _bernoulli_probs_elem
+    _scale_row_chunk(
+        ELEM, grad_ptr + row * D, x_ptr + row * stride_x, t_ptr + row * stride_t,
+        g_loss + tl.load(gr_ptr + row * stride_gr), lo, hi, D, B, MEAN, RECOMPUTE, BLOCK,
+    )
 
 
 def _block_z(Z: int, num_warps: int, itemsize: int) -> int:
@@ -206,13 +219,18 @@ def vae_loss(recon, target, mu, logvar, beta, from_logits: bool, reduction: int,
     return loss, rec, kl, grad if compute_grad else recon.new_empty((0,))
 
 
-def vae_loss_backward_(grad_recon, grad_loss, grad_recon_term, grad_kl_term, mu, logvar, beta, reduction: int):
+def vae_loss_backward_(
+    grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, mu, logvar, beta, from_logits: bool,
+    reduction: int,
+):
     """Backward of the fused loss (schema ``vaekern_triton::vae_loss_backward_``).
 
     Args:
         grad_recon: ``[B, ...]`` the forward's saved gradient, scaled in place; may be
             empty (numel 0) when recon needs no gradient.
         grad_loss, grad_recon_term, grad_kl_term: ``()`` or ``(B,)`` upstream gradients.
+        recon, target: the forward's, read only to recompute float16 gradient elements
+            outside float16's normal range (``_common._scale_row_chunk``).
         mu, logvar: the forward's latents.
         beta: the forward's 0-d KL weight.
         reduction: 0 none, 1 mean, 2 sum.
@@ -230,15 +248,17 @@ def vae_loss_backward_(grad_recon, grad_loss, grad_recon_term, grad_kl_term, mu,
             raise ValueError("vae_loss_backward_: grad_recon must be the contiguous saved gradient")
         D = grad_recon.numel() // B
         BLOCK, num_warps, C, n_blocks = row_config(B, D, grad_recon.element_size())
+        x, t, stride_x, stride_t, recompute = recompute_operands(grad_recon, recon, target)
     else:
         grad_recon, D, BLOCK, num_warps, C, n_blocks = gmu, 0, 128, 4, 1, 1
+        x, t, stride_x, stride_t, recompute = gmu, gmu, 0, 0, False
     if B > 0:
         with device_guard(mu):
             _vae_loss_bwd_kernel[(B, C)](
                 grad_recon, grad_loss, grad_recon_term, grad_kl_term, beta, m, lv, gmu, glv,
                 D, Z, scale_stride(grad_loss), scale_stride(grad_recon_term), scale_stride(grad_kl_term),
-                stride_mu, stride_lv, B, n_blocks,
-                MEAN=reduction == 1, BLOCK=BLOCK, num_warps=num_warps,
+                stride_mu, stride_lv, B, n_blocks, x, t, stride_x, stride_t,
+                FROM_LOGITS=from_logits, MEAN=reduction == 1, RECOMPUTE=recompute, BLOCK=BLOCK, num_warps=num_warps,
                 BLOCK_Z=_block_z(Z, num_warps, math_itemsize(mu, grad_loss.dtype)),
             )
     return gmu, glv
