@@ -64,3 +64,32 @@ def test_reparameterize_float16_double_backward_path_does_not_overflow(backend, 
     (graph,) = torch.autograd.grad(z, lv, gz, create_graph=True)
     assert torch.isfinite(plain).all()
     torch.testing.assert_close(graph.double(), plain.double(), rtol=U16, atol=0)
+
+
+@pytest.mark.parametrize("op", ["bernoulli_nll", "vae_loss"])
+def test_float16_recon_gradient_under_grad_scaler(backend, device, op, request):
+    """The reconstruction gradient, saved in float16 with the 1/B of "mean" folded in, is a
+    float16 subnormal wherever |sigmoid(x) - t| < 2**-14 * B (below 7.8e-3 at B = 128): only
+    as many bits survive as the subnormal had, and a GradScaler factor applied afterwards
+    cannot bring them back. Here the exact gradient after the scale is a normal float16,
+    which one rounding would give within 2**-11; the fused backends are off by about 1e-2."""
+    if backend != "reference":
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="saved float16 gradient with 1/B folded in (docs/precision.md)")
+        )
+    B, D = 128, 64
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(B, D, dtype=torch.float64, generator=gen) * 4 + 4  # sigmoid(x) - 1 in (-1.8e-2, -3.4e-4)
+    x = x0.to(torch.float16).to(device).requires_grad_(True)
+    t = torch.ones(B, D, dtype=torch.float16, device=device)
+    mu = torch.zeros(B, 2, dtype=torch.float16, device=device)
+    if op == "bernoulli_nll":
+        loss = vaekern.bernoulli_nll(x, t, backend=backend)
+    else:
+        loss = vaekern.vae_loss(x, t, mu, mu, backend=backend)
+    (loss * GRAD_SCALE).backward()
+    x64 = x.detach().cpu().double().requires_grad_(True)
+    (reference.bernoulli_nll_ref(x64, t.cpu()) * GRAD_SCALE).backward()
+    want = x64.grad
+    assert want.abs().min() > torch.finfo(torch.float16).tiny  # a normal float16 after the scale
+    torch.testing.assert_close(x.grad.cpu().double(), want, rtol=2 * U16, atol=0)
