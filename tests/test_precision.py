@@ -93,3 +93,21 @@ def test_float16_recon_gradient_under_grad_scaler(backend, device, op, request):
     want = x64.grad
     assert want.abs().min() > torch.finfo(torch.float16).tiny  # a normal float16 after the scale
     torch.testing.assert_close(x.grad.cpu().double(), want, rtol=2 * U16, atol=0)
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16"])
+def test_module_beta_keeps_its_dtype_when_the_model_is_cast(cast):
+    """VAELoss's tensor beta is a buffer: a model cast (``.half()``, ``.to(torch.bfloat16)``)
+    used to round it, so the loss weighted the KL by 0.10009765625 instead of 0.1 and an
+    in-place annealing ``beta += 1e-4`` stalled. It keeps its dtype; the loss matches the oracle."""
+    loss_fn = vaekern.nn.VAELoss(beta=torch.tensor(0.0), backend="reference")
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), loss_fn)
+    model.half() if cast == "half" else model.to(torch.bfloat16)
+    assert model[0].weight.dtype != torch.float32 and loss_fn.beta.dtype == torch.float32
+    for _ in range(1000):
+        loss_fn.beta += 1e-4
+    torch.testing.assert_close(loss_fn.beta, torch.tensor(0.1), rtol=1e-4, atol=0)
+    r, t = torch.randn(3, 5), torch.rand(3, 5)
+    mu, lv = torch.randn(3, 2), torch.randn(3, 2)
+    want = reference.vae_loss_ref(r, t, mu, lv, beta=loss_fn.beta.double())[0]
+    torch.testing.assert_close(loss_fn(r, t, mu, lv).double(), want, rtol=1e-6, atol=0)
