@@ -13,7 +13,8 @@ class VAELoss(nn.Module):
 
     Args:
         beta: KL weight: a float, or a 0-d tensor (kept as a buffer, so ``.to(device)``
-            moves it and ``loss_fn.beta.fill_(b)`` anneals it without recompiling).
+            moves it and ``loss_fn.beta.fill_(b)`` anneals it without recompiling; a
+            dtype cast of the module leaves its dtype as it is).
         from_logits: whether the reconstruction holds logits.
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
         return_parts: return ``VAELossParts(loss, recon, kl)``.
