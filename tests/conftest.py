@@ -11,6 +11,9 @@ On a machine without a GPU:
   (``cuda_emulated_small``), which takes small inputs down the paths of huge ones.
   It checks their logic, not the GPU: what needs the hardware (CUDA graphs, speed, the
   device's own math) still needs a GPU.
+
+A run under ATEN_CPU_CAPABILITY compiles into torch.compile caches of that capability's
+own (compile_cache.py), as the subprocesses that lower it do.
 """
 
 import contextlib
@@ -21,6 +24,12 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from compile_cache import capability_env  # noqa: E402
+
+# A run under a lowered ATEN_CPU_CAPABILITY compiles into caches of its own (compile_cache.py).
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    os.environ.update(capability_env(os.environ["ATEN_CPU_CAPABILITY"]))
 
 import vaekern  # noqa: E402
 from cuda_emu.build import emulated_cuda_backend  # noqa: E402

@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+from compile_cache import capability_env
 from conftest import LOSS_TOL
 from helpers import HIDE_EXTENSION, latents, logits, probs, target
 
@@ -200,6 +201,8 @@ _CAPABILITY_CHECK = textwrap.dedent(
                                gaussian_kl_ref(mu, lv, reduction="none"), atol={atol}, rtol={rtol})
     z = torch.ops.vaekern.reparameterize(torch.zeros(100000), torch.zeros(100000), None, torch.tensor([5]))
     assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    assert cache_dir().endswith(".capability-{capability}"), cache_dir()
     print("ok")
     """
 )
@@ -209,11 +212,35 @@ _CAPABILITY_CHECK = textwrap.dedent(
 def test_narrower_capabilities(capability):
     """ATEN_CPU_CAPABILITY selects the kernels' instruction set as it does PyTorch's."""
     atol, rtol = LOSS_TOL[torch.float32]
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    env = capability_env(capability)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(vaekern.__file__)), env.get("PYTHONPATH", "")])
-    code = _CAPABILITY_CHECK.format(atol=atol, rtol=rtol)
+    code = _CAPABILITY_CHECK.format(atol=atol, rtol=rtol, capability=capability)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_lowered_capability_gets_its_own_compile_cache(monkeypatch, tmp_path):
+    """torch.compile's caches ignore ATEN_CPU_CAPABILITY: a process that lowers it must not
+    share the compile cache of this one, nor of another capability, even after this process
+    has compiled (Inductor then writes its cache dir into os.environ)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    for parent in (None, str(tmp_path / "inductor")):
+        if parent is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", parent)
+        monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+        own = os.path.abspath(parent or default_cache_dir())
+        envs = {cap: capability_env(cap) for cap in ("default", "avx2", "avx512")}
+        dirs = {cap: env["TORCHINDUCTOR_CACHE_DIR"] for cap, env in envs.items()}
+        assert len({own, *dirs.values()}) == 4, dirs
+        assert len({env["TRITON_CACHE_DIR"] for env in envs.values()}) == 3
+        for cap, env in envs.items():
+            assert env["ATEN_CPU_CAPABILITY"] == cap
+            assert not env["TRITON_CACHE_DIR"].startswith(own + os.sep)
+            # A lowered process's own child is keyed on the child's capability alone.
+            assert capability_env("avx2", env)["TORCHINDUCTOR_CACHE_DIR"] == dirs["avx2"]
 
 
 @pytest.mark.parametrize("t", [0.0, 1.0, 0.3])

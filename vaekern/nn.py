@@ -13,7 +13,8 @@ class VAELoss(nn.Module):
 
     Args:
         beta: KL weight: a float, or a 0-d tensor (kept as a buffer, so ``.to(device)``
-            moves it and ``loss_fn.beta.fill_(b)`` anneals it without recompiling).
+            moves it and ``loss_fn.beta.fill_(b)`` anneals it without recompiling; a
+            dtype cast of the module leaves its dtype as it is).
         from_logits: whether the reconstruction holds logits.
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
         return_parts: return ``VAELossParts(loss, recon, kl)``.
@@ -44,6 +45,17 @@ class VAELoss(nn.Module):
         self.reduction = reduction
         self.return_parts = return_parts
         self.backend = backend
+
+    def _apply(self, fn, recurse=True):
+        # A tensor beta moves with the module (.to(device)) but keeps its own dtype: the loss
+        # is float32 or float64 whatever the model's dtype, and a beta cast with the model by
+        # .half() or .to(torch.bfloat16) would be rounded (0.1 to 0.10009765625 in bfloat16)
+        # and stall an in-place annealing (beta += 1e-4 stops near 0.05 in bfloat16).
+        beta = self._buffers.get("beta")
+        super()._apply(fn, recurse)
+        if beta is not None and self._buffers["beta"].dtype != beta.dtype:
+            self._buffers["beta"] = beta.to(device=self._buffers["beta"].device)
+        return self
 
     def forward(self, recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> Tensor | VAELossParts:
         return vae_loss(

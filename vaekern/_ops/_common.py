@@ -85,10 +85,15 @@ LOGVAR_MAX = 60.0
 
 
 def differentiable_kl_grads(grad_out, mu, logvar, reduction: int):
-    """(d/dmu, d/dlogvar) of the reduced KL times grad_out, with ops autograd can differentiate."""
-    s = per_row(grad_out / mu.shape[0] if reduction == 1 else grad_out, mu.shape[0], mu.dim())
-    g_mu = s * mu
-    g_lv = s * 0.5 * torch.expm1(logvar.clamp(max=LOGVAR_MAX))
+    """(d/dmu, d/dlogvar) of the reduced KL times grad_out, with ops autograd can differentiate.
+
+    Evaluated in the accumulation dtype and rounded once, as the kernels do: expm1 of a
+    float16 logvar in float16 is inf above 11.09 where s * 0.5 * expm1 is finite (636 at
+    logvar 12 with s = 1/128), and in bfloat16 it would round twice."""
+    acc = torch.promote_types(acc_dtype(mu, logvar), grad_out.dtype)
+    s = per_row((grad_out / mu.shape[0] if reduction == 1 else grad_out).to(acc), mu.shape[0], mu.dim())
+    g_mu = s * mu.to(acc)
+    g_lv = s * 0.5 * torch.expm1(logvar.to(acc).clamp(max=LOGVAR_MAX))
     return g_mu.to(mu.dtype), g_lv.to(logvar.dtype)
 
 

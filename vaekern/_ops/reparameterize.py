@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from vaekern._ops._common import below_autograd, register_op, transform_function
+from vaekern._ops._common import acc_dtype, below_autograd, register_op, transform_function
 
 SCHEMAS = {
     "reparameterize": "(Tensor mu, Tensor logvar, Tensor? eps, Tensor? seed) -> Tensor",
@@ -41,11 +41,16 @@ def latent_grads(kernels, grad_z, mu, logvar, eps, seed):
     """The backward of both paths: the kernel, or the differentiable form for double backward."""
     if not torch.is_grad_enabled():
         return kernels.reparameterize_backward(grad_z, mu, logvar, eps, seed)
+    # In the accumulation dtype, rounded once, as the kernels do: exp(lv / 2) of a float16
+    # logvar is inf above 22.2 where the gradient is finite, and the kernel's float32 noise
+    # is drawn in that dtype too (the noise depends on the element's index only), not in mu's.
+    acc = acc_dtype(mu)
     if eps is None:
-        zeros = torch.zeros_like(mu)
+        zeros = torch.zeros(mu.shape, dtype=acc, device=mu.device)
         with below_autograd():
             eps = kernels.reparameterize(zeros, zeros, None, seed)
-    return grad_z, grad_z * 0.5 * torch.exp(0.5 * logvar) * eps
+    g_lv = grad_z.to(acc) * 0.5 * torch.exp(0.5 * logvar.to(acc)) * eps.to(acc)
+    return grad_z, g_lv.to(logvar.dtype)
 
 
 def _setup_context(ctx, inputs, output):
