@@ -10,9 +10,19 @@ Triton's bundled ``ptxas -v`` on each PTX, and checks:
   divisibility-by-16 hints that a real launch gets from the JIT for 16-aligned pointers
   and row lengths such as 784 or 3072.
 
-It runs in a subprocess (this file run as a script) because conftest.py sets
+``test_aot_bfloat16_conversions`` reads the PTX where Triton's interpreter converts
+bfloat16 wrongly (issue 16 items 3 and 7): how a bfloat16 probability reaches the log
+(exact ``cvt.f32.bf16``, a log that scales subnormals with a multiply that does not
+flush) and how float64 math meets bfloat16 tensors (``cvt.rn`` float conversions, never
+an integer one).
+
+Both run in a subprocess (this file run as a script) because conftest.py sets
 ``TRITON_INTERPRET=1``, under which Triton does not compile. Run the script by hand to
 see the register table: ``python tests/test_triton_aot.py``.
+
+The ``test_cast_*`` tests run a bare ``.to`` kernel: on a GPU they pass; in the
+interpreter each is a strict xfail naming the interpreter's fault (``tests/helpers.py``),
+so that a Triton release which fixes one turns it into a failure to act on.
 
 The other tests run the kernels in the interpreter with the column-split path forced
 (long rows split across programs), which the shared shape tables do not reach.
@@ -36,6 +46,9 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 import torch
 
+if __name__ == "__main__":  # the AOT script compiles this checkout's kernels, not an installed vaekern's
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 try:  # run by the interpreter (conftest) or on a GPU; the AOT script needs neither
     import triton
     import triton.language as tl
@@ -47,6 +60,11 @@ try:  # run by the interpreter (conftest) or on a GPU; the AOT script needs neit
         lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
         tl.store(out_ptr, lo)
         tl.store(out_ptr + 1, hi)
+
+    @triton.jit
+    def _cast_probe(x_ptr, out_ptr, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs).to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _squared_error_elem(x, t):
@@ -143,16 +161,23 @@ def _cases():
                 {"x_ptr": dt, "t_ptr": dt, "grad_ptr": dt, "part_ptr": acc}, ("D", "stride_x", "stride_t"),
                 {"COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK}, warps,
             ))
-        cases.append((
-            f"bernoulli_nll_bwd g={dt}", "bernoulli_nll", "_bernoulli_nll_bwd_kernel",
-            {"grad_ptr": dt, "go_ptr": acc}, ("D",), {"BLOCK": BLOCK}, warps,
-        ))
-        cases.append((
-            f"vae_loss_bwd x={dt}", "vae_loss", "_vae_loss_bwd_kernel",
-            {"grad_ptr": dt, "gl_ptr": acc, "gr_ptr": acc, "gk_ptr": acc, "beta_ptr": acc,
-             "mu_ptr": dt, "lv_ptr": dt, "gmu_ptr": dt, "glv_ptr": dt},
-            ("D", "Z", "stride_mu", "stride_lv"), {"MEAN": True, "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z}, warps,
-        ))
+        # float16 also recomputes the elements out of its normal range, from the likelihood's
+        # input and target: both likelihoods' element functions then sit in the backward.
+        for logits in (True, False) if dt == "fp16" else (True,):
+            kind = "logits" if logits else "probs"
+            cases.append((
+                f"bernoulli_nll_bwd g={dt} {kind}", "bernoulli_nll", "_bernoulli_nll_bwd_kernel",
+                {"grad_ptr": dt, "go_ptr": acc, "x_ptr": dt, "t_ptr": dt}, ("D", "stride_x", "stride_t"),
+                {"FROM_LOGITS": logits, "MEAN": True, "RECOMPUTE": dt == "fp16", "BLOCK": BLOCK}, warps,
+            ))
+            cases.append((
+                f"vae_loss_bwd x={dt} {kind}", "vae_loss", "_vae_loss_bwd_kernel",
+                {"grad_ptr": dt, "gl_ptr": acc, "gr_ptr": acc, "gk_ptr": acc, "beta_ptr": acc,
+                 "mu_ptr": dt, "lv_ptr": dt, "gmu_ptr": dt, "glv_ptr": dt, "x_ptr": dt, "t_ptr": dt},
+                ("D", "Z", "stride_mu", "stride_lv", "stride_x", "stride_t"),
+                {"FROM_LOGITS": logits, "MEAN": True, "RECOMPUTE": dt == "fp16", "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z},
+                warps,
+            ))
         for red in (0, 1):
             cases.append((
                 f"gaussian_kl_fwd {dt} reduction={red}", "gaussian_kl", "_gaussian_kl_fwd_kernel",
@@ -180,7 +205,7 @@ def _cases():
             ))
     # Mixed precision: float64 latents with narrower logits (or the reverse) make vae_loss
     # compute in float64, and the launchers size blocks by the math dtype (math_itemsize).
-    for xdt, mdt in (("fp32", "fp64"), ("fp16", "fp64"), ("fp64", "fp32")):
+    for xdt, mdt in (("fp32", "fp64"), ("fp16", "fp64"), ("bf16", "fp64"), ("fp64", "fp32"), ("fp64", "bf16")):
         BLOCK, warps, _, _ = _common.row_config(B_BATCH, D_IMAGE, 8)
         from vaekern._triton.vae_loss import _block_z
 
@@ -195,8 +220,11 @@ def _cases():
         cases.append((
             f"vae_loss_bwd x={xdt} mu={mdt}", "vae_loss", "_vae_loss_bwd_kernel",
             {"grad_ptr": xdt, "gl_ptr": "fp64", "gr_ptr": "fp64", "gk_ptr": "fp64", "beta_ptr": "fp64",
-             "mu_ptr": mdt, "lv_ptr": mdt, "gmu_ptr": mdt, "glv_ptr": mdt},
-            ("D", "Z", "stride_mu", "stride_lv"), {"MEAN": True, "BLOCK": BLOCK, "BLOCK_Z": _block_z(Z_LATENT, warps, 8)}, warps,
+             "mu_ptr": mdt, "lv_ptr": mdt, "gmu_ptr": mdt, "glv_ptr": mdt, "x_ptr": xdt, "t_ptr": "u8"},
+            ("D", "Z", "stride_mu", "stride_lv", "stride_x", "stride_t"),
+            {"FROM_LOGITS": True, "MEAN": True, "RECOMPUTE": xdt == "fp16", "BLOCK": BLOCK,
+             "BLOCK_Z": _block_z(Z_LATENT, warps, 8)},
+            warps,
         ))
         if mdt != "fp64":
             BLOCK_B, BLOCK_Z, lwarps = _common.latent_config(B_BATCH, Z_LATENT, 8)
@@ -216,16 +244,15 @@ def _cases():
     return cases
 
 
-def _compile_one(job):
-    """Compile one case for one arch; return its registers, spills and 128-bit access counts."""
+def _ptx(case, arch: int) -> str:
+    """The PTX of one case for one arch."""
     import importlib
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    (label, module, kernel, ptrs, hinted, constexprs, warps), arch = job
+    _, module, kernel, ptrs, hinted, constexprs, warps = case
     fn = globals()[kernel] if not module else getattr(importlib.import_module(f"vaekern._triton.{module}"), kernel)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -239,8 +266,16 @@ def _compile_one(job):
             if name in hinted:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-    ptx = compiled.asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
+
+
+def _compile_one(job):
+    """Compile one case for one arch; return its registers, spills and 128-bit access counts."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    case, arch = job
+    label, _, kernel, _, _, _, warps = case
+    ptx = _ptx(case, arch)
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     path = os.path.join(os.environ["VAEKERN_AOT_DIR"], f"{kernel}_{abs(hash((label, arch)))}.ptx")
     with open(path, "w") as f:
@@ -257,6 +292,43 @@ def _compile_one(job):
         "label": label, "kernel": kernel, "arch": arch, "warps": warps, "regs": regs, "spills": spills,
         "stack": stack, "ld_v4": ptx.count("ld.global.v4"), "ld_128": len(WIDE_LOAD.findall(ptx)),
     }
+
+
+# Where Triton's interpreter converts bfloat16 wrongly (tests/helpers.py, INTERPRETER_*),
+# what the compiled code does instead: a bfloat16 probability read into the log (issue 16
+# item 7), and float64 math stored as a bfloat16 gradient, both ways round (item 3).
+CONVERSION_CASES = (
+    "bernoulli_nll_fwd x=bf16 t=bf16 probs",
+    "vae_loss_fwd x=bf16 t=u8 mu=fp64 logits",
+    "vae_loss_bwd x=bf16 mu=fp64",
+    "vae_loss_bwd x=fp64 mu=bf16",
+)
+_FLOAT = r"b?f(?:16|32|64)(?:x2)?"  # bf16x2: two values packed in one register
+FLOAT_CVT = re.compile(rf"\bcvt(?:\.[a-z]+)*\.{_FLOAT}\.{_FLOAT}\b")
+FLOAT_TO_INT_CVT = re.compile(rf"\bcvt(?:\.[a-z]+)*\.[su](?:8|16|32|64)\.{_FLOAT}\b")
+FTZ_OP = re.compile(r"\b[a-z]+(?:\.[a-z0-9]+)*\.ftz(?:\.[a-z0-9]+)*\b")
+# libdevice's logf multiplies an argument below 2^-126 by 2^23 (0f4B000000) before it
+# takes the exponent apart; a flushing multiply (mul.ftz) would make a subnormal 0.
+SUBNORMAL_SCALE = re.compile(r"\bmul(\.ftz)?\.f32\s+%\w+, %\w+, 0f4B000000;")
+
+
+def _conversions_one(job) -> dict:
+    """The float conversions and flushing instructions in one case's PTX for one arch."""
+    case, arch = job
+    ptx = _ptx(case, arch)
+    scales = SUBNORMAL_SCALE.findall(ptx)
+    return {
+        "label": case[0], "arch": arch, "cvt": sorted(set(FLOAT_CVT.findall(ptx))),
+        "float_to_int": sorted(set(FLOAT_TO_INT_CVT.findall(ptx))), "ftz": sorted(set(FTZ_OP.findall(ptx))),
+        "subnormal_scale": scales.count(""), "subnormal_scale_ftz": scales.count(".ftz"),
+    }
+
+
+def _conversions_worker() -> list[dict]:
+    cases = [case for case in _cases() if case[0] in CONVERSION_CASES]
+    assert len(cases) == len(CONVERSION_CASES), "a conversion case is missing from _cases()"
+    with ProcessPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 4))) as pool:
+        return list(pool.map(_conversions_one, [(case, arch) for case in cases for arch in ARCHS]))
 
 
 def _worker() -> list[dict]:
@@ -285,16 +357,21 @@ def _table(results: list[dict]) -> str:
 # ---- tests -----------------------------------------------------------------------------------
 
 
-def test_aot_compile():
+def _run_worker(*flags: str) -> list[dict]:
+    """This file as a script, without TRITON_INTERPRET (under which Triton does not compile)."""
     pytest.importorskip("triton")
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, __file__, "--json"], env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, __file__, "--json", *flags], env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_aot_compile():
+    start = time.perf_counter()
+    results = _run_worker()
     print(f"\n{len(results)} compiles in {time.perf_counter() - start:.1f} s")
     print(_table(results))
     assert len(results) == len(ARCHS) * len({r["label"] for r in results})
@@ -308,6 +385,40 @@ def test_aot_compile():
         if r["kernel"] in IMAGE_KERNELS and ("x=fp32" in r["label"] or "g=fp32" in r["label"]) and r["ld_v4"] == 0
     ]
     assert not narrow, "no 128-bit loads in: " + "; ".join(narrow)
+
+
+# bfloat16 <-> float64 per arch, each step one of a set of instructions: sm_90 converts in
+# one instruction each way; sm_80 has no such cvt and goes through float32, so there a
+# float64 gradient is rounded twice on its way to bfloat16 (one bfloat16 ulp off where it
+# lies within half a float32 ulp of a tie), the second time two values at once (bf16x2).
+_BF16_F64_CVT = {
+    90: ({"cvt.f64.bf16"}, {"cvt.rn.bf16.f64"}),
+    80: ({"cvt.f32.bf16"}, {"cvt.f64.f32"}, {"cvt.rn.f32.f64"}, {"cvt.rn.bf16.f32", "cvt.rn.bf16x2.f32"}),
+}
+
+
+def test_aot_bfloat16_conversions():
+    """The compiled code converts where Triton's interpreter does not (issue 16 items 3, 7):
+
+    * bfloat16 probabilities widen with ``cvt.f32.bf16``, exact for subnormals too (no
+      ``.ftz``), and the log scales an argument below 2^-126 by 2^23 with a multiply that
+      does not flush. The only flushing instructions are the fmas of libdevice's logf
+      polynomial, which sees the scaled argument.
+    * with float64 math beside bfloat16 tensors, bfloat16 widens to float64 and float64
+      narrows to bfloat16 by float conversions that round to nearest (``cvt.rn``); no
+      float is converted to an integer (the interpreter's astype(uint16)).
+    """
+    results = _run_worker("--conversions")
+    assert len(results) == len(CONVERSION_CASES) * len(ARCHS)
+    for r in results:
+        where = f"{r['label']} sm_{r['arch']}: {r}"
+        assert not r["float_to_int"], where
+        if "probs" in r["label"]:
+            assert "cvt.f32.bf16" in r["cvt"], where
+            assert r["subnormal_scale"] >= 1 and r["subnormal_scale_ftz"] == 0, where
+            assert set(r["ftz"]) <= {"fma.rn.ftz.f32"}, where
+        else:
+            assert all(step & set(r["cvt"]) for step in _BF16_F64_CVT[r["arch"]]), where
 
 
 @pytest.fixture
@@ -433,9 +544,72 @@ def test_last_chunk_ends_at_row_end(D):
         row_config(1, MAX_ROW, 4)
 
 
+# ---- bare casts: what Triton's interpreter gets wrong, apart from any vaekern kernel ----------
+
+
+@pytest.fixture
+def cast_device():
+    """Where the cast probe runs: a GPU (the compiled code), or the interpreter on the CPU."""
+    if triton is None:
+        pytest.skip("needs triton")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    return torch.device("cpu")
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x.to(dtype) done by Triton's ``.to`` (8 elements, one program)."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    _cast_probe[(1,)](x, out, N=x.numel())
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cast_bfloat16_subnormals_widen_exactly(cast_device, request, dtype):
+    """Every bfloat16 is a float32: subnormals (and 0, the smallest normal, 1) widen exactly.
+    Issue 16 item 7 (p = 9.18e-41 read as 0, 1.01e-39 as 4.41e-39) is this cast in the
+    interpreter; the compiled cvt.f32.bf16 keeps them (test_aot_bfloat16_conversions)."""
+    from helpers import INTERPRETER_BF16_SUBNORMAL, xfail_in_interpreter
+
+    xfail_in_interpreter(request, "triton", INTERPRETER_BF16_SUBNORMAL)
+    bits = torch.tensor([0x0001, 0x000B, 0x0040, 0x007F, 0x8001, 0x0080, 0x3F80, 0x0000], dtype=torch.int32)
+    x = bits.to(torch.int16).view(torch.bfloat16).to(cast_device)
+    got, want = _cast(x, dtype).cpu(), x.cpu().to(dtype)
+    assert torch.equal(got, want), f"{got.tolist()} != {want.tolist()}"
+
+
+def test_cast_float64_narrows_to_bfloat16_to_nearest(cast_device, request):
+    """float64 to bfloat16 rounds to nearest; values away from ties, where sm_80's two
+    roundings (through float32) agree with one. Issue 16 item 3 is this cast in the
+    interpreter (1.5 becomes the bits 0x0001, 0.25 becomes 0)."""
+    from helpers import INTERPRETER_F64_TO_BF16, xfail_in_interpreter
+
+    xfail_in_interpreter(request, "triton", INTERPRETER_F64_TO_BF16)
+    x = torch.tensor([0.25, -0.5, 1.5, 3.0, 100.7, -1e-3, 1e30, -7.1], dtype=torch.float64, device=cast_device)
+    got, want = _cast(x, torch.bfloat16).cpu(), x.cpu().to(torch.bfloat16)
+    assert torch.equal(got, want), f"{got.tolist()} != {want.tolist()}"
+
+
+def test_cast_float32_narrows_to_bfloat16_to_nearest(cast_device, request):
+    """float32 to bfloat16 rounds to nearest even (cvt.rn.bf16.f32 on a GPU). The interpreter
+    truncates: every bfloat16 gradient stored there is up to one ulp (2^-8 relative) off
+    instead of half of one, which the bfloat16 tolerances of conftest.py cover."""
+    from helpers import xfail_in_interpreter
+
+    xfail_in_interpreter(
+        request, "triton",
+        "triton interpreter: float32 narrows to bfloat16 by truncation, not to nearest even "
+        "(InterpreterBuilder.cast_impl calls _convert_float without a rounding mode)",
+    )  # fmt: skip
+    x = torch.tensor([1.005859375, 0.1, -0.1, 3.14159265, 1.0, -2.0, 1e-3, 65504.0], device=cast_device)
+    got, want = _cast(x, torch.bfloat16).cpu(), x.cpu().to(torch.bfloat16)
+    assert torch.equal(got, want), f"{got.tolist()} != {want.tolist()}"
+
+
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    results = _worker()
+    results = _conversions_worker() if "--conversions" in sys.argv else _worker()
     if "--json" in sys.argv:
         print(json.dumps(results))
     else:

@@ -46,6 +46,16 @@ argument of another needs triton PR 5723, January 2025). An element function see
 likelihood with a parameter needs it as a constexpr of its own function or as a further
 argument of ``_loss_row_chunk``.
 
+Conversions, and Triton's interpreter
+-------------------------------------
+Every dtype change is a ``.to``. Compiled, bfloat16 widens with ``cvt.f32.bf16`` (exact,
+subnormals kept) and narrows with ``cvt.rn`` (to nearest even); sm_80 has no
+bfloat16/float64 cvt, so there float64 math stored as a bfloat16 gradient rounds twice,
+through float32. Triton 3.8's interpreter gets three of these casts wrong: bfloat16
+subnormals widen to wrong values, float64 narrows to bfloat16 through an integer, and
+float32 narrows by truncation. That is the interpreter's fault, not this code's
+(tests/test_triton_aot.py checks the PTX and each bare cast), and not worked around here.
+
 Deterministic reduction
 -----------------------
 Forward kernels write one partial sum per (row, column chunk) into a ``[B, C]`` buffer,

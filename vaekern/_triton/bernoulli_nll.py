@@ -42,7 +42,8 @@ recompute.
 Limits: rows with contiguous non-batch dims are read in place at any row stride
 (padding, ``expand``-ed targets); other layouts (a transposed matrix, channels-last) are
 copied with ``.contiguous()`` first (``_common.as_rows``). D = numel/B below 2**31 - 2**16
-(``_common.MAX_ROW``; longer rows raise ValueError).
+(``_common.MAX_ROW``; longer rows raise ValueError). Triton's interpreter reads bfloat16
+subnormals wrongly; compiled code reads them exactly (``_common``'s header, "Conversions").
 """
 
 from __future__ import annotations

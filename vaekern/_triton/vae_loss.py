@@ -42,7 +42,9 @@ buffer), mu, logvar and beta; recon and target by reference, read only for that 
 
 Limits: as ``bernoulli_nll.py`` and ``gaussian_kl.py`` (row strides read in place,
 other layouts copied; D below 2**31 - 2**16, else ValueError). Blocks are sized by
-the math dtype: float32 logits with float64 latents run float64-sized blocks.
+the math dtype: float32 logits with float64 latents run float64-sized blocks. A
+bfloat16 gradient of float64 math rounds twice on sm_80, and Triton's interpreter
+narrows float64 to bfloat16 wrongly (``_common``'s header, "Conversions").
 """
 
 from __future__ import annotations
