@@ -316,7 +316,7 @@ def test_backward_adopts_the_forward_gradient_in_place(backend, device):
     and AccumulateGrad adopts it as recon.grad: no image-sized copy. A caller who keeps the
     op's gradient output gets an out-of-place product and an unchanged output instead."""
     ops = kernels_of(backend, device)
-    if not ops.native_autograd:
+    if "vae_loss" not in ops.native_autograd:
         pytest.skip("the Python autograd's buffer is internal to its Function")
     recon, t = logits((4, 30), torch.float32, device), target((4, 30), "float", device)
     mu, logvar = latents((4, 3), torch.float32, device)

@@ -7,7 +7,15 @@ where it is built, and Triton's launchers, which import triton on their first la
 
 from vaekern import backends, nn, reference
 from vaekern.backends import BackendUnavailableError, available_backends
-from vaekern.functional import VAELossParts, bernoulli_nll, gaussian_kl, reparameterize, vae_loss
+from vaekern.functional import (
+    VAELossParts,
+    bernoulli_nll,
+    continuous_bernoulli_nll,
+    gaussian_kl,
+    gaussian_nll,
+    reparameterize,
+    vae_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -17,7 +25,9 @@ __all__ = [
     "available_backends",
     "backends",
     "bernoulli_nll",
+    "continuous_bernoulli_nll",
     "gaussian_kl",
+    "gaussian_nll",
     "nn",
     "reference",
     "reparameterize",

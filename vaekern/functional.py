@@ -12,6 +12,7 @@ never inspected (that would need a device sync), so a NaN in gives a NaN out.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -20,12 +21,22 @@ from torch import Tensor
 from vaekern import reference
 from vaekern._ops._common import REDUCTIONS, acc_dtype, below_autograd
 from vaekern._ops.bernoulli_nll import BernoulliNLLFunction
+from vaekern._ops.continuous_bernoulli_nll import ContinuousBernoulliNLLFunction
 from vaekern._ops.gaussian_kl import GaussianKLFunction
+from vaekern._ops.gaussian_nll import GaussianNLLFunction
 from vaekern._ops.reparameterize import ReparameterizeFunction
 from vaekern._ops.vae_loss import VAELossFunction
 from vaekern.backends import resolve
 
-__all__ = ["VAELossParts", "bernoulli_nll", "gaussian_kl", "reparameterize", "vae_loss"]
+__all__ = [
+    "VAELossParts",
+    "bernoulli_nll",
+    "continuous_bernoulli_nll",
+    "gaussian_kl",
+    "gaussian_nll",
+    "reparameterize",
+    "vae_loss",
+]
 
 _FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 _TARGETS = _FLOATS | {torch.bool, torch.uint8}
@@ -118,12 +129,13 @@ def _plainly_valid(recon, target, mu, logvar) -> bool:
         return False
 
 
-def _path(kernels, *differentiable: Tensor) -> str:
-    """How a kernel is called: "op", "function", "transform" or "kernel".
+def _path(kernels, op: str, *differentiable: Tensor) -> str:
+    """How kernel op ``op`` is called: "op", "function", "transform" or "kernel".
 
     * "op": the registered op with its own autograd: while torch.compile traces (its
       formula then scales out of place), and in eager mode where that autograd is C++
-      (the extension's, csrc/autograd.cpp) and a gradient is needed;
+      (the extension's, csrc/autograd.cpp, for the ops in ``kernels.native_autograd``) and
+      a gradient is needed;
     * "function": the lean ``torch.autograd.Function`` of vaekern._ops, when a gradient is
       needed in eager mode and the op's autograd is Python (Triton's kernels);
     * "transform": under a torch.func transform (``grad``, ``vjp``, ``jacrev``, ``vmap``,
@@ -140,7 +152,7 @@ def _path(kernels, *differentiable: Tensor) -> str:
     if torch.is_grad_enabled():
         for t in differentiable:
             if t.requires_grad:
-                return "op" if kernels.native_autograd else "function"
+                return "op" if op in kernels.native_autograd else "function"
     return "kernel"
 
 
@@ -181,7 +193,7 @@ def bernoulli_nll(
     if kernels is None:
         rows = reference.bernoulli_nll_ref(input, target, from_logits=from_logits, reduction=reduction)
         return rows.to(acc_dtype(input))
-    match _path(kernels, input):
+    match _path(kernels, "bernoulli_nll", input):
         case "op":
             return kernels.bernoulli_nll(input, target, from_logits, red, _needs_grad(input))[0]
         case "function":
@@ -190,6 +202,136 @@ def bernoulli_nll(
             return kernels.transforms["bernoulli_nll"].apply(input, target, from_logits, red, True)[0]
     with below_autograd():
         return kernels.bernoulli_nll(input, target, from_logits, red, False)[0]
+
+
+def continuous_bernoulli_nll(
+    input: Tensor,
+    target: Tensor,
+    *,
+    from_logits: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Negative log-likelihood of ``target`` under independent continuous Bernoullis
+    (Loaiza-Ganem & Cunningham 2019): the density on [0, 1] that the Bernoulli NLL of
+    grey-level pixels silently assumes, with its normalizer.
+
+    Args:
+        input: ``[B, ...]`` logits, or probabilities when ``from_logits=False`` (their logs
+            clamped at -100, as in :func:`bernoulli_nll`); float16, bfloat16, float32 or
+            float64.
+        target: ``[B, ...]``, same shape: values in [0, 1], any float dtype, bool or uint8.
+        from_logits: whether ``input`` holds logits or probabilities.
+        reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
+        backend: as for :func:`bernoulli_nll`.
+
+    Returns:
+        :func:`bernoulli_nll` plus ``-log C`` per element, ``C(eta) = eta / tanh(eta / 2)``
+        the normalizer at logit eta (see ``vaekern.reference``), summed over every dim but
+        the first and reduced over the batch; float32 (float64 for float64 input).
+    """
+    _tensor("input", input)
+    _check_target(target, input)
+    device = _same_device(("input", input), ("target", target))
+    red = _reduction(reduction)
+    from_logits = _flag("from_logits", from_logits)
+    kernels = resolve(backend, device)
+    if kernels is None:
+        rows = reference.continuous_bernoulli_nll_ref(input, target, from_logits=from_logits, reduction=reduction)
+        return rows.to(acc_dtype(input))
+    match _path(kernels, "continuous_bernoulli_nll", input):
+        case "op":
+            return kernels.continuous_bernoulli_nll(input, target, from_logits, red, _needs_grad(input))[0]
+        case "function":
+            return ContinuousBernoulliNLLFunction.apply(kernels, input, target, from_logits, red)
+        case "transform":
+            return kernels.transforms["continuous_bernoulli_nll"].apply(input, target, from_logits, red, True)[0]
+    with below_autograd():
+        return kernels.continuous_bernoulli_nll(input, target, from_logits, red, False)[0]
+
+
+def _log_scale(log_scale, input: Tensor, target: Tensor, dtype: torch.dtype) -> Tensor:
+    """``gaussian_nll``'s log_scale as the kernels take it: a tensor in the loss dtype, 0-d
+    or one value per column of the flattened row, differentiable where the user's is (and,
+    for ``"optimal"``, through the batch's mean squared error)."""
+    if isinstance(log_scale, str):
+        if log_scale != "optimal":
+            raise ValueError(f'log_scale must be a float, a tensor or "optimal", got {log_scale!r}')
+        r = input.to(dtype) - target.to(dtype)
+        return 0.5 * torch.log((r * r).mean())
+    if isinstance(log_scale, Tensor):
+        if not log_scale.is_floating_point():
+            raise TypeError(f"log_scale must be a floating tensor, got {log_scale.dtype}")
+        if log_scale.layout != torch.strided:
+            raise TypeError(f"log_scale must be a dense (strided) tensor, got layout {log_scale.layout}")
+        if log_scale.device != input.device:
+            raise ValueError(f"log_scale is on {log_scale.device} but input is on {input.device}")
+        row = input.shape[1:]
+        try:
+            fits = torch.broadcast_shapes(log_scale.shape, row) == row
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"log_scale of shape {tuple(log_scale.shape)} does not broadcast to a row of input, {tuple(row)}: "
+                "use a 0-d tensor, one per channel such as (C, 1, 1), or one per feature"
+            )
+        if log_scale.dim() == 0:
+            return log_scale.to(dtype)
+        return log_scale.to(dtype).expand(row).reshape(-1)
+    if isinstance(log_scale, bool) or not isinstance(log_scale, (int, float)):
+        raise TypeError(f'log_scale must be a float, a tensor or "optimal", got {type(log_scale).__name__}')
+    if not math.isfinite(log_scale):
+        raise ValueError(f"log_scale must be finite, got {log_scale}")
+    if torch.compiler.is_compiling() or (input.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.full((), float(log_scale), dtype=dtype, device=input.device)  # see _beta
+    return _constant(float(log_scale), dtype, input.device)
+
+
+def gaussian_nll(
+    input: Tensor,
+    target: Tensor,
+    log_scale: float | str | Tensor = 0.0,
+    *,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Negative log-likelihood of ``target`` under independent Gaussians N(input, sigma^2),
+    sigma = exp(log_scale): a true NLL in nats, with its 0.5 * log(2 pi) constant.
+
+    Args:
+        input: ``[B, ...]`` the decoder's means; float16, bfloat16, float32 or float64.
+        target: ``[B, ...]``, same shape: any float dtype, bool or uint8.
+        log_scale: the log standard deviation: a float (fixed); a tensor that broadcasts to
+            ``input.shape[1:]`` (0-d for one scale, ``(C, 1, 1)`` per channel, a row's shape
+            per feature), learned when it requires grad (its gradient is summed over the
+            dims it broadcasts over); or ``"optimal"``, the sigma-VAE's analytic optimum:
+            sigma^2 is the batch's mean squared error, on the device, with the gradient
+            flowing through it (the mean-reduced loss is then D/2 * (log(2 pi mse) + 1)).
+        reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
+        backend: as for :func:`bernoulli_nll`.
+
+    Returns:
+        Shape ``()``, or ``(B,)`` for ``"none"``; float32 (float64 for float64 input).
+    """
+    _tensor("input", input)
+    _check_target(target, input)
+    device = _same_device(("input", input), ("target", target))
+    red = _reduction(reduction)
+    dtype = acc_dtype(input)
+    ls = _log_scale(log_scale, input, target, dtype)  # also the checks, with their named errors
+    kernels = resolve(backend, device)
+    if kernels is None:
+        return reference.gaussian_nll_ref(input, target, log_scale, reduction=reduction).to(dtype)
+    match _path(kernels, "gaussian_nll", input, ls):
+        case "op":
+            return kernels.gaussian_nll(input, target, ls, red, _needs_grad(input))[0]
+        case "function":
+            return GaussianNLLFunction.apply(kernels, input, target, ls, red)
+        case "transform":
+            return kernels.transforms["gaussian_nll"].apply(input, target, ls, red, True)[0]
+    with below_autograd():
+        return kernels.gaussian_nll(input, target, ls, red, False)[0]
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -211,7 +353,7 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", backend:
     kernels = resolve(backend, device)
     if kernels is None:
         return reference.gaussian_kl_ref(mu, logvar, reduction=reduction).to(acc_dtype(mu, logvar))
-    match _path(kernels, mu, logvar):
+    match _path(kernels, "gaussian_kl", mu, logvar):
         case "op":
             return kernels.gaussian_kl(mu, logvar, red)
         case "function":
@@ -273,7 +415,7 @@ def reparameterize(
             seed = torch.randint(_SEED_HIGH, (1,), device=device, dtype=torch.int64, generator=generator)
     if kernels is None:
         return reference.reparameterize_ref(mu, logvar, eps).to(mu.dtype).contiguous()
-    match _path(kernels, mu, logvar):
+    match _path(kernels, "reparameterize", mu, logvar):
         case "op":
             return kernels.reparameterize(mu, logvar, eps, seed)
         case "function":
@@ -388,7 +530,7 @@ def vae_loss(
         loss, rec, kl = (p.to(dtype) for p in parts)
     else:
         args = (recon, target, mu, logvar, beta_t, from_logits, red)
-        match _path(kernels, recon, mu, logvar):
+        match _path(kernels, "vae_loss", recon, mu, logvar):
             case "op":
                 loss, rec, kl, _ = kernels.vae_loss(*args, _needs_grad(recon))
             case "function":
@@ -401,3 +543,10 @@ def vae_loss(
     if return_parts:
         return VAELossParts(loss, rec, kl)
     return loss
+
+
+@functools.lru_cache(maxsize=16)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # A float argument as the 0-d tensor the kernels read, made once per value (see
+    # _beta_tensor): only read, never handed to the caller.
+    return torch.full((), value, dtype=dtype, device=device)

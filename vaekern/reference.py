@@ -30,6 +30,20 @@ Conventions shared by every backend (the kernels implement exactly these):
   infinite value carries no straight-through gradient under autograd.
 * Reparameterization: ``z = mu + exp(logvar / 2) * eps``; exact, no clamp (it cannot
   overflow float32 for logvar below 177).
+* Gaussian NLL with log-scale ``s`` (sigma = exp(s)): ``0.5 * (x - t)^2 * exp(-2s) + s +
+  0.5 * log(2 pi)``, a true NLL in nats. ``s`` is a float, a tensor that broadcasts to each
+  row's shape (one per channel, per feature, or 0-d), or ``"optimal"``: sigma^2 is the
+  batch's mean squared error (the sigma-VAE's analytic optimum), differentiated through, so
+  that the mean-reduced loss is ``D/2 * (log(2 pi mse) + 1)``. No clamp: a scale below
+  about 1e-19 overflows exp(-2s) in float32.
+* Continuous Bernoulli NLL (Loaiza-Ganem & Cunningham 2019): the Bernoulli NLL of the same
+  input plus ``L(eta) = -log C(eta)``, with ``C(eta) = eta / tanh(eta / 2)`` the normalizer
+  in logit space (2 at eta = 0). ``L`` is a series in eta^2 for ``|eta| < 1e-2``, where the
+  closed form cancels, and ``-log|eta| + log1p(-e) - log1p(e)`` with ``e = exp(-|eta|)``
+  elsewhere, which never overflows. Probabilities enter through their clamped logs:
+  ``eta = max(log p, -100) - max(log1p(-p), -100)``, finite at p = 0 and 1, and the
+  gradient is the Bernoulli's plus ``L'(eta) / max(p(1-p), 1e-12)``, with
+  ``L'(eta) = 1/sinh(eta) - 1/eta``.
 """
 
 from __future__ import annotations
@@ -44,7 +58,9 @@ __all__ = [
     "BCE_LOG_MIN",
     "BCE_GRAD_EPS",
     "bernoulli_nll_ref",
+    "continuous_bernoulli_nll_ref",
     "gaussian_kl_ref",
+    "gaussian_nll_ref",
     "reparameterize_ref",
     "vae_loss_ref",
     "reduce_rows",
@@ -104,6 +120,64 @@ def _through(f: Tensor) -> Tensor:
     """Zero in value, f's gradient: f - f.detach() is exactly 0 wherever f is finite, as
     _bce_antiderivative is for every p in [0, 1] (a NaN keeps it: NaN in, NaN out)."""
     return f - f.detach()
+
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def gaussian_nll_ref(
+    input: Tensor, target: Tensor, log_scale: float | str | Tensor = 0.0, *, reduction: str = "mean"
+) -> Tensor:
+    """-log N(target | input, exp(log_scale)^2), summed over every dim but the first."""
+    r = input.double() - target.double()
+    if isinstance(log_scale, str):  # "optimal": sigma^2 = the batch's mean squared error
+        s = 0.5 * torch.log((r * r).mean())
+    else:
+        s = torch.as_tensor(log_scale, dtype=torch.float64, device=r.device)
+    nll = 0.5 * r * r * torch.exp(-2 * s) + s + HALF_LOG_2PI
+    return reduce_rows(_row_sum(nll.expand_as(r)), reduction)
+
+
+# |eta| below which L(eta) comes from its series: above it the closed form loses about
+# 6/eta^2 ulps, below it the series (to eta^6) is exact in float64.
+_CB_SERIES_MAX = 1e-2
+
+
+def _cb_log_norm(eta: Tensor) -> Tensor:
+    """L(eta) = -log(eta / tanh(eta / 2)), float64, differentiable by autograd."""
+    small = eta.abs() < _CB_SERIES_MAX
+    e2 = torch.where(small, eta, 0.0) ** 2  # each branch reads a harmless value where unused
+    series = -math.log(2) + e2 * (-1 / 12 + e2 * (7 / 1440 + e2 * (-31 / 90720)))
+    a = torch.where(small, 1.0, eta.abs())
+    e = torch.exp(-a)
+    return torch.where(small, series, -torch.log(a) + torch.log1p(-e) - torch.log1p(e))
+
+
+def continuous_bernoulli_nll_ref(
+    input: Tensor, target: Tensor, *, from_logits: bool = True, reduction: str = "mean"
+) -> Tensor:
+    """-log CB(target | input), summed over every dim but the first."""
+    x = input.double()  # once: two casts would round the two halves of the gradient apart
+    bernoulli = bernoulli_nll_ref(x, target, from_logits=from_logits, reduction="none")
+    if from_logits:
+        norm = _cb_log_norm(x)
+    else:
+        log_p = torch.log(x).clamp(min=BCE_LOG_MIN)
+        log_q = torch.log1p(-x).clamp(min=BCE_LOG_MIN)
+        eta = log_p - log_q
+        # Through the clamped logs autograd would give L'(eta) / (p(1-p)) unfloored, and 0
+        # where a log is clamped; the convention is L'(eta) / max(p(1-p), 1e-12), joined
+        # straight through as the Bernoulli's gradient is (first order).
+        slope = _cb_log_norm_slope(eta) / (x * (1 - x)).clamp(min=BCE_GRAD_EPS)
+        norm = _cb_log_norm(eta).detach() + _through(slope.detach() * x)
+    return reduce_rows(bernoulli + _row_sum(norm), reduction)
+
+
+def _cb_log_norm_slope(eta: Tensor) -> Tensor:
+    """L'(eta) = 1/sinh(eta) - 1/eta, by autograd through ``_cb_log_norm``."""
+    eta = eta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        return torch.autograd.grad(_cb_log_norm(eta).sum(), eta)[0]
 
 
 def _clamped_logvar(logvar: Tensor) -> Tensor:

@@ -18,13 +18,22 @@ from __future__ import annotations
 
 import torch
 
-from vaekern._ops import bernoulli_nll, gaussian_kl, reparameterize, vae_loss
+from vaekern._ops import (
+    bernoulli_nll,
+    continuous_bernoulli_nll,
+    gaussian_kl,
+    gaussian_nll,
+    reparameterize,
+    vae_loss,
+)
 from vaekern._ops._common import has_native_autograd
 
-OPS = (bernoulli_nll, gaussian_kl, reparameterize, vae_loss)
+OPS = (bernoulli_nll, continuous_bernoulli_nll, gaussian_nll, gaussian_kl, reparameterize, vae_loss)
 SCHEMAS = {name: schema for op in OPS for name, schema in op.SCHEMAS.items()}
 # The ops with an autograd formula; the others are their backward kernels.
-DIFFERENTIABLE = ("bernoulli_nll", "gaussian_kl", "reparameterize", "vae_loss")
+DIFFERENTIABLE = (
+    "bernoulli_nll", "continuous_bernoulli_nll", "gaussian_nll", "gaussian_kl", "reparameterize", "vae_loss",
+)  # fmt: skip
 
 
 class Kernels:
@@ -33,9 +42,10 @@ class Kernels:
     Looked up once: resolving ``torch.ops.<ns>.<op>`` on every call costs microseconds,
     which at small batch is a visible share of a training step."""
 
-    def __init__(self, namespace: str, native_autograd: bool) -> None:
+    def __init__(self, namespace: str, native_autograd: frozenset[str]) -> None:
         self.namespace = namespace
-        # The extension's ops carry their autograd in C++: they are then called directly.
+        # The ops whose autograd is in C++ (the extension's, csrc/autograd.cpp): they are
+        # called directly; the others go through vaekern._ops' Python autograd.
         self.native_autograd = native_autograd
         # Op name -> its autograd.Function for torch.func transforms (see transform_function).
         self.transforms: dict[str, type[torch.autograd.Function]] = {}
@@ -56,7 +66,7 @@ def define(namespace: str) -> Kernels:
     """Define every schema, fake and traced autograd in ``namespace`` (once); its kernels."""
     if namespace not in _DEFINED:
         lib = torch.library.Library(namespace, "DEF")
-        native = all(has_native_autograd(f"{namespace}::{name}") for name in DIFFERENTIABLE)
+        native = frozenset(name for name in DIFFERENTIABLE if has_native_autograd(f"{namespace}::{name}"))
         kernels = Kernels(namespace, native)
         for op in OPS:
             op.register(lib, kernels)

@@ -44,18 +44,18 @@ def per_row(scale: Tensor, batch: int, ndim: int) -> Tensor:
     return scale.expand(batch).reshape((batch,) + (1,) * (ndim - 1))
 
 
-def scaled_rows(kernels, saved: Tensor, scale: Tensor, input: Tensor, target: Tensor, from_logits: bool,
-                reduction: int) -> Tensor:
-    """``saved * scale`` per row, out of place, in saved's dtype: the backward of a saved
-    likelihood gradient over (input, target) on the traced path.
+def scaled_rows(backward_, saved: Tensor, scale: Tensor, *operands) -> Tensor:
+    """``saved * scale`` per row, out of place, in saved's dtype: the traced path's backward
+    of a saved likelihood gradient, whose in-place kernel is ``backward_(grad, scale,
+    *operands)`` (``<likelihood>_backward_``, operands the likelihood's inputs).
 
     AOTAutograd's partitioner cannot take an in-place update of a saved forward output, and
     Inductor fuses this multiply into its consumer. A float16 gradient is scaled by the
     backward kernel instead, on a copy: it recomputes the elements that overflowed or lost
-    bits in float16 in forward (``bernoulli_nll_backward_``)."""
+    bits in float16 in forward."""
     if saved.dtype == torch.float16:
         out = saved.clone()
-        kernels.bernoulli_nll_backward_(out, scale, input, target, from_logits, reduction)
+        backward_(out, scale, *operands)
         return out
     return (saved * per_row(scale, saved.shape[0], saved.dim())).to(saved.dtype)
 
@@ -209,7 +209,7 @@ def register_op(lib: torch.library.Library, kernels, schemas: dict, fakes: dict,
         torch.library.register_fake(f"{ns}::{name}", fakes[name], lib=lib)
     op = next(iter(schemas))
     kernels.transforms[op] = transform or transform_function(op, kernels, setup_context, traced_backward)
-    if not kernels.native_autograd:
+    if op not in kernels.native_autograd:
         torch.library.register_autograd(
             f"{ns}::{op}", functools.partial(traced_backward, kernels), setup_context=setup_context, lib=lib
         )

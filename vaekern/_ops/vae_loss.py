@@ -99,8 +99,9 @@ def _traced_backward(kernels, ctx, grad_loss, grad_recon_term, grad_kl_term, _):
             with below_autograd():
                 grad = kernels.vae_loss(recon, target, mu, logvar, beta, from_logits, reduction, True)[3]
         g_recon = scaled_rows(
-            kernels, first_order_only(grad, recon, "vae_loss"), grad_loss + grad_recon_term, recon, target, *ctx.args
-        )
+            kernels.bernoulli_nll_backward_, first_order_only(grad, recon, "vae_loss"), grad_loss + grad_recon_term,
+            recon, target, *ctx.args,
+        )  # fmt: skip
     g_mu, g_lv = kl_grads(kernels, grad_loss * beta + grad_kl_term, mu, logvar, reduction)
     return g_recon, None, g_mu, g_lv, None, None, None, None
 

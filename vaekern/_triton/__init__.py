@@ -23,6 +23,10 @@ NAMESPACE = "vaekern_triton"
 MODULES = {
     "bernoulli_nll": "bernoulli_nll",
     "bernoulli_nll_backward_": "bernoulli_nll",
+    "continuous_bernoulli_nll": "continuous_bernoulli_nll",
+    "continuous_bernoulli_nll_backward_": "continuous_bernoulli_nll",
+    "gaussian_nll": "gaussian_nll",
+    "gaussian_nll_backward_": "gaussian_nll",
     "gaussian_kl": "gaussian_kl",
     "gaussian_kl_backward": "gaussian_kl",
     "reparameterize": "reparameterize",

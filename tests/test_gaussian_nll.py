@@ -1,0 +1,215 @@
+"""gaussian_nll on every backend: values and gradients (input and a learned log_scale of
+every shape, and "optimal"), against the float64 oracle and torch.distributions; dtypes,
+layouts, extremes, bad inputs, registration and transforms."""
+
+import math
+
+import pytest
+import torch
+from conftest import DTYPES, REDUCTIONS
+from helpers import assert_grad_close, assert_loss_close, kernels_of, leaf, noncontiguous, upstream
+
+import vaekern
+from vaekern.reference import gaussian_nll_ref
+
+# Rows past a Triton block (1024 float64 columns) and the CPU chunk are covered by (3, 9000).
+SHAPES = ((1, 1), (3, 7), (4, 3, 5, 5), (3, 9000))
+
+
+def _data(shape, dtype, device):
+    x = torch.randn(shape, dtype=torch.float64)
+    t = x + torch.randn(shape, dtype=torch.float64) * 0.7
+    return x.to(dtype=dtype, device=device), t.to(dtype=dtype, device=device)
+
+
+def _log_scales(shape, device):
+    """One log_scale of each kind the API takes, for rows of ``shape[1:]``."""
+    row = shape[1:]
+    kinds = {"float": -0.3, "scalar": torch.tensor(0.2, device=device), "optimal": "optimal"}
+    kinds["feature"] = (torch.randn(row, dtype=torch.float64) * 0.3).float().to(device)
+    if len(row) == 3:
+        kinds["channel"] = (torch.randn(row[0], 1, 1, dtype=torch.float64) * 0.3).float().to(device)
+    return kinds
+
+
+def _check(backend, x, t, log_scale, *, reduction, dtype):
+    """Loss and gradients (upstream != 1) against autograd through the float64 oracle."""
+    learned = isinstance(log_scale, torch.Tensor)
+    ls, ls64 = (leaf(log_scale), leaf(log_scale.double())) if learned else (log_scale, log_scale)
+    xa, xr = leaf(x), leaf(x.double())
+    out = vaekern.gaussian_nll(xa, t, ls, reduction=reduction, backend=backend)
+    ref = gaussian_nll_ref(xr, t, ls64, reduction=reduction)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and out.shape == ref.shape
+    assert_loss_close(out, ref, dtype)
+    g = upstream(out)
+    out.backward(g)
+    ref.backward(g.double())
+    assert_grad_close(xa.grad, xr.grad, dtype)
+    if learned:
+        assert ls.grad.shape == ls.shape and ls.grad.dtype == ls.dtype
+        # A sum over the broadcast elements of terms of size g: scale the tolerance by their count.
+        count = max(1, math.prod(x.shape) // max(1, ls.numel()))
+        torch.testing.assert_close(ls.grad.double().cpu(), ls64.grad.cpu(), rtol=1e-4, atol=1e-5 * count * g.abs().max().item())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(backend, device, shape, dtype):
+    if backend == "triton" and shape == SHAPES[-1] and dtype != torch.float32:
+        pytest.skip("the interpreter is slow: the long row runs in float32 only")
+    x, t = _data(shape, dtype, device)
+    for name, log_scale in _log_scales(shape, device).items():
+        for reduction in REDUCTIONS:
+            _check(backend, x, t, log_scale, reduction=reduction, dtype=dtype)
+
+
+def test_matches_torch_distributions(backend, device):
+    """In float64, -Normal(input, exp(log_scale)).log_prob(target) summed per row."""
+    x, t = _data((4, 3, 2, 5), torch.float64, device)
+    ls = torch.randn(3, 1, 1, dtype=torch.float64, device=device) * 0.5
+    got = vaekern.gaussian_nll(x, t, ls, reduction="none", backend=backend)
+    want = -torch.distributions.Normal(x, ls.exp()).log_prob(t).sum((1, 2, 3))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_optimal_has_the_closed_form(backend, device):
+    """With sigma^2 = the batch's mse, the mean-reduced loss is D/2 * (log(2 pi mse) + 1), and
+    the gradient flows through mse: it is that closed form's gradient."""
+    x, t = _data((6, 40), torch.float64, device)
+    xa = leaf(x)
+    out = vaekern.gaussian_nll(xa, t, "optimal", backend=backend)
+    xc = leaf(x)
+    mse = ((xc - t) ** 2).mean()
+    closed = 40 / 2 * (torch.log(2 * math.pi * mse) + 1)
+    torch.testing.assert_close(out, closed, rtol=1e-12, atol=1e-12)
+    out.backward()
+    closed.backward()
+    torch.testing.assert_close(xa.grad, xc.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck(backend, device, reduction):
+    x, t = _data((3, 2, 4), torch.float64, device)
+    for ls in (leaf(torch.tensor(0.3, dtype=torch.float64, device=device)), leaf(torch.randn(2, 1, dtype=torch.float64, device=device))):
+        fn = lambda x, s: vaekern.gaussian_nll(x, t, s, reduction=reduction, backend=backend)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (leaf(x), ls), fast_mode=True)
+    fn = lambda x: vaekern.gaussian_nll(x, t, "optimal", reduction=reduction, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (leaf(x),), fast_mode=True)
+
+
+def test_noncontiguous(backend, device):
+    x, t = _data((6, 40), torch.float32, device)
+    ls = torch.randn(20, device=device)[::2].repeat(4)  # a strided-then-copied feature scale
+    for xi, ti in ((noncontiguous(x), t), (x, noncontiguous(t)), (x.t().contiguous().t(), t)):
+        _check(backend, xi, ti, ls, reduction="none", dtype=torch.float32)
+    _check(backend, x, t, torch.randn(1, 40, device=device)[0], reduction="mean", dtype=torch.float32)
+
+
+def test_nan_propagates(backend, device):
+    x, t = _data((3, 30), torch.float32, device)
+    x[1, 17] = float("nan")
+    xa = leaf(x)
+    out = vaekern.gaussian_nll(xa, t, 0.1, reduction="none", backend=backend)
+    out.sum().backward()
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+    assert torch.isnan(xa.grad[1, 17]) and torch.isfinite(xa.grad[0]).all()
+    ls = torch.zeros(30, device=device)
+    ls[3] = float("nan")
+    assert torch.isnan(vaekern.gaussian_nll(x[[0]], t[[0]], ls, backend=backend))
+
+
+def test_extreme_values(backend, device):
+    """Large residuals and scales: finite wherever float32 holds the value."""
+    x = torch.tensor([[1e15, -1e15, 0.0, 3.0], [1e-30, 2.0, -7.0, 1e4]], device=device)
+    t = torch.tensor([[0.0, 1e15, 1e-30, 3.0], [0.0, -2.0, 7.0, -1e4]], device=device)
+    for ls in (-5.0, 30.0, 0.0):
+        _check(backend, x, t, ls, reduction="none", dtype=torch.float32)
+
+
+def test_float16_gradient_is_scaled_before_it_is_rounded(backend, device):
+    """As the Bernoulli's (issue 16 item 1): (x - t) * exp(-2s) passes float16's 65504 at
+    s = -5 for a residual of 3, which an upstream of 1/8 brings back into range."""
+    x = torch.tensor([[3.0, 0.5, -1.0], [0.25, -3.0, 2.0]], dtype=torch.float16, device=device)
+    t = torch.zeros(2, 3, dtype=torch.float16, device=device)
+    xa, xr = leaf(x), leaf(x.double())
+    (vaekern.gaussian_nll(xa, t, -5.0, reduction="sum", backend=backend) / 8).backward()
+    (gaussian_nll_ref(xr, t, -5.0, reduction="sum") / 8).backward()
+    want = xr.grad.to(torch.float16)
+    assert want.isfinite().all() and want.abs().max() > 65504 / 8
+    torch.testing.assert_close(xa.grad, want, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize(
+    "log_scale, error, match",
+    [
+        (torch.zeros(4), ValueError, "log_scale of shape"),
+        (torch.zeros(5, 7), ValueError, "log_scale of shape"),
+        (torch.zeros(7, dtype=torch.int64), TypeError, "log_scale must be a floating"),
+        (float("nan"), ValueError, "log_scale must be finite"),
+        ("best", ValueError, "log_scale must be"),
+        ([0.0], TypeError, "log_scale must be"),
+    ],
+)
+def test_bad_log_scale_is_named(backend, device, log_scale, error, match):
+    x, t = _data((3, 7), torch.float32, device)
+    if isinstance(log_scale, torch.Tensor):
+        log_scale = log_scale.to(device)
+    with pytest.raises(error, match=match):
+        vaekern.gaussian_nll(x, t, log_scale, backend=backend)
+
+
+def test_double_backward(backend, device):
+    x, t = _data((3, 7), torch.float64, device)
+    x = leaf(x)
+    if backend == "reference":
+        fn = lambda v: vaekern.gaussian_nll(v, t, -0.2, backend=backend)  # noqa: E731
+        assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=True)
+        return
+    out = vaekern.gaussian_nll(x, t, -0.2, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out, x, create_graph=True)
+
+
+def test_opcheck(backend, device):
+    ops = kernels_of(backend, device)
+    x, t = _data((5, 13), torch.float32, device)
+    for ls in (torch.tensor(0.3, device=device), torch.randn(13, device=device) * 0.3):
+        for reduction in (0, 1, 2):
+            torch.library.opcheck(ops.gaussian_nll, (x, t, ls, reduction, False))
+            torch.library.opcheck(ops.gaussian_nll, (leaf(x), t, leaf(ls), reduction, True))
+            torch.library.opcheck(ops.gaussian_nll, (leaf(x), t, ls, reduction, False))
+        grad = torch.randn(5, 13, device=device)
+        torch.library.opcheck(ops.gaussian_nll_backward_, (grad, torch.rand(5, device=device), x, t, ls, 0))
+
+
+def test_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+    x, t = _data((6, 2, 5), torch.float32, device)
+    ls = torch.randn(2, 1, device=device) * 0.3
+
+    def step(x, s):
+        return vaekern.gaussian_nll(x, t, s, backend=backend) + vaekern.gaussian_nll(x, t, "optimal", backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    eager_in, comp_in = (leaf(x), leaf(ls)), (leaf(x), leaf(ls))
+    e, c = step(*eager_in), compiled(*comp_in)
+    torch.testing.assert_close(e, c)
+    (e * 3).backward()
+    (c * 3).backward()
+    for a, b in zip(eager_in, comp_in):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_torch_func_per_sample_gradients(backend, device):
+    x, t = _data((4, 6), torch.float32, device)
+    ls = torch.randn(6, device=device) * 0.3
+
+    def loss(xi, ti, s):
+        return vaekern.gaussian_nll(xi[None], ti[None], s, backend=backend)
+
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 2)), in_dims=(0, 0, None))(x, t, ls)
+    for i in range(4):
+        xr, lr = leaf(x[i : i + 1].double()), leaf(ls.double())
+        gaussian_nll_ref(xr, t[i : i + 1], lr).backward()
+        torch.testing.assert_close(per_sample[0][i].double(), xr.grad[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(per_sample[1][i].double(), lr.grad, rtol=1e-5, atol=1e-6)
