@@ -213,3 +213,27 @@ def test_torch_func_per_sample_gradients(backend, device):
         gaussian_nll_ref(xr, t[i : i + 1], lr).backward()
         torch.testing.assert_close(per_sample[0][i].double(), xr.grad[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(per_sample[1][i].double(), lr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_pytorch_vae_mapping():
+    """README: PyTorch-VAE's mse_loss + w * KL, times D/(2 sigma^2) with sigma^2 = D*w/2 (so
+    times 1/w), is gaussian_nll + gaussian_kl up to the constant D * (log sigma + log(2 pi)/2)."""
+    import torch.nn.functional as F
+
+    B, D, w = 8, 48, 0.01
+    recons, x = _data((B, D), torch.float64, "cpu")
+    mu, lv = torch.randn(B, 5, dtype=torch.float64), torch.randn(B, 5, dtype=torch.float64)
+    before = F.mse_loss(recons, x) + w * torch.mean(-0.5 * torch.sum(1 + lv - mu**2 - lv.exp(), dim=1), dim=0)
+    log_scale = 0.5 * math.log(D * w / 2)
+    after = vaekern.gaussian_nll(recons, x, log_scale) + vaekern.gaussian_kl(mu, lv)
+    constant = D * (log_scale + 0.5 * math.log(2 * math.pi))
+    torch.testing.assert_close(after, before / w + constant, rtol=1e-12, atol=1e-12)
+
+
+def test_sigma_vae_mapping():
+    """README: the sigma-VAE's optimal-sigma reconstruction term (its soft clip at -6 idle)."""
+    x_hat, x = _data((4, 3, 6, 6), torch.float64, "cpu")
+    log_sigma = ((x - x_hat) ** 2).mean([0, 1, 2, 3], keepdim=True).sqrt().log()
+    assert log_sigma.item() > -6
+    theirs = (0.5 * ((x - x_hat) / log_sigma.exp()) ** 2 + log_sigma + 0.5 * math.log(2 * math.pi)).sum()
+    torch.testing.assert_close(vaekern.gaussian_nll(x_hat, x, "optimal", reduction="sum"), theirs, rtol=1e-12, atol=1e-12)
