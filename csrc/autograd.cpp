@@ -22,7 +22,10 @@
 //   bits) is recomputed by the backward kernel from the saved input and target. Double
 //   backward through the reconstruction raises: the saved gradient has no graph. vae_loss
 //   whose recon needs no gradient supports it: the latents' gradient is then the KL's, in
-//   differentiable ATen ops (differentiable_kl_grads).
+//   differentiable ATen ops (differentiable_kl_grads). vae_loss's likelihood picks the
+//   backward kernel of the out-of-place path (scale_likelihood_rows), and a learned
+//   Gaussian log_scale gets its formula (log_scale_grad). The other likelihood ops
+//   (gaussian_nll, continuous_bernoulli_nll) have Python autograd only (vaekern/_ops).
 // * gaussian_kl, reparameterize: backward calls the backward kernel, or, when it must
 //   build a graph (create_graph=True), the same formula in differentiable ATen ops.
 #include <ATen/TensorOperators.h>
@@ -56,11 +59,13 @@ using ReparameterizeSig = Tensor(const Tensor&, const Tensor&, const std::option
 using ReparameterizeBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                              const std::optional<Tensor>&,
                                                              const std::optional<Tensor>&);
+using ScaleGaussianRowsSig = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t);
 using VAELossSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                              const Tensor&, const Tensor&, bool, int64_t, bool);
+                                                              const Tensor&, const Tensor&, const Tensor&, int64_t,
+                                                              bool, int64_t, bool);
 using VAELossBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                       const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                      const Tensor&, bool, int64_t);
+                                                      const Tensor&, const Tensor&, int64_t, bool, int64_t);
 
 // The kernel op `vaekern::<name>`, looked up on first use: the schemas are defined in
 // Python after this library is loaded.
@@ -76,6 +81,8 @@ c10::TypedOperatorHandle<Sig> find(const char* name) {
   }
 VAEKERN_KERNEL(bernoulli_nll_kernel, BernoulliNLLSig, "vaekern::bernoulli_nll")
 VAEKERN_KERNEL(bernoulli_nll_backward_kernel, ScaleRowsSig, "vaekern::bernoulli_nll_backward_")
+VAEKERN_KERNEL(continuous_bernoulli_nll_backward_kernel, ScaleRowsSig, "vaekern::continuous_bernoulli_nll_backward_")
+VAEKERN_KERNEL(gaussian_nll_backward_kernel, ScaleGaussianRowsSig, "vaekern::gaussian_nll_backward_")
 VAEKERN_KERNEL(gaussian_kl_kernel, GaussianKLSig, "vaekern::gaussian_kl")
 VAEKERN_KERNEL(gaussian_kl_backward_kernel, LatentGradsSig, "vaekern::gaussian_kl_backward")
 VAEKERN_KERNEL(reparameterize_kernel, ReparameterizeSig, "vaekern::reparameterize")
@@ -123,17 +130,44 @@ Tensor per_row(const Tensor& scale, const c10::SymInt& batch, int64_t ndim) {
   return scale.expand_symint({batch}).reshape_symint(shape);
 }
 
+// vae_loss's `likelihood` (vaekern/_ops/_common.py LIKELIHOODS).
+enum Likelihood : int64_t { kBernoulli = 0, kGaussian = 1, kContinuousBernoulli = 2 };
+
+// The likelihood's in-place backward kernel: saved * scale per row, with the float16
+// recompute from input and target (log_scale: the Gaussian's, from_logits: the others').
+void scale_likelihood_rows(int64_t likelihood, const Tensor& grad, const Tensor& scale, const Tensor& input,
+                           const Tensor& target, const Tensor& log_scale, bool from_logits, int64_t reduction) {
+  switch (likelihood) {
+    case kGaussian: return gaussian_nll_backward_kernel().call(grad, scale, input, target, log_scale, reduction);
+    case kContinuousBernoulli:
+      return continuous_bernoulli_nll_backward_kernel().call(grad, scale, input, target, from_logits, reduction);
+    default: return bernoulli_nll_backward_kernel().call(grad, scale, input, target, from_logits, reduction);
+  }
+}
+
 // The out-of-place backward: saved * scale per row, in saved's dtype. A float16 gradient
 // is scaled by the kernel, on a copy, which recomputes the elements that overflowed or
 // lost bits in float16 in forward (input, target: the likelihood's).
-Tensor scaled_rows(const Tensor& saved, const Tensor& scale, const Tensor& input, const Tensor& target,
-                   bool from_logits, int64_t reduction) {
+Tensor scaled_rows(int64_t likelihood, const Tensor& saved, const Tensor& scale, const Tensor& input,
+                   const Tensor& target, const Tensor& log_scale, bool from_logits, int64_t reduction) {
   if (saved.scalar_type() == at::kHalf) {
     Tensor out = saved.clone();
-    bernoulli_nll_backward_kernel().call(out, scale, input, target, from_logits, reduction);
+    scale_likelihood_rows(likelihood, out, scale, input, target, log_scale, from_logits, reduction);
     return out;
   }
   return (saved * per_row(scale, saved.sym_size(0), saved.dim())).to(saved.scalar_type());
+}
+
+// d(grad_out . reduced Gaussian NLL)/d(log_scale), in ATen ops autograd can differentiate;
+// as vaekern/_ops/gaussian_nll.py's log_scale_grad (log_scale 0-d or one per column).
+Tensor log_scale_grad(const Tensor& grad_out, const Tensor& input, const Tensor& target, const Tensor& log_scale,
+                      int64_t reduction) {
+  const c10::SymInt batch = input.sym_size(0);
+  const c10::ScalarType acc = log_scale.scalar_type();
+  Tensor w = per_row((reduction == 1 ? grad_out.div(c10::Scalar(batch)) : grad_out).to(acc), batch, 2);
+  Tensor r = (input.to(acc) - target.to(acc)).reshape_symint({batch, c10::SymInt(-1)});
+  Tensor per_column = (w * (1 - r * r * at::exp(log_scale * -2))).sum(0);
+  return log_scale.dim() == 0 ? per_column.sum() : per_column;
 }
 
 // Keeps the forward's reconstruction gradient in ctx for the first backward, with what a
@@ -186,7 +220,7 @@ struct BernoulliNLLFunction : public torch::autograd::Function<BernoulliNLLFunct
     if (scale_in_place(grad, grad_out)) {
       bernoulli_nll_backward_kernel().call(grad, grad_out, input, target, from_logits, reduction);
     } else {
-      grad = scaled_rows(grad, grad_out, input, target, from_logits, reduction);
+      grad = scaled_rows(kBernoulli, grad, grad_out, input, target, Tensor(), from_logits, reduction);
     }
     return {grad, Tensor(), Tensor(), Tensor(), Tensor()};
   }
@@ -286,13 +320,14 @@ Tensor reparameterize_autograd(const Tensor& mu, const Tensor& logvar, const std
 // ---- vae_loss ------------------------------------------------------------------------------
 struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& target, const Tensor& mu,
-                               const Tensor& logvar, const Tensor& beta, bool from_logits, int64_t reduction,
-                               bool compute_grad) {
+                               const Tensor& logvar, const Tensor& beta, const Tensor& log_scale, int64_t likelihood,
+                               bool from_logits, int64_t reduction, bool compute_grad) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [loss, rec, kl, grad] = vae_loss_kernel()
-                                     .call(recon, target, mu, logvar, beta, from_logits, reduction, compute_grad);
+    auto [loss, rec, kl, grad] = vae_loss_kernel().call(recon, target, mu, logvar, beta, log_scale, likelihood,
+                                                        from_logits, reduction, compute_grad);
     Tensor shown = keep_saved_grad(ctx, grad, from_logits, reduction, compute_grad);
-    ctx->save_for_backward({recon, target, mu, logvar, beta});
+    ctx->saved_data["likelihood"] = likelihood;
+    ctx->save_for_backward({recon, target, mu, logvar, beta, log_scale});
     return {loss, rec, kl, shown};
   }
 
@@ -303,7 +338,7 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     for (int i = 0; i < 3; ++i) {
       if (grads[i].defined()) present = &grads[i];
     }
-    if (present == nullptr) return variable_list(8);
+    if (present == nullptr) return variable_list(10);
     // An output that took no part in the loss has an undefined gradient: zero.
     Tensor zero;
     for (int i = 0; i < 3; ++i) {
@@ -311,27 +346,34 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     }
     const Tensor &grad_loss = grads[0], &grad_recon_term = grads[1], &grad_kl_term = grads[2];
     auto saved = ctx->get_saved_variables();
-    const Tensor &recon = saved[0], &target = saved[1], &mu = saved[2], &logvar = saved[3], &beta = saved[4];
+    const Tensor &recon = saved[0], &target = saved[1], &mu = saved[2], &logvar = saved[3], &beta = saved[4],
+                 &log_scale = saved[5];
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const int64_t likelihood = ctx->saved_data["likelihood"].toInt();
     const bool from_logits = ctx->saved_data["from_logits"].toBool();
-    variable_list out(8);
+    variable_list out(10);
+    // A learned Gaussian log_scale: its formula, before the saved gradient is scaled.
+    if (ctx->needs_input_grad(5)) out[5] = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction);
     if (at::GradMode::is_enabled()) {  // create_graph=True, recon needs no gradient: the KL's, differentiable
       std::tie(out[2], out[3]) = differentiable_kl_grads(grad_loss * beta + grad_kl_term, mu, logvar, reduction);
       return out;
     }
     Tensor grad = take_saved_grad(ctx);
     if (want_recon && (!grad.defined() || !ctx->saved_data["grad_computed"].toBool())) {  // a second backward, or none
-      grad = std::get<3>(vae_loss_kernel().call(recon, target, mu, logvar, beta, from_logits, reduction, true));
+      grad = std::get<3>(vae_loss_kernel().call(recon, target, mu, logvar, beta, log_scale, likelihood, from_logits,
+                                                reduction, true));
     }
     if (want_recon && !scale_in_place(grad, grad_loss)) {
-      out[0] = scaled_rows(grad, grad_loss + grad_recon_term, recon, target, from_logits, reduction);
+      out[0] = scaled_rows(likelihood, grad, grad_loss + grad_recon_term, recon, target, log_scale, from_logits,
+                           reduction);
       std::tie(out[2], out[3]) = gaussian_kl_backward_kernel()
                                      .call(grad_loss * beta + grad_kl_term, mu, logvar, reduction);
       return out;
     }
     if (!want_recon) grad = recon.new_empty_symint({c10::SymInt(0)});
-    std::tie(out[2], out[3]) = vae_loss_backward_kernel().call(grad, grad_loss, grad_recon_term, grad_kl_term, recon,
-                                                               target, mu, logvar, beta, from_logits, reduction);
+    std::tie(out[2], out[3]) =
+        vae_loss_backward_kernel().call(grad, grad_loss, grad_recon_term, grad_kl_term, recon, target, log_scale, mu,
+                                        logvar, beta, likelihood, from_logits, reduction);
     if (want_recon) out[0] = grad;
     return out;
   }
@@ -339,9 +381,11 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_autograd(const Tensor& recon, const Tensor& target,
                                                              const Tensor& mu, const Tensor& logvar,
-                                                             const Tensor& beta, bool from_logits, int64_t reduction,
+                                                             const Tensor& beta, const Tensor& log_scale,
+                                                             int64_t likelihood, bool from_logits, int64_t reduction,
                                                              bool compute_grad) {
-  auto out = VAELossFunction::apply(recon, target, mu, logvar, beta, from_logits, reduction, compute_grad);
+  auto out = VAELossFunction::apply(recon, target, mu, logvar, beta, log_scale, likelihood, from_logits, reduction,
+                                    compute_grad);
   return {out[0], out[1], out[2], out[3]};
 }
 

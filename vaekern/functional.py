@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from vaekern import reference
-from vaekern._ops._common import REDUCTIONS, acc_dtype, below_autograd
+from vaekern._ops._common import LIKELIHOODS, REDUCTIONS, acc_dtype, below_autograd
 from vaekern._ops.bernoulli_nll import BernoulliNLLFunction
 from vaekern._ops.continuous_bernoulli_nll import ContinuousBernoulliNLLFunction
 from vaekern._ops.gaussian_kl import GaussianKLFunction
@@ -483,25 +483,33 @@ def vae_loss(
     logvar: Tensor,
     *,
     beta: float | Tensor = 1.0,
+    likelihood: str = "bernoulli",
+    log_scale: float | str | Tensor = 0.0,
     from_logits: bool = True,
     reduction: str = "mean",
     return_parts: bool = False,
     backend: str = "auto",
 ) -> Tensor | VAELossParts:
-    """The negative ELBO of a Bernoulli-decoder VAE: ``recon + beta * kl``.
+    """The negative ELBO of a VAE with a diagonal Gaussian posterior: ``recon + beta * kl``.
 
-    ``recon`` is :func:`bernoulli_nll` and ``kl`` is :func:`gaussian_kl`, each summed over
-    its non-batch dims and reduced over the batch the same way, computed in one fused call.
+    ``recon`` is the likelihood's NLL (:func:`bernoulli_nll`, :func:`gaussian_nll` or
+    :func:`continuous_bernoulli_nll`) and ``kl`` is :func:`gaussian_kl`, each summed over its
+    non-batch dims and reduced over the batch the same way, computed in one fused call.
 
     Args:
-        recon: ``[B, ...]`` decoder logits (or probabilities with ``from_logits=False``).
+        recon: ``[B, ...]`` the decoder's output: logits (or probabilities with
+            ``from_logits=False``) for the Bernoullis, means for the Gaussian.
         target: ``[B, ...]`` the data, same shape: float, bool or uint8.
         mu: ``[B, ...]`` posterior means, same batch size as ``recon``.
         logvar: ``[B, ...]`` posterior log-variances, same shape and dtype as ``mu``.
         beta: weight of the KL term: a Python float, or a 0-d tensor on the inputs'
             device (change it in place to anneal it without recompiling). Not
             differentiated.
-        from_logits: whether ``recon`` holds logits.
+        likelihood: ``"bernoulli"``, ``"gaussian"`` or ``"continuous_bernoulli"``.
+        log_scale: the Gaussian's log standard deviation, as for :func:`gaussian_nll` (a
+            float, a tensor broadcasting to ``recon.shape[1:]``, learned if it requires
+            grad, or ``"optimal"``); only with ``likelihood="gaussian"``.
+        from_logits: whether ``recon`` holds logits; only for the Bernoullis.
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
         return_parts: return ``VAELossParts(loss, recon, kl)`` instead of the loss alone.
         backend: as for :func:`bernoulli_nll`.
@@ -522,15 +530,18 @@ def vae_loss(
     return_parts = _flag("return_parts", return_parts)
     dtype = torch.float64 if torch.float64 in (recon.dtype, mu.dtype) else torch.float32
     beta_t = _beta(beta, dtype, device)
+    lik = _likelihood(likelihood, log_scale, from_logits)
+    ls = _log_scale(log_scale, recon, target, dtype) if lik == LIKELIHOODS["gaussian"] else _constant(0.0, dtype, device)
     kernels = resolve(backend, device)
     if kernels is None:
         parts = reference.vae_loss_ref(
-            recon, target, mu, logvar, beta=beta_t, from_logits=from_logits, reduction=reduction
-        )
+            recon, target, mu, logvar, beta=beta_t, likelihood=likelihood, log_scale=log_scale,
+            from_logits=from_logits, reduction=reduction,
+        )  # fmt: skip
         loss, rec, kl = (p.to(dtype) for p in parts)
     else:
-        args = (recon, target, mu, logvar, beta_t, from_logits, red)
-        match _path(kernels, "vae_loss", recon, mu, logvar):
+        args = (recon, target, mu, logvar, beta_t, ls, lik, from_logits, red)
+        match _path(kernels, "vae_loss", recon, mu, logvar, ls):
             case "op":
                 loss, rec, kl, _ = kernels.vae_loss(*args, _needs_grad(recon))
             case "function":
@@ -543,6 +554,19 @@ def vae_loss(
     if return_parts:
         return VAELossParts(loss, rec, kl)
     return loss
+
+
+def _likelihood(likelihood, log_scale, from_logits: bool) -> int:
+    """vae_loss's likelihood as the kernels' code; an argument that the likelihood would
+    ignore is refused by name instead."""
+    if not isinstance(likelihood, str) or likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {tuple(LIKELIHOODS)}, got {likelihood!r}")
+    if likelihood == "gaussian":
+        if not from_logits:
+            raise ValueError('from_logits=False applies to the Bernoulli likelihoods, not to likelihood="gaussian"')
+    elif not (isinstance(log_scale, (int, float)) and not isinstance(log_scale, bool) and log_scale == 0.0):
+        raise ValueError(f'log_scale applies to likelihood="gaussian" only, got it with likelihood={likelihood!r}')
+    return LIKELIHOODS[likelihood]
 
 
 @functools.lru_cache(maxsize=16)

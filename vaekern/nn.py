@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vaekern.functional import VAELossParts, _flag, _reduction, float_beta, vae_loss
+from vaekern.functional import VAELossParts, _flag, _likelihood, _reduction, float_beta, vae_loss
 
 
 class VAELoss(nn.Module):
@@ -15,7 +15,11 @@ class VAELoss(nn.Module):
         beta: KL weight: a float, or a 0-d tensor (kept as a buffer, so ``.to(device)``
             moves it and ``loss_fn.beta.fill_(b)`` anneals it without recompiling; a
             dtype cast of the module leaves its dtype as it is).
-        from_logits: whether the reconstruction holds logits.
+        likelihood: ``"bernoulli"``, ``"gaussian"`` or ``"continuous_bernoulli"``.
+        log_scale: the Gaussian's log standard deviation, as for ``vaekern.gaussian_nll``:
+            a float, ``"optimal"``, or a tensor (a learned one stays the caller's parameter:
+            register it on the model, not here).
+        from_logits: whether the reconstruction holds logits (the Bernoullis).
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
         return_parts: return ``VAELossParts(loss, recon, kl)``.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
@@ -24,6 +28,8 @@ class VAELoss(nn.Module):
     def __init__(
         self,
         beta: float | Tensor = 1.0,
+        likelihood: str = "bernoulli",
+        log_scale: float | str | Tensor = 0.0,
         from_logits: bool = True,
         reduction: str = "mean",
         return_parts: bool = False,
@@ -35,12 +41,15 @@ class VAELoss(nn.Module):
         _reduction(reduction)
         _flag("from_logits", from_logits)
         _flag("return_parts", return_parts)
+        _likelihood(likelihood, log_scale, from_logits)
         if not isinstance(beta, Tensor):
             float_beta(beta)
         if isinstance(beta, Tensor):
             self.register_buffer("beta", beta)
         else:
             self.beta = beta
+        self.likelihood = likelihood
+        self.log_scale = log_scale
         self.from_logits = from_logits
         self.reduction = reduction
         self.return_parts = return_parts
@@ -64,6 +73,8 @@ class VAELoss(nn.Module):
             mu,
             logvar,
             beta=self.beta,
+            likelihood=self.likelihood,
+            log_scale=self.log_scale,
             from_logits=self.from_logits,
             reduction=self.reduction,
             return_parts=self.return_parts,

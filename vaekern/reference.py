@@ -209,11 +209,18 @@ def vae_loss_ref(
     logvar: Tensor,
     *,
     beta: float | Tensor = 1.0,
+    likelihood: str = "bernoulli",
+    log_scale: float | str | Tensor = 0.0,
     from_logits: bool = True,
     reduction: str = "mean",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Negative ELBO: (recon + beta * kl, recon, kl), each reduced over the batch."""
-    rec = bernoulli_nll_ref(recon, target, from_logits=from_logits, reduction=reduction)
+    if likelihood == "gaussian":
+        rec = gaussian_nll_ref(recon, target, log_scale, reduction=reduction)
+    elif likelihood == "continuous_bernoulli":
+        rec = continuous_bernoulli_nll_ref(recon, target, from_logits=from_logits, reduction=reduction)
+    else:
+        rec = bernoulli_nll_ref(recon, target, from_logits=from_logits, reduction=reduction)
     kl = gaussian_kl_ref(mu, logvar, reduction=reduction)
     b = beta.double() if isinstance(beta, Tensor) else float(beta)
     return rec + b * kl, rec, kl

@@ -16,6 +16,8 @@ from torch import Tensor
 # ``reduction`` as the kernels take it, an int as in ``at::Reduction``: 0 none (one value
 # per row, shape (B,)), 1 mean over rows, 2 sum over rows.
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+# ``likelihood`` of vae_loss as the kernels take it.
+LIKELIHOODS = {"bernoulli": 0, "gaussian": 1, "continuous_bernoulli": 2}
 
 
 def acc_dtype(*tensors: Tensor) -> torch.dtype:

@@ -1,24 +1,29 @@
 """``vae_loss``: schema, fake, and its two autograd paths.
 
-Math (``vaekern.reference``): ``loss = recon + beta * kl``, where ``recon`` is
-``bernoulli_nll`` and ``kl`` is ``gaussian_kl``, each summed per row and reduced over rows
+Math (``vaekern.reference``): ``loss = recon + beta * kl``, where ``recon`` is the
+likelihood's NLL (``bernoulli_nll``, ``gaussian_nll`` or ``continuous_bernoulli_nll``, by
+``likelihood``) and ``kl`` is ``gaussian_kl``, each summed per row and reduced over rows
 the same way. Upstream gradients ``g_loss``, ``g_recon``, ``g_kl`` (one per output) reach
-the inputs as ``d/drecon = (g_loss + g_recon) * bernoulli gradient`` and
-``d/dlatents = gaussian_kl's gradient with upstream g_loss * beta + g_kl``.
+the inputs as ``d/drecon = (g_loss + g_recon) * the likelihood's gradient``,
+``d/dlog_scale`` = the Gaussian's (``gaussian_nll.log_scale_grad``) for the upstream
+``g_loss + g_recon``, and ``d/dlatents = gaussian_kl's gradient with upstream
+g_loss * beta + g_kl``.
 
 Kernels:
 
-* ``vae_loss(recon, target, mu, logvar, beta, from_logits, reduction, compute_grad)
-  -> (loss, recon_term, kl_term, grad)``: ``grad`` as in ``bernoulli_nll``.
-* ``vae_loss_backward_(grad, g_loss, g_recon, g_kl, recon, target, mu, logvar, beta,
-  from_logits, reduction) -> (grad_mu, grad_logvar)``: scales ``grad`` in place per row by
-  ``g_loss + g_recon`` as ``bernoulli_nll_backward_`` does (skipping rows where that is
-  exactly 1, recomputing float16 elements outside float16's normal range from ``recon``
-  and ``target``,
-  and doing nothing when ``grad`` is empty) and returns the latents' gradients, in one
-  launch.
+* ``vae_loss(recon, target, mu, logvar, beta, log_scale, likelihood, from_logits,
+  reduction, compute_grad) -> (loss, recon_term, kl_term, grad)``: ``grad`` as in the
+  likelihood ops (``_likelihood``); ``likelihood`` is ``LIKELIHOODS``' code, ``log_scale``
+  the Gaussian's (0-d or one per column, loss dtype; read by the Gaussian only) and
+  ``from_logits`` the Bernoullis' (ignored by the Gaussian).
+* ``vae_loss_backward_(grad, g_loss, g_recon, g_kl, recon, target, log_scale, mu, logvar,
+  beta, likelihood, from_logits, reduction) -> (grad_mu, grad_logvar)``: scales ``grad`` in
+  place per row by ``g_loss + g_recon`` as the likelihood's ``*_backward_`` does (skipping
+  rows where that is exactly 1, recomputing float16 elements outside float16's normal
+  range from ``recon`` and ``target``, and doing nothing when ``grad`` is empty) and
+  returns the latents' gradients, in one launch.
 
-Autograd, as in ``bernoulli_nll``: eager (:class:`VAELossFunction`) scales the forward's
+Autograd, as in the likelihood ops: eager (:class:`VAELossFunction`) scales the forward's
 gradient in place; traced (registered) scales the saved output out of place. Outputs that
 took no part in the loss get a zero upstream gradient. Double backward
 (``create_graph=True``) works where recon needs no gradient: the latents' gradient is then
@@ -33,6 +38,7 @@ from __future__ import annotations
 import torch
 
 from vaekern._ops._common import (
+    LIKELIHOODS,
     acc_dtype,
     below_autograd,
     first_order_only,
@@ -44,21 +50,32 @@ from vaekern._ops._common import (
     scaled_rows,
     take_saved_grad,
 )
+from vaekern._ops.gaussian_nll import log_scale_grad
 
 SCHEMAS = {
-    "vae_loss": "(Tensor recon, Tensor target, Tensor mu, Tensor logvar, Tensor beta, bool from_logits, int reduction, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)",
-    "vae_loss_backward_": "(Tensor(a!) grad_recon, Tensor grad_loss, Tensor grad_recon_term, Tensor grad_kl_term, Tensor recon, Tensor target, Tensor mu, Tensor logvar, Tensor beta, bool from_logits, int reduction) -> (Tensor, Tensor)",
+    "vae_loss": "(Tensor recon, Tensor target, Tensor mu, Tensor logvar, Tensor beta, Tensor log_scale, int likelihood, bool from_logits, int reduction, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    "vae_loss_backward_": "(Tensor(a!) grad_recon, Tensor grad_loss, Tensor grad_recon_term, Tensor grad_kl_term, Tensor recon, Tensor target, Tensor log_scale, Tensor mu, Tensor logvar, Tensor beta, int likelihood, bool from_logits, int reduction) -> (Tensor, Tensor)",
 }
+GAUSSIAN = LIKELIHOODS["gaussian"]
 
 
-def vae_loss_fake(recon, target, mu, logvar, beta, from_logits, reduction, compute_grad):
+def _recon_backward(kernels, likelihood: int, log_scale, from_logits: bool):
+    """The likelihood's in-place backward kernel and its own argument, for the traced path."""
+    if likelihood == GAUSSIAN:
+        return kernels.gaussian_nll_backward_, log_scale
+    name = "bernoulli_nll_backward_" if likelihood == LIKELIHOODS["bernoulli"] else "continuous_bernoulli_nll_backward_"
+    return getattr(kernels, name), from_logits
+
+
+def vae_loss_fake(recon, target, mu, logvar, beta, log_scale, likelihood, from_logits, reduction, compute_grad):
     dtype = acc_dtype(recon, mu, logvar)
     loss = loss_like(recon, reduction, dtype)
     return loss, torch.empty_like(loss), torch.empty_like(loss), grad_like(recon, compute_grad)
 
 
 def vae_loss_backward_fake(
-    grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, mu, logvar, beta, from_logits, reduction
+    grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, log_scale, mu, logvar, beta, likelihood,
+    from_logits, reduction,
 ):
     return (
         torch.empty_like(mu, memory_format=torch.contiguous_format),
@@ -78,69 +95,75 @@ def _materialized(grads):
 
 
 def _setup_context(ctx, inputs, output):
-    recon, target, mu, logvar, beta, from_logits, reduction, compute_grad = inputs
+    recon, target, mu, logvar, beta, log_scale, likelihood, from_logits, reduction, compute_grad = inputs
     ctx.mark_non_differentiable(output[3])
     ctx.set_materialize_grads(False)
-    ctx.args = (from_logits, reduction)
-    ctx.save_for_backward(recon, target, mu, logvar, beta, output[3])
+    ctx.args = (likelihood, from_logits, reduction)
+    ctx.save_for_backward(recon, target, mu, logvar, beta, log_scale, output[3])
 
 
 def _traced_backward(kernels, ctx, grad_loss, grad_recon_term, grad_kl_term, _):
     """Also the backward of the torch.func path (``transform_function``)."""
     grads = _materialized((grad_loss, grad_recon_term, grad_kl_term))
     if grads is None:
-        return (None,) * 8
+        return (None,) * 10
     grad_loss, grad_recon_term, grad_kl_term = grads
-    recon, target, mu, logvar, beta, grad = ctx.saved_tensors
-    from_logits, reduction = ctx.args
-    g_recon = None
+    recon, target, mu, logvar, beta, log_scale, grad = ctx.saved_tensors
+    likelihood, from_logits, reduction = ctx.args
+    g_recon = g_scale = None
     if ctx.needs_input_grad[0]:
         if grad.numel() != recon.numel():  # the forward was asked for no gradient
             with below_autograd():
-                grad = kernels.vae_loss(recon, target, mu, logvar, beta, from_logits, reduction, True)[3]
+                grad = kernels.vae_loss(recon, target, mu, logvar, beta, log_scale, *ctx.args, True)[3]
+        backward_, param = _recon_backward(kernels, likelihood, log_scale, from_logits)
         g_recon = scaled_rows(
-            kernels.bernoulli_nll_backward_, first_order_only(grad, recon, "vae_loss"), grad_loss + grad_recon_term,
-            recon, target, *ctx.args,
+            backward_, first_order_only(grad, recon, "vae_loss"), grad_loss + grad_recon_term,
+            recon, target, param, reduction,
         )  # fmt: skip
+    if ctx.needs_input_grad[5]:
+        g_scale = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction)
     g_mu, g_lv = kl_grads(kernels, grad_loss * beta + grad_kl_term, mu, logvar, reduction)
-    return g_recon, None, g_mu, g_lv, None, None, None, None
+    return g_recon, None, g_mu, g_lv, None, g_scale, None, None, None, None
 
 
 class VAELossFunction(torch.autograd.Function):
-    """The eager path: ``apply(kernels, recon, target, mu, logvar, beta, from_logits,
-    reduction) -> (loss, recon_term, kl_term)``."""
+    """The eager path: ``apply(kernels, recon, target, mu, logvar, beta, log_scale,
+    likelihood, from_logits, reduction) -> (loss, recon_term, kl_term)``."""
 
     @staticmethod
-    def forward(ctx, kernels, recon, target, mu, logvar, beta, from_logits, reduction):
+    def forward(ctx, kernels, recon, target, mu, logvar, beta, log_scale, likelihood, from_logits, reduction):
+        args = (likelihood, from_logits, reduction)
         with below_autograd():
-            loss, rec, kl, grad = kernels.vae_loss(
-                recon, target, mu, logvar, beta, from_logits, reduction, recon.requires_grad
-            )
+            loss, rec, kl, grad = kernels.vae_loss(recon, target, mu, logvar, beta, log_scale, *args, recon.requires_grad)
         ctx.set_materialize_grads(False)
-        ctx.kernels, ctx.args, ctx.saved_grad = kernels, (from_logits, reduction), grad
-        ctx.save_for_backward(recon, target, mu, logvar, beta)
+        ctx.kernels, ctx.args, ctx.saved_grad = kernels, args, grad
+        ctx.save_for_backward(recon, target, mu, logvar, beta, log_scale)
         return loss, rec, kl
 
     @staticmethod
     def backward(ctx, grad_loss, grad_recon_term, grad_kl_term):
         grads = _materialized((grad_loss, grad_recon_term, grad_kl_term))
         if grads is None:
-            return (None,) * 8
-        recon, target, mu, logvar, beta = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: through the latents only
+            return (None,) * 10
+        recon, target, mu, logvar, beta, log_scale = ctx.saved_tensors
+        likelihood, from_logits, reduction = ctx.args
+        grad_loss, grad_recon_term, grad_kl_term = grads
+        g_scale = None
+        if ctx.needs_input_grad[6]:
+            g_scale = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction)
+        if torch.is_grad_enabled():  # create_graph=True: through the latents (and log_scale) only
             if ctx.needs_input_grad[1]:
                 no_double_backward("vae_loss")
-            grad_loss, _, grad_kl_term = grads
-            return None, None, None, *kl_grads(ctx.kernels, grad_loss * beta + grad_kl_term, mu, logvar, ctx.args[1]), None, None, None
-        from_logits, reduction = ctx.args
+            g_mu, g_lv = kl_grads(ctx.kernels, grad_loss * beta + grad_kl_term, mu, logvar, reduction)
+            return None, None, None, g_mu, g_lv, None, g_scale, None, None, None
         grad = take_saved_grad(ctx)
         if grad is None:  # a second backward through the same graph
-            grad = ctx.kernels.vae_loss(
-                recon, target, mu, logvar, beta, from_logits, reduction, ctx.needs_input_grad[1]
-            )[3]
-        g_mu, g_lv = ctx.kernels.vae_loss_backward_(grad, *grads, recon, target, mu, logvar, beta, from_logits, reduction)
+            grad = ctx.kernels.vae_loss(recon, target, mu, logvar, beta, log_scale, *ctx.args, ctx.needs_input_grad[1])[3]
+        g_mu, g_lv = ctx.kernels.vae_loss_backward_(
+            grad, *grads, recon, target, log_scale, mu, logvar, beta, likelihood, from_logits, reduction
+        )
         g_recon = grad if ctx.needs_input_grad[1] else None
-        return None, g_recon, None, g_mu, g_lv, None, None, None
+        return None, g_recon, None, g_mu, g_lv, None, g_scale, None, None, None
 
 
 def register(lib: torch.library.Library, kernels) -> None:
