@@ -407,3 +407,83 @@ def test_float16_probability_gradient_is_scaled_before_it_is_rounded(backend, de
     want = xr.grad.to(torch.float16)
     assert want.isfinite().all()
     torch.testing.assert_close(x.grad, want, rtol=2e-3, atol=0)
+
+
+# ---- the likelihoods (issue 13) ---------------------------------------------------------
+
+
+def _check_likelihood(backend, recon, t, mu, logvar, *, likelihood, log_scale, reduction, dtype):
+    """vae_loss with another likelihood: its three outputs and every gradient (a learned
+    log_scale's included) against the float64 oracle, with upstream gradients on all three."""
+    learned = isinstance(log_scale, torch.Tensor)
+    ls, ls64 = (leaf(log_scale), leaf(log_scale.double())) if learned else (log_scale, log_scale)
+    kw = dict(likelihood=likelihood, log_scale=ls) if likelihood == "gaussian" else dict(likelihood=likelihood)
+    ra, ma, la = leaf(recon), leaf(mu), leaf(logvar)
+    parts = vaekern.vae_loss(ra, t, ma, la, beta=0.6, reduction=reduction, return_parts=True, backend=backend, **kw)
+    kw64 = dict(kw, log_scale=ls64) if likelihood == "gaussian" else kw
+    rr, mr, lr = leaf(recon.double()), leaf(mu.double()), leaf(logvar.double())
+    ref = vae_loss_ref(rr, t, mr, lr, beta=0.6, reduction=reduction, **kw64)
+    for got, want in zip(parts, ref):
+        assert got.shape == want.shape
+        assert_loss_close(got, want, dtype)
+    ups = [upstream(parts.loss) * w for w in (1.0, 0.5, 0.25)]
+    torch.autograd.backward(list(parts), ups)
+    torch.autograd.backward(list(ref), [u.double() for u in ups])
+    assert_grad_close(ra.grad, rr.grad, dtype)
+    assert_grad_close(ma.grad, mr.grad, dtype)
+    assert_grad_close(la.grad, lr.grad, dtype)
+    if learned:
+        count = max(1, recon.numel() // max(1, ls.numel()))
+        torch.testing.assert_close(ls.grad.double().cpu(), ls64.grad.cpu(), rtol=1e-4, atol=1e-5 * count * ups[0].abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 7), (4, 3, 5, 5)], ids=str)
+def test_gaussian_likelihood_matches_reference(backend, device, shape, dtype):
+    recon = torch.randn(shape, dtype=torch.float64)
+    t = (recon + torch.randn(shape, dtype=torch.float64) * 0.5).to(dtype=dtype, device=device)
+    recon = recon.to(dtype=dtype, device=device)
+    mu, logvar = latents((shape[0], 5), dtype, device)
+    scales = [-0.4, "optimal", torch.tensor(0.3, device=device), torch.randn(shape[1:], device=device) * 0.2]
+    for log_scale in scales:
+        for reduction in REDUCTIONS:
+            _check_likelihood(backend, recon, t, mu, logvar, likelihood="gaussian", log_scale=log_scale, reduction=reduction, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_continuous_bernoulli_likelihood_matches_reference(backend, device, dtype):
+    recon, t = logits((4, 1, 6, 6), dtype, device), target((4, 1, 6, 6), "float", device, dtype)
+    mu, logvar = latents((4, 5), dtype, device)
+    for reduction in REDUCTIONS:
+        _check_likelihood(backend, recon, t, mu, logvar, likelihood="continuous_bernoulli", log_scale=0.0, reduction=reduction, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(likelihood="normal"), ValueError, "likelihood must be one of"),
+        (dict(likelihood=None), ValueError, "likelihood must be one of"),
+        (dict(log_scale=0.5), ValueError, 'log_scale applies to likelihood="gaussian"'),
+        (dict(likelihood="continuous_bernoulli", log_scale="optimal"), ValueError, "log_scale applies"),
+        (dict(likelihood="gaussian", from_logits=False), ValueError, "from_logits=False applies"),
+        (dict(likelihood="gaussian", log_scale=torch.zeros(4)), ValueError, "log_scale of shape"),
+    ],
+)
+def test_likelihood_arguments_are_named(backend, device, kwargs, error, match):
+    recon, t = logits((3, 7), torch.float32, device), target((3, 7), "float", device)
+    mu, logvar = latents((3, 2), torch.float32, device)
+    with pytest.raises(error, match=match):
+        vaekern.vae_loss(recon, t, mu, logvar, backend=backend, **kwargs)
+
+
+def test_module_takes_the_likelihood(backend, device):
+    recon, t = logits((4, 9), torch.float32, device), target((4, 9), "float", device)
+    mu, logvar = latents((4, 3), torch.float32, device)
+    log_sigma = torch.nn.Parameter(torch.zeros((), device=device))
+    module = vaekern.nn.VAELoss(likelihood="gaussian", log_scale=log_sigma, backend=backend)
+    loss = module(recon, t, mu, logvar)
+    torch.testing.assert_close(loss, vaekern.vae_loss(recon, t, mu, logvar, likelihood="gaussian", log_scale=log_sigma, backend=backend))
+    loss.backward()
+    assert log_sigma.grad is not None
+    with pytest.raises(ValueError, match="log_scale applies"):
+        vaekern.nn.VAELoss(log_scale=0.3)
