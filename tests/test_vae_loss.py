@@ -162,6 +162,24 @@ def test_nan_propagates(backend, device):
     assert torch.isnan(rows[0]) and torch.isfinite(rows[1:]).all()
 
 
+@pytest.mark.parametrize("wide", ["recon", "latents"])
+def test_mixed_dtypes_sum_in_the_loss_dtype(backend, device, wide):
+    """float64 beside float32 gives a float64 loss, and both terms are summed in float64:
+    a term beyond float32's range is finite (issue 16 item 6). The narrow side's values are
+    exact in float32; only their squares and sums leave its range."""
+    f64, f32 = (torch.float64, torch.float32) if wide == "recon" else (torch.float32, torch.float64)
+    recon = torch.full((3, 64), 3e38, dtype=f64, device=device)  # NLL 3e38 each for target 0
+    t = torch.zeros(3, 64, device=device)
+    mu = torch.full((3, 5), 3e30, dtype=f32, device=device)  # KL 4.5e60 each
+    logvar = torch.zeros(3, 5, dtype=f32, device=device)
+    for reduction in REDUCTIONS:
+        parts = vaekern.vae_loss(recon, t, mu, logvar, reduction=reduction, return_parts=True, backend=backend)
+        want = vae_loss_ref(recon, t, mu, logvar, reduction=reduction)
+        for got, w in zip(parts, want):
+            assert got.dtype == torch.float64
+            assert_loss_close(got, w, torch.float64)
+
+
 def test_deterministic(backend, device):
     recon, t = logits((37, 333), torch.float32, device), target((37, 333), "float", device)
     mu, logvar = latents((37, 9), torch.float32, device)

@@ -22,6 +22,15 @@ using Vec = at::vec::Vectorized<T>;
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// Calls f(A{}) for the arithmetic type that acc names (kFloat or kDouble), for inputs of
+// type T: a float64 loss computes float32 inputs in double, so that a term beyond float's
+// range stays finite. A double input is never computed in float.
+template <typename T, typename F>
+inline void dispatch_acc(c10::ScalarType acc, F&& f) {
+  if (acc == c10::ScalarType::Double) return f(double{});
+  if constexpr (!std::is_same_v<T, double>) return f(float{});
+}
+
 // Loads n <= Vec<A>::size() elements of src_t as A; lanes past n are zero.
 template <typename A, typename src_t>
 inline Vec<A> load_as(const src_t* p, int64_t n) {

@@ -1,4 +1,6 @@
 // Vectorized loops of the Gaussian KL term (host code: kl.cpp; the op: gaussian_kl.cpp).
+// Forward computes in acc_dtype (float or double, as the caller says), backward in float
+// (double for double latents).
 //   kl      = 0.5 * (mu^2 + exp(min(lv, 60)) - 1 - lv)
 //   d/dmu   = s * mu,   d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)   (straight-through clamp)
 // 60 is kLogvarMax (conventions.h).
@@ -19,9 +21,8 @@ inline Vec<A> clamped_var_m1(const Vec<A>& lv) {
   return vexpm1(at::vec::minimum(lv, Vec<A>(static_cast<A>(kLogvarMax))));
 }
 
-template <typename T>
+template <typename T, typename A>
 void gaussian_kl_tasks(const GaussianKlArgs& a, int64_t begin, int64_t end) {
-  using A = acc_t<T>;
   constexpr int64_t W = Vec<A>::size();
   const Vec<A> zero(A(0)), half(A(0.5));
   for (int64_t row = begin; row < end; ++row) {
@@ -60,7 +61,10 @@ void gaussian_kl_backward_tasks(const GaussianKlArgs& a, int64_t begin, int64_t 
 }
 
 inline void gaussian_kl_kernel(const GaussianKlArgs& a, int64_t begin, int64_t end) {
-  dispatch_float(a.dtype, [&](auto v) { gaussian_kl_tasks<decltype(v)>(a, begin, end); });
+  dispatch_float(a.dtype, [&](auto v) {
+    using T = decltype(v);
+    dispatch_acc<T>(a.acc_dtype, [&](auto acc) { gaussian_kl_tasks<T, decltype(acc)>(a, begin, end); });
+  });
 }
 
 inline void gaussian_kl_backward_kernel(const GaussianKlArgs& a, int64_t begin, int64_t end) {

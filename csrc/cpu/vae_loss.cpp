@@ -9,7 +9,8 @@
 //   d/d mu, d/d logvar = gaussian_kl gradients * (g_loss * beta + g_kl_term) (/ B for mean)
 //
 // dtypes: as bernoulli_nll and gaussian_kl; the loss dtype is float64 if any of recon, mu,
-// logvar is float64, else float32.
+// logvar is float64, else float32, and both terms are computed in it (float32 recon beside
+// float64 latents in double, and the reverse).
 #include <torch/library.h>
 
 #include "cpu/allocation.h"
@@ -43,9 +44,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(const at
 
   at::Tensor grad = compute_grad ? empty_output(recon.sizes(), recon.options()) : recon.new_empty({0});
   const double grad_scale = reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0;
+  // Both terms in the loss's dtype: float64 latents beside float32 recon (or the reverse)
+  // give a float64 loss, in which a term beyond float's range is finite.
   const std::vector<double> rec = likelihood_rows(kernels().bernoulli_nll[from_logits], recon, target, grad_scale,
-                                                  compute_grad ? grad : at::Tensor());
-  const std::vector<double> kl = gaussian_kl_rows(mu, logvar);
+                                                  compute_grad ? grad : at::Tensor(), dt);
+  const std::vector<double> kl = gaussian_kl_rows(mu, logvar, dt);
 
   at::Tensor rec_t = reduce_rows(rec, reduction, dt);
   at::Tensor kl_t = reduce_rows(kl, reduction, dt);
