@@ -25,7 +25,7 @@ at::Tensor gaussian_kl_cpu(const at::Tensor& mu, const at::Tensor& logvar, int64
   check_latents(mu, logvar);
   check_reduction(reduction);
   const c10::ScalarType acc = acc_dtype({&mu, &logvar});
-  return reduce_rows(gaussian_kl_rows(mu, logvar, acc), reduction, acc);
+  return reduce_rows(gaussian_kl_rows(mu, logvar, acc, false), reduction, acc);
 }
 
 std::tuple<at::Tensor, at::Tensor> gaussian_kl_backward_cpu(const at::Tensor& grad_out, const at::Tensor& mu,

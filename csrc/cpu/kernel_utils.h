@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "cpu/vaekern_cpu.h"
 
@@ -53,6 +54,16 @@ inline void store_as(const Vec<A>& v, dst_t* p, int64_t n) {
     v.store(buf);
     for (int64_t i = 0; i < n; ++i) p[i] = static_cast<dst_t>(buf[i]);
   }
+}
+
+// The lanes of a float vector as doubles: lanes [0, W/2) and [W/2, W).
+inline std::pair<Vec<double>, Vec<double>> widen(const Vec<float>& v) {
+  static_assert(Vec<float>::size() == 2 * Vec<double>::size());
+  alignas(64) float f[Vec<float>::size()];
+  alignas(64) double d[Vec<float>::size()];
+  v.store(f);
+  for (int64_t i = 0; i < Vec<float>::size(); ++i) d[i] = f[i];
+  return {Vec<double>::loadu(d), Vec<double>::loadu(d + Vec<double>::size())};
 }
 
 // Sum of the lanes in lane order, in double.

@@ -1,6 +1,6 @@
 // Vectorized loops of the Gaussian KL term (host code: kl.cpp; the op: gaussian_kl.cpp).
-// Forward computes in acc_dtype (float or double, as the caller says), backward in float
-// (double for double latents).
+// Forward computes in acc_dtype (float or double, as the caller says; with wide_sums,
+// mu^2 and the sums in double), backward in float (double for double latents).
 //   kl      = 0.5 * (mu^2 + exp(min(lv, 60)) - 1 - lv)
 //   d/dmu   = s * mu,   d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)   (straight-through clamp)
 // 60 is kLogvarMax (conventions.h).
@@ -21,7 +21,10 @@ inline Vec<A> clamped_var_m1(const Vec<A>& lv) {
   return vexpm1(at::vec::minimum(lv, Vec<A>(static_cast<A>(kLogvarMax))));
 }
 
-template <typename T, typename A>
+// kWide (float math only): mu^2 and the sums in double. The rest of an element,
+// exp(min(lv, 60)) - 1 - lv, is finite in float for every finite lv (at most 1.2e26 or
+// -lv), so only these can leave float's range; vae_loss's why is in vae_loss.cpp.
+template <typename T, typename A, bool kWide>
 void gaussian_kl_tasks(const GaussianKlArgs& a, int64_t begin, int64_t end) {
   constexpr int64_t W = Vec<A>::size();
   const Vec<A> zero(A(0)), half(A(0.5));
@@ -29,13 +32,22 @@ void gaussian_kl_tasks(const GaussianKlArgs& a, int64_t begin, int64_t end) {
     const T* m = static_cast<const T*>(a.mu) + row * a.cols;
     const T* lv = static_cast<const T*>(a.logvar) + row * a.cols;
     Vec<A> acc(A(0));
+    Vec<double> wide_acc(0.0);  // twice the KL (kWide)
     for (int64_t j = 0; j < a.cols; j += W) {
       const int64_t n = std::min(W, a.cols - j);
       const Vec<A> mv = load_as<A>(m + j, n), lvv = load_as<A>(lv + j, n);
-      const Vec<A> kl = half * (mv * mv + (clamped_var_m1(lvv) - lvv));
-      acc += n == W ? kl : Vec<A>::set(zero, kl, n);
+      if constexpr (kWide) {
+        const Vec<A> var = clamped_var_m1(lvv) - lvv;
+        const auto [m0, m1] = widen(n == W ? mv : Vec<A>::set(zero, mv, n));
+        const auto [v0, v1] = widen(n == W ? var : Vec<A>::set(zero, var, n));
+        wide_acc += m0 * m0 + v0;
+        wide_acc += m1 * m1 + v1;
+      } else {
+        const Vec<A> kl = half * (mv * mv + (clamped_var_m1(lvv) - lvv));
+        acc += n == W ? kl : Vec<A>::set(zero, kl, n);
+      }
     }
-    a.out[row] = hsum(acc);
+    a.out[row] = kWide ? 0.5 * hsum(wide_acc) : hsum(acc);
   }
 }
 
@@ -63,7 +75,13 @@ void gaussian_kl_backward_tasks(const GaussianKlArgs& a, int64_t begin, int64_t 
 inline void gaussian_kl_kernel(const GaussianKlArgs& a, int64_t begin, int64_t end) {
   dispatch_float(a.dtype, [&](auto v) {
     using T = decltype(v);
-    dispatch_acc<T>(a.acc_dtype, [&](auto acc) { gaussian_kl_tasks<T, decltype(acc)>(a, begin, end); });
+    dispatch_acc<T>(a.acc_dtype, [&](auto acc) {
+      using A = decltype(acc);
+      if constexpr (std::is_same_v<A, float>) {
+        if (a.wide_sums) return gaussian_kl_tasks<T, A, true>(a, begin, end);
+      }
+      gaussian_kl_tasks<T, A, false>(a, begin, end);
+    });
   });
 }
 
