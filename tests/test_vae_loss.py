@@ -180,6 +180,20 @@ def test_mixed_dtypes_sum_in_the_loss_dtype(backend, device, wide):
             assert_loss_close(got, w, torch.float64)
 
 
+@pytest.mark.parametrize("beta, mu", [(1e39, 1e-5), (1e-50, 1e20)], ids=["beyond-float", "below-float"])
+def test_float32_latent_gradients_take_a_float64_scale(backend, device, beta, mu):
+    """A float64 loss may weigh float32 latents by a beta outside float32's range: their
+    gradient beta * mu is still within it, and must not be formed from a rounded beta."""
+    recon, t = torch.zeros(2, 4, dtype=torch.float64, device=device), torch.full((2, 4), 0.5, device=device)
+    m, lv = leaf(torch.full((2, 3), mu, device=device)), leaf(torch.zeros(2, 3, device=device))
+    vaekern.vae_loss(recon, t, m, lv, beta=beta, backend=backend).backward()
+    mr, lr = leaf(m.double()), leaf(lv.double())
+    vae_loss_ref(recon, t, mr, lr, beta=beta)[0].backward()
+    # Relative only: below float's normals the absolute tolerance would pass a 0.
+    torch.testing.assert_close(m.grad, mr.grad.float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(lv.grad, lr.grad.float(), rtol=1e-5, atol=0)
+
+
 def test_deterministic(backend, device):
     recon, t = logits((37, 333), torch.float32, device), target((37, 333), "float", device)
     mu, logvar = latents((37, 9), torch.float32, device)

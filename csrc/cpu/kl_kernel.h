@@ -1,6 +1,8 @@
 // Vectorized loops of the Gaussian KL term (host code: kl.cpp; the op: gaussian_kl.cpp).
 // Forward computes in acc_dtype (float or double, as the caller says; with wide_sums,
-// mu^2 and the sums in double), backward in float (double for double latents).
+// mu^2 and the sums in double); backward forms d kl / d latent in float (double for double
+// latents) and its product with the row's scale in double, rounded once to the latents'
+// dtype.
 //   kl      = 0.5 * (mu^2 + exp(min(lv, 60)) - 1 - lv)
 //   d/dmu   = s * mu,   d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)   (straight-through clamp)
 // 60 is kLogvarMax (conventions.h).
@@ -62,12 +64,26 @@ void gaussian_kl_backward_tasks(const GaussianKlArgs& a, int64_t begin, int64_t 
     const T* lv = static_cast<const T*>(a.logvar) + off;
     T* gm = static_cast<T*>(a.grad_mu) + off;
     T* glv = static_cast<T*>(a.grad_logvar) + off;
-    const Vec<A> s(static_cast<A>(a.scale[row]));
-    const Vec<A> s_half = s * half;
+    const Vec<double> s(a.scale[row]);
     for (int64_t j = 0; j < a.cols; j += W) {
       const int64_t n = std::min(W, a.cols - j);
-      store_as<A>(s * load_as<A>(m + j, n), gm + j, n);
-      store_as<A>(s_half * clamped_var_m1(load_as<A>(lv + j, n)), glv + j, n);
+      const Vec<A> mv = load_as<A>(m + j, n), dlv = half * clamped_var_m1(load_as<A>(lv + j, n));
+      if constexpr (std::is_same_v<A, double>) {
+        store_as<A>(s * mv, gm + j, n);
+        store_as<A>(s * dlv, glv + j, n);
+      } else {
+        // The scale is a double (a float64 loss's upstream times beta may be beyond float's
+        // range, or below its normals): each product in double, rounded once to T.
+        constexpr int64_t H = Vec<double>::size();
+        const auto [m0, m1] = widen(mv);
+        const auto [g0, g1] = widen(dlv);
+        store_as<double>(s * m0, gm + j, std::min(H, n));
+        store_as<double>(s * g0, glv + j, std::min(H, n));
+        if (n > H) {
+          store_as<double>(s * m1, gm + j + H, n - H);
+          store_as<double>(s * g1, glv + j + H, n - H);
+        }
+      }
     }
   }
 }
