@@ -1,7 +1,8 @@
 """The Triton backend: the ``vaekern_triton`` namespace's launchers.
 
 One op per module, each with its math, dtypes and limits in its header:
-``bernoulli_nll.py``, ``gaussian_kl.py``, ``reparameterize.py``, ``vae_loss.py``;
+``bernoulli_nll.py``, ``gaussian_nll.py``, ``continuous_bernoulli_nll.py``, ``gaussian_kl.py``,
+``reparameterize.py``, ``vae_loss.py``;
 ``_common.py`` holds the shared element math, tiling and the deterministic reduction.
 
 Importing this package imports no Triton: :func:`register_launchers` binds each kernel op
@@ -23,6 +24,10 @@ NAMESPACE = "vaekern_triton"
 MODULES = {
     "bernoulli_nll": "bernoulli_nll",
     "bernoulli_nll_backward_": "bernoulli_nll",
+    "gaussian_nll": "gaussian_nll",
+    "gaussian_nll_backward_": "gaussian_nll",
+    "continuous_bernoulli_nll": "continuous_bernoulli_nll",
+    "continuous_bernoulli_nll_backward_": "continuous_bernoulli_nll",
     "gaussian_kl": "gaussian_kl",
     "gaussian_kl_backward": "gaussian_kl",
     "reparameterize": "reparameterize",
