@@ -108,6 +108,8 @@ DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 WIDE_LOAD = re.compile(r"ld\.global(?:\.[a-z_:0-9]+)*\.(?:v4\.b32|v4\.f32|v2\.b64|v2\.f64)")
 IMAGE_KERNELS = (
     "_bernoulli_nll_fwd_kernel", "_bernoulli_nll_bwd_kernel", "_vae_loss_fwd_kernel", "_vae_loss_bwd_kernel",
+    "_gaussian_nll_fwd_kernel", "_gaussian_nll_bwd_kernel",
+    "_continuous_bernoulli_nll_fwd_kernel", "_continuous_bernoulli_nll_bwd_kernel",
     "_squared_error_fwd_kernel",
 )
 
@@ -155,6 +157,42 @@ def _cases():
                     ("D", "Z", "stride_x", "stride_t", "stride_mu", "stride_lv"),
                     {"FROM_LOGITS": logits, "COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z}, warps,
                 ))
+        # The likelihoods of issue 13: the Gaussian with one log_scale (S_STRIDE 0) or one per
+        # column (1), the continuous Bernoulli with its log normalizer on top of the Bernoulli.
+        for tdt in (dt, "u8"):
+            for s_stride in (0, 1):
+                cases.append((
+                    f"gaussian_nll_fwd x={dt} t={tdt} log_scale={'column' if s_stride else 'one'}",
+                    "gaussian_nll", "_gaussian_nll_fwd_kernel",
+                    {"x_ptr": dt, "t_ptr": tdt, "s_ptr": acc, "grad_ptr": dt, "part_ptr": acc},
+                    ("D", "stride_x", "stride_t"),
+                    {"S_STRIDE": s_stride, "COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK}, warps,
+                ))
+            for logits in (True, False):
+                kind = "logits" if logits else "probs"
+                cases.append((
+                    f"continuous_bernoulli_nll_fwd x={dt} t={tdt} {kind}", "continuous_bernoulli_nll",
+                    "_continuous_bernoulli_nll_fwd_kernel",
+                    {"x_ptr": dt, "t_ptr": tdt, "grad_ptr": dt, "part_ptr": acc},
+                    ("D", "stride_x", "stride_t"),
+                    {"FROM_LOGITS": logits, "COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK}, warps,
+                ))
+        # Backward: log_scale is read only by the float16 recompute (S_STRIDE 0 elsewhere).
+        for s_stride in (0, 1) if dt == "fp16" else (0,):
+            cases.append((
+                f"gaussian_nll_bwd g={dt} log_scale={'column' if s_stride else 'one'}",
+                "gaussian_nll", "_gaussian_nll_bwd_kernel",
+                {"grad_ptr": dt, "go_ptr": acc, "x_ptr": dt, "t_ptr": dt, "s_ptr": acc}, ("D", "stride_x", "stride_t"),
+                {"S_STRIDE": s_stride, "MEAN": True, "RECOMPUTE": dt == "fp16", "BLOCK": BLOCK}, warps,
+            ))
+        for logits in (True, False) if dt == "fp16" else (True,):
+            kind = "logits" if logits else "probs"
+            cases.append((
+                f"continuous_bernoulli_nll_bwd g={dt} {kind}", "continuous_bernoulli_nll",
+                "_continuous_bernoulli_nll_bwd_kernel",
+                {"grad_ptr": dt, "go_ptr": acc, "x_ptr": dt, "t_ptr": dt}, ("D", "stride_x", "stride_t"),
+                {"FROM_LOGITS": logits, "MEAN": True, "RECOMPUTE": dt == "fp16", "BLOCK": BLOCK}, warps,
+            ))
         if dt in ("fp32", "fp64"):
             cases.append((
                 f"squared_error_fwd x={dt} t={dt}", "", "_squared_error_fwd_kernel",
