@@ -7,7 +7,10 @@ Providers
 ---------
 ``eager``          the pytorch/examples VAE loss as users write it, on logits:
                    ``F.binary_cross_entropy_with_logits(recon, x, reduction="sum")`` plus
-                   ``KLD = -0.5 * sum(1 + logvar - mu^2 - exp(logvar))``, divided by B for the mean.
+                   ``KLD = -0.5 * sum(1 + logvar - mu^2 - exp(logvar))``, divided by B for the mean;
+                   for ``gaussian_nll`` (sigma = 1) the summed squared error over 2 plus the
+                   constant, over B; for ``continuous_bernoulli_nll``
+                   ``-ContinuousBernoulli(logits=...).log_prob(x).sum() / B``.
 ``eager-keras``    the Keras example's formula: the mean per-pixel BCE times the pixel count,
                    plus the mean over rows of the per-row KL.
 ``compile``        ``eager`` under ``torch.compile(dynamic=False)``; compile time is kept out of
@@ -60,7 +63,7 @@ import torch.nn.functional as F
 import vaekern
 from vaekern import reference
 
-OPS = ("vae_loss", "bernoulli_nll", "gaussian_kl", "reparameterize")
+OPS = ("vae_loss", "bernoulli_nll", "gaussian_nll", "continuous_bernoulli_nll", "gaussian_kl", "reparameterize")
 MODES = ("fwd", "bwd", "fwd+bwd")
 PROVIDERS = ("eager", "eager-keras", "compile", "compile-keras", "reference", "triton", "cuda", "cpu")
 VAEKERN_PROVIDERS = ("reference", "triton", "cuda", "cpu")
@@ -137,7 +140,8 @@ def floor_bytes(case: Case) -> int:
     match case.op:
         case "vae_loss":
             return image_in + 2 * latent + (0 if fwd else image_grad + 2 * latent)
-        case "bernoulli_nll":
+        case "bernoulli_nll" | "gaussian_nll" | "continuous_bernoulli_nll":
+            # A fixed log_scale (the benchmarks' 0.0) is a scalar: no bytes.
             return image_in + (0 if fwd else image_grad)
         case "gaussian_kl":
             return 2 * latent + (0 if fwd else 2 * latent)
@@ -173,6 +177,18 @@ def _keras_bernoulli_nll(recon, target):
     return recon[0].numel() * F.binary_cross_entropy_with_logits(recon, target.to(recon.dtype))
 
 
+def _eager_gaussian_nll(recon, target):
+    # A unit-variance Gaussian decoder as users write it: the summed squared error over 2,
+    # plus the constant, over B (F.gaussian_nll_loss with var = 1 and full=True, summed).
+    const = recon[0].numel() * 0.5 * math.log(2 * math.pi)
+    return 0.5 * F.mse_loss(recon, target.to(recon.dtype), reduction="sum") / recon.shape[0] + const
+
+
+def _eager_continuous_bernoulli_nll(recon, target):
+    # torch.distributions, as a user reaching for the continuous Bernoulli writes it.
+    return -torch.distributions.ContinuousBernoulli(logits=recon).log_prob(target.to(recon.dtype)).sum() / recon.shape[0]
+
+
 def _examples_gaussian_kl(mu, logvar):
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / mu.shape[0]
 
@@ -190,6 +206,9 @@ def _examples_reparameterize(mu, logvar):
 _EAGER = {
     "vae_loss": (_examples_vae_loss, _keras_vae_loss),
     "bernoulli_nll": (_examples_bernoulli_nll, _keras_bernoulli_nll),
+    # No pytorch/examples or Keras formula: one eager form each.
+    "gaussian_nll": (_eager_gaussian_nll, None),
+    "continuous_bernoulli_nll": (_eager_continuous_bernoulli_nll, None),
     "gaussian_kl": (_examples_gaussian_kl, _keras_gaussian_kl),
     # Keras samples exactly as pytorch/examples does: there is no second formula.
     "reparameterize": (_examples_reparameterize, None),
@@ -244,12 +263,16 @@ def forward_fn(provider: str, op: str, compile_backend: str = "inductor"):
 ARGS = {
     "vae_loss": ("recon", "target", "mu", "logvar"),
     "bernoulli_nll": ("recon", "target"),
+    "gaussian_nll": ("recon", "target"),
+    "continuous_bernoulli_nll": ("recon", "target"),
     "gaussian_kl": ("mu", "logvar"),
     "reparameterize": ("mu", "logvar"),
 }
 DIFF_ARGS = {
     "vae_loss": ("recon", "mu", "logvar"),
     "bernoulli_nll": ("recon",),
+    "gaussian_nll": ("recon",),
+    "continuous_bernoulli_nll": ("recon",),
     "gaussian_kl": ("mu", "logvar"),
     "reparameterize": ("mu", "logvar"),
 }
@@ -359,6 +382,10 @@ def check(
                 ref = reference.vae_loss_ref(*(inputs[a] for a in ARGS["vae_loss"]))[0]
             case "bernoulli_nll":
                 ref = reference.bernoulli_nll_ref(inputs["recon"], inputs["target"])
+            case "gaussian_nll":
+                ref = reference.gaussian_nll_ref(inputs["recon"], inputs["target"])
+            case "continuous_bernoulli_nll":
+                ref = reference.continuous_bernoulli_nll_ref(inputs["recon"], inputs["target"])
             case "gaussian_kl":
                 ref = reference.gaussian_kl_ref(inputs["mu"], inputs["logvar"])
         got = out.double().item()

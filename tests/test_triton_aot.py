@@ -108,6 +108,8 @@ DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 WIDE_LOAD = re.compile(r"ld\.global(?:\.[a-z_:0-9]+)*\.(?:v4\.b32|v4\.f32|v2\.b64|v2\.f64)")
 IMAGE_KERNELS = (
     "_bernoulli_nll_fwd_kernel", "_bernoulli_nll_bwd_kernel", "_vae_loss_fwd_kernel", "_vae_loss_bwd_kernel",
+    "_gaussian_nll_fwd_kernel", "_gaussian_nll_bwd_kernel",
+    "_continuous_bernoulli_nll_fwd_kernel", "_continuous_bernoulli_nll_bwd_kernel",
     "_squared_error_fwd_kernel",
 )
 
@@ -151,10 +153,46 @@ def _cases():
                 ))
                 cases.append((
                     f"vae_loss_fwd x={dt} t={tdt} {kind}", "vae_loss", "_vae_loss_fwd_kernel",
-                    {"x_ptr": dt, "t_ptr": tdt, "grad_ptr": dt, "part_ptr": acc, "mu_ptr": dt, "lv_ptr": dt, "kl_ptr": acc},
+                    {"x_ptr": dt, "t_ptr": tdt, "grad_ptr": dt, "part_ptr": acc, "mu_ptr": dt, "lv_ptr": dt, "kl_ptr": "fp64"},
                     ("D", "Z", "stride_x", "stride_t", "stride_mu", "stride_lv"),
                     {"FROM_LOGITS": logits, "COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z}, warps,
                 ))
+        # The likelihoods of issue 13: the Gaussian with one log_scale (S_STRIDE 0) or one per
+        # column (1), the continuous Bernoulli with its log normalizer on top of the Bernoulli.
+        for tdt in (dt, "u8"):
+            for s_stride in (0, 1):
+                cases.append((
+                    f"gaussian_nll_fwd x={dt} t={tdt} log_scale={'column' if s_stride else 'one'}",
+                    "gaussian_nll", "_gaussian_nll_fwd_kernel",
+                    {"x_ptr": dt, "t_ptr": tdt, "s_ptr": acc, "grad_ptr": dt, "part_ptr": acc},
+                    ("D", "stride_x", "stride_t"),
+                    {"S_STRIDE": s_stride, "COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK}, warps,
+                ))
+            for logits in (True, False):
+                kind = "logits" if logits else "probs"
+                cases.append((
+                    f"continuous_bernoulli_nll_fwd x={dt} t={tdt} {kind}", "continuous_bernoulli_nll",
+                    "_continuous_bernoulli_nll_fwd_kernel",
+                    {"x_ptr": dt, "t_ptr": tdt, "grad_ptr": dt, "part_ptr": acc},
+                    ("D", "stride_x", "stride_t"),
+                    {"FROM_LOGITS": logits, "COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK}, warps,
+                ))
+        # Backward: log_scale is read only by the float16 recompute (S_STRIDE 0 elsewhere).
+        for s_stride in (0, 1) if dt == "fp16" else (0,):
+            cases.append((
+                f"gaussian_nll_bwd g={dt} log_scale={'column' if s_stride else 'one'}",
+                "gaussian_nll", "_gaussian_nll_bwd_kernel",
+                {"grad_ptr": dt, "go_ptr": acc, "x_ptr": dt, "t_ptr": dt, "s_ptr": acc}, ("D", "stride_x", "stride_t"),
+                {"S_STRIDE": s_stride, "MEAN": True, "RECOMPUTE": dt == "fp16", "BLOCK": BLOCK}, warps,
+            ))
+        for logits in (True, False) if dt == "fp16" else (True,):
+            kind = "logits" if logits else "probs"
+            cases.append((
+                f"continuous_bernoulli_nll_bwd g={dt} {kind}", "continuous_bernoulli_nll",
+                "_continuous_bernoulli_nll_bwd_kernel",
+                {"grad_ptr": dt, "go_ptr": acc, "x_ptr": dt, "t_ptr": dt}, ("D", "stride_x", "stride_t"),
+                {"FROM_LOGITS": logits, "MEAN": True, "RECOMPUTE": dt == "fp16", "BLOCK": BLOCK}, warps,
+            ))
         if dt in ("fp32", "fp64"):
             cases.append((
                 f"squared_error_fwd x={dt} t={dt}", "", "_squared_error_fwd_kernel",
@@ -238,7 +276,9 @@ def _cases():
             for has_kl in (True, False):
                 cases.append((
                     f"finalize {acc} reduction={red} kl={has_kl}", "_common", "_finalize_kernel",
-                    {p: acc for p in ("part_ptr", "kl_ptr", "beta_ptr", "loss_ptr", "rec_ptr", "kl_out_ptr")}, (),
+                    # vae_loss's KL rows are float64 whatever acc (_triton/vae_loss.py)
+                    {p: acc for p in ("part_ptr", "kl_ptr", "beta_ptr", "loss_ptr", "rec_ptr", "kl_out_ptr")}
+                    | ({"kl_ptr": "fp64"} if has_kl else {}), (),
                     {"HAS_KL": has_kl, "REDUCTION": red, "BLOCK_B": 16, "BLOCK_C": 64}, 4,
                 ))
     return cases

@@ -1,7 +1,8 @@
 """The Triton backend: the ``vaekern_triton`` namespace's launchers.
 
 One op per module, each with its math, dtypes and limits in its header:
-``bernoulli_nll.py``, ``gaussian_kl.py``, ``reparameterize.py``, ``vae_loss.py``;
+``bernoulli_nll.py``, ``gaussian_nll.py``, ``continuous_bernoulli_nll.py``, ``gaussian_kl.py``,
+``reparameterize.py``, ``vae_loss.py``;
 ``_common.py`` holds the shared element math, tiling and the deterministic reduction.
 
 Importing this package imports no Triton: :func:`register_launchers` binds each kernel op

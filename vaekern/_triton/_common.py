@@ -17,12 +17,18 @@ Element math (``@triton.jit`` helpers, inlined into the kernels)
   functions (below); see ``bernoulli_nll.py`` for the math. One ``exp`` and one ``log``
   per logit; the sigmoid reuses the same ``exp(-|x|)``, and ``sigmoid(x) - t`` is formed
   so that it does not cancel (see the comment there).
-* ``_gaussian_kl_elem`` and ``_kl_grad_elem``: the KL to N(0, I) and its gradient, shared
-  by ``gaussian_kl.py`` and ``vae_loss.py``.
+* ``_gaussian_elem`` (issue 13): the Gaussian NLL with a per-column log standard deviation,
+  see ``gaussian_nll.py``. ``_continuous_bernoulli_logits_elem`` and
+  ``_continuous_bernoulli_probs_elem``: the Bernoulli's element math (the probability form
+  through ``_bce_probs_terms`` and ``_bce_grad_den``, which ``_bernoulli_probs_elem`` uses
+  too) plus the log normalizer ``_cb_log_norm``, see ``continuous_bernoulli_nll.py``.
+* ``_gaussian_kl_elem`` (with its part without mu, ``_kl_var_elem``) and ``_kl_grad_elem``:
+  the KL to N(0, I) and its gradient, shared by ``gaussian_kl.py`` and ``vae_loss.py``.
 * Every clamp passes ``propagate_nan=ALL``: ``tl.maximum``/``tl.minimum`` otherwise
   return the other operand for a NaN, and a NaN input must give a NaN loss.
-* The limits ``LOGVAR_MAX``, ``BCE_LOG_MIN`` and ``BCE_GRAD_EPS`` are defined here once,
-  with the values of ``vaekern.reference``; kernels read their ``tl.constexpr`` copies.
+* The limits ``LOGVAR_MAX``, ``BCE_LOG_MIN``, ``BCE_GRAD_EPS`` and the continuous
+  Bernoulli's series thresholds ``CB_SERIES_MAX_F32``/``_F64`` are defined here once, with
+  the values of ``vaekern.reference``; kernels read their ``tl.constexpr`` copies.
 
 Adding a likelihood (the extension point)
 -----------------------------------------
@@ -42,9 +48,15 @@ likelihood. A kernel picks the function with a compile-time branch, as in
 ``ELEM: tl.constexpr = _bernoulli_logits_elem if FROM_LOGITS else _bernoulli_probs_elem``;
 checked with triton 3.8 (2026-11-30), it compiles for sm_80/sm_90 to the same PTX as
 the function inlined by hand, and runs under ``TRITON_INTERPRET=1`` (a JIT function as an
-argument of another needs triton PR 5723, January 2025). An element function sees only ``(x, t)``: a
-likelihood with a parameter needs it as a constexpr of its own function or as a further
-argument of ``_loss_row_chunk``.
+argument of another needs triton PR 5723, January 2025).
+
+A likelihood with a parameter per column of the row (the Gaussian's log_scale) takes it as
+a third operand, ``elem(x, t, p)``, with ``p`` in the accumulation dtype: the kernel passes
+``p_row`` (the parameter's pointer, shared by every row) and ``P_STRIDE`` (a constexpr,
+its column stride: 1, or 0 for one value) to ``_loss_row_chunk`` and ``_scale_row_chunk``.
+Both default to None, which calls ``elem(x, t)``: the Bernoulli kernels pass neither, and
+their PTX for sm_80/sm_90 is the same instructions as before the parameter existed
+(checked with triton 3.8, 2026-11-30, on every AOT case of ``tests/test_triton_aot.py``).
 
 Conversions, and Triton's interpreter
 -------------------------------------
@@ -96,6 +108,15 @@ BCE_GRAD_EPS = 1e-12
 _LOGVAR_MAX = tl.constexpr(LOGVAR_MAX)
 _BCE_LOG_MIN = tl.constexpr(BCE_LOG_MIN)
 _BCE_GRAD_EPS = tl.constexpr(BCE_GRAD_EPS)
+# The continuous Bernoulli's log normalizer takes its series below |eta| = CB_SERIES_MAX_*
+# (by the math dtype; the float64 one is the reference's), its direct form above.
+CB_SERIES_MAX_F32 = 0.5
+CB_SERIES_MAX_F64 = 1e-2
+_CB_SERIES_MAX_F32 = tl.constexpr(CB_SERIES_MAX_F32)
+_CB_SERIES_MAX_F64 = tl.constexpr(CB_SERIES_MAX_F64)
+# Constants of the math, as constexprs for tl.full in the math's dtype.
+_LOG2 = tl.constexpr(0.69314718055994530942)
+_HALF_LOG_2PI = tl.constexpr(0.91893853320467274178)  # the Gaussian NLL's 0.5 * log(2 pi)
 
 
 # ---- element math: helpers --------------------------------------------------------------
@@ -136,16 +157,102 @@ def _bernoulli_logits_elem(x, t):
 
 
 @triton.jit
-def _bernoulli_probs_elem(x, t):
-    """Bernoulli NLL of probability x, logs clamped at BCE_LOG_MIN:
-    (-(t*log x + (1-t)*log1p(-x)), (x - t) / max(x(1-x), BCE_GRAD_EPS))."""
+def _bce_probs_terms(x, t):
+    """The Bernoulli NLL of probability x and its logs clamped at BCE_LOG_MIN:
+    (-(t*log p + (1-t)*log q), log p, log q), shared with the continuous Bernoulli."""
     log_p = tl.maximum(tl.log(x), _BCE_LOG_MIN, propagate_nan=tl.PropagateNan.ALL)
     log_q = tl.maximum(_log1p(-x), _BCE_LOG_MIN, propagate_nan=tl.PropagateNan.ALL)
-    nll = -(t * log_p + (1.0 - t) * log_q)
+    return -(t * log_p + (1.0 - t) * log_q), log_p, log_q
+
+
+@triton.jit
+def _bce_grad_den(x):
+    """max(x(1-x), BCE_GRAD_EPS): the probability gradient's denominator."""
     # The floor in the math's precision: a bare 1e-12 is a float32 constant
     # (9.99999996e-13), 4e-9 relative off in the float64 gradient at p = 0 or 1.
     eps = tl.full([], _BCE_GRAD_EPS, x.dtype)
-    return nll, (x - t) / tl.maximum(x * (1.0 - x), eps, propagate_nan=tl.PropagateNan.ALL)
+    return tl.maximum(x * (1.0 - x), eps, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _bernoulli_probs_elem(x, t):
+    """Bernoulli NLL of probability x, logs clamped at BCE_LOG_MIN:
+    (-(t*log x + (1-t)*log1p(-x)), (x - t) / max(x(1-x), BCE_GRAD_EPS))."""
+    nll, _, _ = _bce_probs_terms(x, t)
+    return nll, (x - t) / _bce_grad_den(x)
+
+
+@triton.jit
+def _cb_log_norm(eta):
+    """(L, dL/deta) for the continuous Bernoulli's L(eta) = -log(eta / tanh(eta/2)).
+
+    Below |eta| = R, Taylor series in eta^2 (Horner); above, with a = |eta| and
+    e = exp(-a): L = -log(a) + log1p(-e) - log1p(e) and
+    L' = sign(eta) * (2e/(1 - e*e) - 1/a), which never overflows (a = inf gives L = -inf,
+    L' = 0). R is chosen by the math dtype at compile time: 0.5 for float32 math, 1e-2
+    for float64, where the series' truncation is below 1e-9 and far below 1e-16
+    (issue 13's contract). Above R the direct L' cancels: 1/sinh(a) and 1/a agree to
+    about a^2/6 of 1/a, and exp(-a)'s rounding reaches 1 - e*e magnified by about 1/(2a).
+    Measured against mpmath in float64 just above R = 1e-2: 2.8e-13 absolute, 1.7e-10
+    relative to L' = -1.7e-3 (the reference's formula has the same error; 1/sinh from
+    expm1 would be 100x closer). In float32 just above 0.5: 4.4e-7 absolute."""
+    R: tl.constexpr = _CB_SERIES_MAX_F64 if eta.dtype == tl.float64 else _CB_SERIES_MAX_F32
+    F: tl.constexpr = eta.dtype  # the coefficients in the math's precision (see the header)
+    a = tl.abs(eta)
+    u = eta * eta
+    norm_s = tl.full([], -73.0 / 34214400.0, F)
+    norm_s = norm_s * u + tl.full([], 127.0 / 4838400.0, F)
+    norm_s = norm_s * u + tl.full([], -31.0 / 90720.0, F)
+    norm_s = norm_s * u + tl.full([], 7.0 / 1440.0, F)
+    norm_s = norm_s * u + tl.full([], -1.0 / 12.0, F)
+    norm_s = norm_s * u - tl.full([], _LOG2, F)
+    d_s = tl.full([], -73.0 / 3421440.0, F)
+    d_s = d_s * u + tl.full([], 127.0 / 604800.0, F)
+    d_s = d_s * u + tl.full([], -31.0 / 15120.0, F)
+    d_s = d_s * u + tl.full([], 7.0 / 360.0, F)
+    d_s = d_s * u + tl.full([], -1.0 / 6.0, F)
+    d_s = d_s * eta
+    e = tl.exp(-a)
+    norm_d = -tl.log(a) + _log1p(-e) - _log1p(e)
+    # sign(eta) * (2e/(1 - e*e) - 1/a), bit for bit (negation is exact). In this form ptxas
+    # keeps the float16 backward's recompute of the probability form in registers on sm_80
+    # (the sign applied last spilled 4 bytes there).
+    d_d = tl.where(eta < 0.0, -2.0 * e, 2.0 * e) / (1.0 - e * e) - 1.0 / eta
+    series = a < R  # NaN takes the direct form, and gives NaN
+    return tl.where(series, norm_s, norm_d), tl.where(series, d_s, d_d)
+
+
+@triton.jit
+def _continuous_bernoulli_logits_elem(x, t):
+    """Continuous Bernoulli NLL of logit x: the Bernoulli's (softplus form, sigmoid(x) - t)
+    plus the log normalizer (L(x), L'(x)) of ``_cb_log_norm``."""
+    nll, grad = _bernoulli_logits_elem(x, t)
+    norm, d_norm = _cb_log_norm(x)
+    return nll + norm, grad + d_norm
+
+
+@triton.jit
+def _continuous_bernoulli_probs_elem(x, t):
+    """Continuous Bernoulli NLL of probability x: the Bernoulli's clamped-log NLL plus L(eta)
+    at eta = log p - log q (clamped logs: eta in [-100, 100], finite at x = 0 and 1), and
+    the gradient (x - t + L'(eta)) / max(x(1-x), BCE_GRAD_EPS), since d eta/dx = 1/(x(1-x))."""
+    nll, log_p, log_q = _bce_probs_terms(x, t)
+    norm, d_norm = _cb_log_norm(log_p - log_q)
+    return nll + norm, (x - t + d_norm) / _bce_grad_den(x)
+
+
+@triton.jit
+def _gaussian_elem(x, t, s):
+    """Gaussian NLL of mean x, log standard deviation s:
+    (0.5 (x - t)^2 exp(-2s) + s + 0.5 log(2 pi), (x - t) exp(-2s)).
+
+    The square as (x - t) * grad: it overflows only where the gradient does. No clamp:
+    exp(-2s) overflows below s = -44 in float32 math (-354 in float64). The fma rounds the
+    quadratic term once; written as a multiply and two adds, ptxas spilled 12 bytes on
+    sm_80 for a per-column float32 log_scale."""
+    d = x - t
+    grad = d * tl.exp(-2.0 * s)
+    return tl.fma(0.5 * d, grad, s + tl.full([], _HALF_LOG_2PI, x.dtype)), grad
 
 
 # ---- row machinery: column chunks of one row ----------------------------------------------
@@ -164,7 +271,7 @@ def _chunk_bounds(chunk, n_blocks, D, BLOCK: tl.constexpr):
 
 @triton.jit
 def _loss_row_chunk(
-    ELEM: tl.constexpr,  # the likelihood's element function, (x, t) -> (nll, d nll / dx)
+    ELEM: tl.constexpr,  # the likelihood's element function, (x, t[, p]) -> (nll, d nll / dx)
     x_row,  # [D] pointer to this row of the input (unit column stride)
     t_row,  # [D] pointer to this row of the target
     g_row,  # [D] pointer to this row of the gradient output (COMPUTE_GRAD)
@@ -176,6 +283,8 @@ def _loss_row_chunk(
     COMPUTE_GRAD: tl.constexpr,
     MEAN: tl.constexpr,
     BLOCK: tl.constexpr,
+    p_row=None,  # [D] or [] pointer to ELEM's per-column parameter (P_STRIDE not None)
+    P_STRIDE: tl.constexpr = None,  # its column stride: 1, or 0 for one value; None: ELEM(x, t)
 ):
     """ELEM's NLL summed over columns [lo, hi) of one row; writes the gradient there."""
     cols0 = tl.arange(0, BLOCK)
@@ -190,7 +299,12 @@ def _loss_row_chunk(
         mask = cols < D
         x = tl.load(x_row + cols, mask=mask, other=0.5).to(ACC)
         t = tl.load(t_row + cols, mask=mask, other=0).to(ACC)
-        nll, grad = ELEM(x, t)
+        if P_STRIDE is None:
+            nll, grad = ELEM(x, t)
+        else:
+            # P_STRIDE 0 loads one cached address per lane. Hoisting that load (and ELEM's
+            # math on it) out of the loop made ptxas spill 28 bytes on sm_90 (Gaussian, fp32).
+            nll, grad = ELEM(x, t, tl.load(p_row + cols * P_STRIDE, mask=mask, other=0).to(ACC))
         acc += tl.where(mask, nll, 0.0)
         if COMPUTE_GRAD:
             if MEAN:
@@ -201,7 +315,7 @@ def _loss_row_chunk(
 
 @triton.jit
 def _scale_row_chunk(
-    ELEM: tl.constexpr,  # the likelihood's element function, (x, t) -> (nll, d nll / dx)
+    ELEM: tl.constexpr,  # the likelihood's element function, (x, t[, p]) -> (nll, d nll / dx)
     g_row,  # [D] pointer to this row of the saved gradient, scaled in place
     x_row,  # [D] pointer to this row of the likelihood's input (RECOMPUTE)
     t_row,  # [D] pointer to this row of its target (RECOMPUTE)
@@ -213,6 +327,8 @@ def _scale_row_chunk(
     MEAN: tl.constexpr,
     RECOMPUTE: tl.constexpr,  # a float16 gradient: recompute the elements out of its normal range
     BLOCK: tl.constexpr,
+    p_row=None,  # [D] or [] pointer to ELEM's per-column parameter (RECOMPUTE, P_STRIDE not None)
+    P_STRIDE: tl.constexpr = None,  # its column stride: 1, or 0 for one value; None: ELEM(x, t)
 ):
     # Exactly 1 (the plain loss.backward()) moves no bytes; NaN != 1, so NaN scales.
     if s != 1.0:
@@ -232,7 +348,12 @@ def _scale_row_chunk(
                 over = mask & ((mag > 65504.0) | (mag < 6.103515625e-05))
                 x = tl.load(x_row + cols, mask=over, other=0.5).to(tl.float32)
                 t = tl.load(t_row + cols, mask=over, other=0).to(tl.float32)
-                _, d = ELEM(x, t)
+                if P_STRIDE is None:
+                    _, d = ELEM(x, t)
+                elif P_STRIDE == 0:  # one scalar load: a masked load per lane spilled 16 B on sm_80
+                    _, d = ELEM(x, t, tl.load(p_row).to(tl.float32))
+                else:
+                    _, d = ELEM(x, t, tl.load(p_row + cols, mask=over, other=0).to(tl.float32))
                 if MEAN:
                     d = d * (tl.full([], 1.0, tl.float32) / B)
                 out = tl.where(over, d * s, out)
@@ -243,12 +364,19 @@ def _scale_row_chunk(
 
 
 @triton.jit
-def _gaussian_kl_elem(mu, lv):
-    """mu^2 + exp(min(lv, LOGVAR_MAX)) - 1 - lv (twice the KL of one latent).
+def _kl_var_elem(lv):
+    """expm1(min(lv, LOGVAR_MAX)) - lv: twice the KL of one latent, less mu^2. Finite in
+    float32 for every finite lv (at most 1.2e26, or -lv).
 
-    As mu^2 + (expm1(min(lv, LOGVAR_MAX)) - lv): near lv = 0, exp(lv) - 1 rounded on its own
-    carries an absolute error of an ulp of 1 into a term of size lv^2 / 2."""
-    return mu * mu + (_expm1(tl.minimum(lv, _LOGVAR_MAX, propagate_nan=tl.PropagateNan.ALL)) - lv)
+    expm1, not exp(lv) - 1: near lv = 0, exp(lv) - 1 rounded on its own carries an absolute
+    error of an ulp of 1 into a term of size lv^2 / 2."""
+    return _expm1(tl.minimum(lv, _LOGVAR_MAX, propagate_nan=tl.PropagateNan.ALL)) - lv
+
+
+@triton.jit
+def _gaussian_kl_elem(mu, lv):
+    """mu^2 + exp(min(lv, LOGVAR_MAX)) - 1 - lv (twice the KL of one latent)."""
+    return mu * mu + _kl_var_elem(lv)
 
 
 @triton.jit
@@ -264,7 +392,7 @@ def _kl_grad_elem(s, mu, lv):
 @triton.jit
 def _finalize_kernel(
     part_ptr,  # [B, C] acc: partial sums of the first term (NLL), row b, column chunk c
-    kl_ptr,  # [B] acc: per-row KL (HAS_KL only)
+    kl_ptr,  # [B] float64: per-row KL (HAS_KL only; vae_loss.py says why float64)
     beta_ptr,  # [] acc: KL weight (HAS_KL only)
     loss_ptr,  # [B] (REDUCTION 0) or [] acc: first term + beta * KL, or the first term alone
     rec_ptr,  # [B] or [] acc: the first term (HAS_KL only)
@@ -277,6 +405,7 @@ def _finalize_kernel(
     BLOCK_C: tl.constexpr,
 ):
     ACC = part_ptr.dtype.element_ty
+    KL_ACC = kl_ptr.dtype.element_ty
     offs_b = tl.arange(0, BLOCK_B)
     offs_c = tl.arange(0, BLOCK_C)
     if REDUCTION == 0:
@@ -292,13 +421,14 @@ def _finalize_kernel(
             kl = tl.load(kl_ptr + rows, mask=rmask, other=0.0)
             beta = tl.load(beta_ptr)
             tl.store(rec_ptr + rows, rec, mask=rmask)
-            tl.store(kl_out_ptr + rows, kl, mask=rmask)
-            tl.store(loss_ptr + rows, rec + beta * kl, mask=rmask)
+            tl.store(kl_out_ptr + rows, kl.to(ACC), mask=rmask)
+            # Formed in the KL's float64, then rounded: beta = 0 times a KL beyond ACC's range is 0.
+            tl.store(loss_ptr + rows, (rec + beta * kl).to(ACC), mask=rmask)
         else:
             tl.store(loss_ptr + rows, rec, mask=rmask)
     else:
         acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=ACC)
-        acc_kl = tl.zeros([BLOCK_B], dtype=ACC)
+        acc_kl = tl.zeros([BLOCK_B], dtype=KL_ACC)
         for b0 in range(0, B, BLOCK_B):
             rows = b0 + offs_b.to(tl.int64)
             rmask = rows < B
@@ -316,8 +446,8 @@ def _finalize_kernel(
         if HAS_KL:
             beta = tl.load(beta_ptr)
             tl.store(rec_ptr, rec)
-            tl.store(kl_out_ptr, kl)
-            tl.store(loss_ptr, rec + beta * kl)
+            tl.store(kl_out_ptr, kl.to(ACC))
+            tl.store(loss_ptr, (rec + beta * kl).to(ACC))
         else:
             tl.store(loss_ptr, rec)
 
