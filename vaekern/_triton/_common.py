@@ -79,6 +79,7 @@ only: two runs are bitwise equal, and there are no atomics.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import triton
@@ -556,6 +557,27 @@ def recompute_operands(grad: torch.Tensor, input: torch.Tensor, target: torch.Te
     x, _, stride_x = as_rows(input)
     t, _, stride_t = as_rows(as_loadable(target))
     return x, t, stride_x, stride_t, True
+
+
+def log_scale_operand(log_scale: torch.Tensor, input: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, int]:
+    """``(log_scale, S_STRIDE)``: one value (0-d, or a [D] view of stride 0 such as an
+    ``expand``-ed scalar) read at stride 0, else D values at stride 1; ``acc`` is the math
+    dtype (the loss dtype), which log_scale must have."""
+    D = math.prod(input.shape[1:])  # also for B = 0
+    if log_scale.dtype != acc:
+        raise TypeError(f"vaekern (triton): log_scale must be {acc} here, got {log_scale.dtype}")
+    if log_scale.device != input.device:
+        raise ValueError(f"vaekern (triton): log_scale is on {log_scale.device}, input on {input.device}")
+    if log_scale.dim() == 0:
+        return log_scale, 0
+    if log_scale.shape != (D,):
+        raise ValueError(
+            f"vaekern (triton): log_scale must be 0-d or have D = {D} elements (input.shape[1:] flattened), "
+            f"got shape {tuple(log_scale.shape)}"
+        )
+    if D == 1 or log_scale.stride(0) == 0:
+        return log_scale, 0
+    return log_scale.contiguous(), 1
 
 
 def scale_stride(g: torch.Tensor) -> int:

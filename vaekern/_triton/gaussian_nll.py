@@ -44,8 +44,6 @@ NaN. Row layouts and lengths as for ``bernoulli_nll.py`` (``_common.as_rows``,
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -60,6 +58,7 @@ from vaekern._triton._common import (
     as_rows,
     device_guard,
     finalize,
+    log_scale_operand,
     recompute_operands,
     row_config,
     scale_stride,
@@ -125,27 +124,6 @@ def _gaussian_nll_bwd_kernel(
     )
 
 
-def _log_scale_operand(log_scale: torch.Tensor, input: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(log_scale, S_STRIDE)``: one value (0-d, or a [D] view of stride 0 such as an
-    ``expand``-ed scalar) read at stride 0, else D values at stride 1."""
-    acc = acc_dtype(input)
-    D = math.prod(input.shape[1:])  # also for B = 0
-    if log_scale.dtype != acc:
-        raise TypeError(f"gaussian_nll (triton): log_scale must be {acc} for {input.dtype} input, got {log_scale.dtype}")
-    if log_scale.device != input.device:
-        raise ValueError(f"gaussian_nll (triton): log_scale is on {log_scale.device}, input on {input.device}")
-    if log_scale.dim() == 0:
-        return log_scale, 0
-    if log_scale.shape != (D,):
-        raise ValueError(
-            f"gaussian_nll (triton): log_scale must be 0-d or have D = {D} elements (input.shape[1:] flattened), "
-            f"got shape {tuple(log_scale.shape)}"
-        )
-    if D == 1 or log_scale.stride(0) == 0:
-        return log_scale, 0
-    return log_scale.contiguous(), 1
-
-
 def gaussian_nll(input, target, log_scale, reduction: int, compute_grad: bool):
     """Fused Gaussian NLL and its saved gradient (schema ``vaekern_triton::gaussian_nll``).
 
@@ -168,7 +146,7 @@ def gaussian_nll(input, target, log_scale, reduction: int, compute_grad: bool):
     B = input.shape[0]
     x, D, stride_x = as_rows(input)
     t, _, stride_t = as_rows(as_loadable(target))
-    s, s_stride = _log_scale_operand(log_scale, input)
+    s, s_stride = log_scale_operand(log_scale, input, acc)
     grad = torch.empty(input.shape, dtype=input.dtype, device=input.device) if compute_grad else None
     out = input.new_empty((B,) if reduction == 0 else (), dtype=acc)
     BLOCK, num_warps, C, n_blocks = row_config(B, D, input.element_size())
@@ -205,7 +183,7 @@ def gaussian_nll_backward_(grad_input, grad_out, input, target, log_scale, reduc
     D = grad_input.numel() // B
     x, t, stride_x, stride_t, recompute = recompute_operands(grad_input, input, target)
     # log_scale is read only by the float16 recompute; elsewhere S_STRIDE 0 spares a compile.
-    s, s_stride = _log_scale_operand(log_scale, input) if recompute else (grad_out, 0)
+    s, s_stride = log_scale_operand(log_scale, input, acc_dtype(input)) if recompute else (grad_out, 0)
     BLOCK, num_warps, C, n_blocks = row_config(B, D, grad_input.element_size())
     with device_guard(grad_input):
         _gaussian_nll_bwd_kernel[(B, C)](

@@ -2,8 +2,10 @@
 
 Math (``vaekern.reference``), with ``reduce`` the batch reduction (mean, sum or none):
 
-* ``recon = reduce(sum_d nll(x[b, d], t[b, d]))`` with ``nll`` of ``bernoulli_nll.py``
-  (softplus form for logits, -100-clamped logs for probabilities);
+* ``recon = reduce(sum_d nll(x[b, d], t[b, d]))`` with ``nll`` the likelihood's
+  (``LIKELIHOOD``): the Bernoulli of ``bernoulli_nll.py`` (softplus form for logits,
+  -100-clamped logs for probabilities), the Gaussian of ``gaussian_nll.py`` with its
+  per-column log_scale, or the continuous Bernoulli of ``continuous_bernoulli_nll.py``;
 * ``kl = reduce(0.5 * sum_z (mu^2 + exp(min(lv, 60)) - 1 - lv))``;
 * ``loss = recon + beta * kl``, beta a 0-d tensor (read in the kernel: no host sync,
   and annealing it in place needs no recompile).
@@ -27,12 +29,12 @@ Backward, for upstream gradients ``(g_loss, g_recon, g_kl)``, each () or (B,):
   ``s = (g_loss * beta + g_kl)[b]``, divided by B for mean.
 
 The reconstruction term is generic: the kernel hands the likelihood's element function
-(``_common._bernoulli_logits_elem`` or ``_bernoulli_probs_elem``, by ``FROM_LOGITS`` at
-compile time) to ``_common._loss_row_chunk``, which tiles the row, sums the NLL and
-writes its gradient; the KL, the row scaling of the backward and the finalize never see
-the likelihood. A new likelihood is one element function there (see ``_common``'s
-header), plus its compile-time choice of ``ELEM`` here and whatever argument of the
-op's schema selects it.
+(chosen at compile time by ``LIKELIHOOD`` and ``FROM_LOGITS``; the Gaussian's with its
+log_scale as the per-column parameter) to ``_common._loss_row_chunk``, which tiles the
+row, sums the NLL and writes its gradient; the KL, the row scaling of the backward and the
+finalize never see the likelihood. A new likelihood is one element function there (see
+``_common``'s header), plus its compile-time choice of ``ELEM`` here and its code in
+``vaekern._ops._common.LIKELIHOODS``.
 
 Launches. Forward: ``_vae_loss_fwd_kernel`` over a (B, C) grid: program (b, c) reads
 column chunk c of row b once (NLL partial sum + gradient), and program (b, 0) also sums
@@ -67,6 +69,9 @@ from vaekern._triton._common import (
     _bernoulli_logits_elem,
     _bernoulli_probs_elem,
     _chunk_bounds,
+    _continuous_bernoulli_logits_elem,
+    _continuous_bernoulli_probs_elem,
+    _gaussian_elem,
     _kl_grad_elem,
     _kl_var_elem,
     _loss_row_chunk,
@@ -75,6 +80,7 @@ from vaekern._triton._common import (
     as_rows,
     device_guard,
     finalize,
+    log_scale_operand,
     math_itemsize,
     recompute_operands,
     row_config,
@@ -99,6 +105,9 @@ def _vae_loss_fwd_kernel(
     stride_lv,  # row stride of logvar, in elements
     B,  # rows (the gradient is divided by it for MEAN)
     n_blocks,  # column blocks per chunk; chunk c covers [c, c+1) * n_blocks * BLOCK
+    s_ptr,  # [D] or [] acc dtype: the Gaussian's log_scale, column stride S_STRIDE (LIKELIHOOD 1)
+    LIKELIHOOD: tl.constexpr,  # 0 Bernoulli, 1 Gaussian, 2 continuous Bernoulli (_ops LIKELIHOODS)
+    S_STRIDE: tl.constexpr,
     FROM_LOGITS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     MEAN: tl.constexpr,
@@ -110,12 +119,24 @@ def _vae_loss_fwd_kernel(
     chunk = tl.program_id(1)
     C = tl.num_programs(1)
     lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
-    ELEM: tl.constexpr = _bernoulli_logits_elem if FROM_LOGITS else _bernoulli_probs_elem
-    total = _loss_row_chunk(
-        ELEM, x_ptr + row * stride_x, t_ptr + row * stride_t, grad_ptr + row * D,
-        lo, hi, D, B,
-        ACC, COMPUTE_GRAD, MEAN, BLOCK,
-    )
+    if LIKELIHOOD == 1:  # the one likelihood with a parameter per column
+        total = _loss_row_chunk(
+            _gaussian_elem, x_ptr + row * stride_x, t_ptr + row * stride_t, grad_ptr + row * D,
+            lo, hi, D, B,
+            ACC, COMPUTE_GRAD, MEAN, BLOCK,
+            p_row=s_ptr, P_STRIDE=S_STRIDE,
+        )
+    else:
+        ELEM: tl.constexpr = (
+            (_continuous_bernoulli_logits_elem if FROM_LOGITS else _continuous_bernoulli_probs_elem)
+            if LIKELIHOOD == 2
+            else (_bernoulli_logits_elem if FROM_LOGITS else _bernoulli_probs_elem)
+        )
+        total = _loss_row_chunk(
+            ELEM, x_ptr + row * stride_x, t_ptr + row * stride_t, grad_ptr + row * D,
+            lo, hi, D, B,
+            ACC, COMPUTE_GRAD, MEAN, BLOCK,
+        )
     tl.store(part_ptr + row * C + chunk, total)
     if chunk == 0:
         # mu^2 and the sums in float64, the rest of each element in ACC (the header says why).
@@ -153,6 +174,9 @@ def _vae_loss_bwd_kernel(
     t_ptr,  # [B, D] its target, row stride stride_t (likewise)
     stride_x,
     stride_t,
+    s_ptr,  # [D] or [] the Gaussian's log_scale, column stride S_STRIDE (likewise)
+    LIKELIHOOD: tl.constexpr,
+    S_STRIDE: tl.constexpr,
     FROM_LOGITS: tl.constexpr,
     MEAN: tl.constexpr,
     RECOMPUTE: tl.constexpr,  # float16: recompute the elements out of its normal range
@@ -175,11 +199,23 @@ def _vae_loss_bwd_kernel(
             tl.store(gmu_ptr + row * Z + cols, g_mu.to(gmu_ptr.dtype.element_ty), mask=m)
             tl.store(glv_ptr + row * Z + cols, g_lv.to(glv_ptr.dtype.element_ty), mask=m)
     lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
-    ELEM: tl.constexpr = _bernoulli_logits_elem if FROM_LOGITS else _bernoulli_probs_elem
-    _scale_row_chunk(
-        ELEM, grad_ptr + row * D, x_ptr + row * stride_x, t_ptr + row * stride_t,
-        g_loss + tl.load(gr_ptr + row * stride_gr), lo, hi, D, B, MEAN, RECOMPUTE, BLOCK,
-    )
+    s_row = g_loss + tl.load(gr_ptr + row * stride_gr)
+    if LIKELIHOOD == 1:
+        _scale_row_chunk(
+            _gaussian_elem, grad_ptr + row * D, x_ptr + row * stride_x, t_ptr + row * stride_t,
+            s_row, lo, hi, D, B, MEAN, RECOMPUTE, BLOCK,
+            p_row=s_ptr, P_STRIDE=S_STRIDE,
+        )
+    else:
+        ELEM: tl.constexpr = (
+            (_continuous_bernoulli_logits_elem if FROM_LOGITS else _continuous_bernoulli_probs_elem)
+            if LIKELIHOOD == 2
+            else (_bernoulli_logits_elem if FROM_LOGITS else _bernoulli_probs_elem)
+        )
+        _scale_row_chunk(
+            ELEM, grad_ptr + row * D, x_ptr + row * stride_x, t_ptr + row * stride_t,
+            s_row, lo, hi, D, B, MEAN, RECOMPUTE, BLOCK,
+        )
 
 
 def _block_z(Z: int, num_warps: int, itemsize: int) -> int:
@@ -189,7 +225,10 @@ def _block_z(Z: int, num_warps: int, itemsize: int) -> int:
     return max(16, min(triton.next_power_of_2(max(Z, 1)), 32 * num_warps * per_thread))
 
 
-def vae_loss(recon, target, mu, logvar, beta, from_logits: bool, reduction: int, compute_grad: bool):
+def vae_loss(
+    recon, target, mu, logvar, beta, log_scale, likelihood: int, from_logits: bool, reduction: int,
+    compute_grad: bool,
+):
     """Fused negative ELBO (schema ``vaekern_triton::vae_loss``).
 
     Args:
@@ -197,7 +236,10 @@ def vae_loss(recon, target, mu, logvar, beta, from_logits: bool, reduction: int,
         target: same shape; any float dtype, bool or uint8.
         mu, logvar: ``[B, ...]`` posterior parameters, same shape and dtype.
         beta: 0-d tensor in the loss dtype, the KL weight.
-        from_logits: whether ``recon`` holds logits.
+        log_scale: the Gaussian's log standard deviation in the loss dtype, 0-d or one per
+            column of the flattened row (read for ``likelihood`` 1 only).
+        likelihood: 0 Bernoulli, 1 Gaussian, 2 continuous Bernoulli.
+        from_logits: whether ``recon`` holds logits (the Bernoullis).
         reduction: 0 none, 1 mean, 2 sum.
         compute_grad: whether to write the reconstruction gradient.
 
@@ -219,11 +261,13 @@ def vae_loss(recon, target, mu, logvar, beta, from_logits: bool, reduction: int,
     BLOCK, num_warps, C, n_blocks = row_config(B, D, math_itemsize(recon, acc))
     part = torch.empty((B, C), dtype=acc, device=recon.device)
     kl_rows = torch.empty((B,), dtype=torch.float64, device=recon.device)
+    s, s_stride = log_scale_operand(log_scale, recon, acc) if likelihood == 1 else (part, 0)
     with device_guard(recon):
         if B > 0:
             _vae_loss_fwd_kernel[(B, C)](
                 x, t, grad if compute_grad else x, part, m, lv, kl_rows,
-                D, Z, stride_x, stride_t, stride_mu, stride_lv, B, n_blocks,
+                D, Z, stride_x, stride_t, stride_mu, stride_lv, B, n_blocks, s,
+                LIKELIHOOD=likelihood, S_STRIDE=s_stride,
                 FROM_LOGITS=from_logits, COMPUTE_GRAD=compute_grad, MEAN=reduction == 1,
                 BLOCK=BLOCK, BLOCK_Z=_block_z(Z, num_warps, math_itemsize(mu, acc)), num_warps=num_warps,
             )
@@ -232,8 +276,8 @@ def vae_loss(recon, target, mu, logvar, beta, from_logits: bool, reduction: int,
 
 
 def vae_loss_backward_(
-    grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, mu, logvar, beta, from_logits: bool,
-    reduction: int,
+    grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, log_scale, mu, logvar, beta,
+    likelihood: int, from_logits: bool, reduction: int,
 ):
     """Backward of the fused loss (schema ``vaekern_triton::vae_loss_backward_``).
 
@@ -241,11 +285,11 @@ def vae_loss_backward_(
         grad_recon: ``[B, ...]`` the forward's saved gradient, scaled in place; may be
             empty (numel 0) when recon needs no gradient.
         grad_loss, grad_recon_term, grad_kl_term: ``()`` or ``(B,)`` upstream gradients.
-        recon, target: the forward's, read only to recompute float16 gradient elements
-            outside float16's normal range (``_common._scale_row_chunk``).
+        recon, target, log_scale: the forward's, read only to recompute float16 gradient
+            elements outside float16's normal range (``_common._scale_row_chunk``).
         mu, logvar: the forward's latents.
         beta: the forward's 0-d KL weight.
-        reduction: 0 none, 1 mean, 2 sum.
+        likelihood, from_logits, reduction: the forward's.
 
     Returns:
         ``(grad_mu, grad_logvar)``, contiguous, in mu's and logvar's dtypes.
@@ -261,16 +305,20 @@ def vae_loss_backward_(
         D = grad_recon.numel() // B
         BLOCK, num_warps, C, n_blocks = row_config(B, D, grad_recon.element_size())
         x, t, stride_x, stride_t, recompute = recompute_operands(grad_recon, recon, target)
+        loss_dtype = acc_dtype(recon, mu, logvar)
+        s, s_stride = log_scale_operand(log_scale, recon, loss_dtype) if recompute and likelihood == 1 else (x, 0)
     else:
         grad_recon, D, BLOCK, num_warps, C, n_blocks = gmu, 0, 128, 4, 1, 1
         x, t, stride_x, stride_t, recompute = gmu, gmu, 0, 0, False
+        s, s_stride = gmu, 0
     if B > 0:
         with device_guard(mu):
             _vae_loss_bwd_kernel[(B, C)](
                 grad_recon, grad_loss, grad_recon_term, grad_kl_term, beta, m, lv, gmu, glv,
                 D, Z, scale_stride(grad_loss), scale_stride(grad_recon_term), scale_stride(grad_kl_term),
-                stride_mu, stride_lv, B, n_blocks, x, t, stride_x, stride_t,
-                FROM_LOGITS=from_logits, MEAN=reduction == 1, RECOMPUTE=recompute, BLOCK=BLOCK, num_warps=num_warps,
+                stride_mu, stride_lv, B, n_blocks, x, t, stride_x, stride_t, s,
+                LIKELIHOOD=likelihood, S_STRIDE=s_stride, FROM_LOGITS=from_logits, MEAN=reduction == 1,
+                RECOMPUTE=recompute, BLOCK=BLOCK, num_warps=num_warps,
                 BLOCK_Z=_block_z(Z, num_warps, math_itemsize(mu, grad_loss.dtype)),
             )
     return gmu, glv
