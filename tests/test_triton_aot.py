@@ -153,10 +153,36 @@ def _cases():
                 ))
                 cases.append((
                     f"vae_loss_fwd x={dt} t={tdt} {kind}", "vae_loss", "_vae_loss_fwd_kernel",
-                    {"x_ptr": dt, "t_ptr": tdt, "grad_ptr": dt, "part_ptr": acc, "mu_ptr": dt, "lv_ptr": dt, "kl_ptr": "fp64"},
+                    {"x_ptr": dt, "t_ptr": tdt, "grad_ptr": dt, "part_ptr": acc, "mu_ptr": dt, "lv_ptr": dt, "kl_ptr": "fp64",
+                     "s_ptr": acc},
                     ("D", "Z", "stride_x", "stride_t", "stride_mu", "stride_lv"),
-                    {"FROM_LOGITS": logits, "COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z}, warps,
+                    {"LIKELIHOOD": 0, "S_STRIDE": 0, "FROM_LOGITS": logits, "COMPUTE_GRAD": True, "MEAN": True,
+                     "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z}, warps,
                 ))
+            # vae_loss with the likelihoods of issue 13: the Gaussian (one log_scale, or one
+            # per column) and the continuous Bernoulli, in float32 and float16.
+            if tdt == dt and dt in ("fp32", "fp16"):
+                for likelihood, s_stride in ((1, 0), (1, 1), (2, 0)):
+                    if likelihood == 1 and not logits:
+                        continue  # the Gaussian ignores from_logits: one compile each
+                    cases.append((
+                        f"vae_loss_fwd x={dt} likelihood={likelihood} s_stride={s_stride} {kind}", "vae_loss",
+                        "_vae_loss_fwd_kernel",
+                        {"x_ptr": dt, "t_ptr": tdt, "grad_ptr": dt, "part_ptr": acc, "mu_ptr": dt, "lv_ptr": dt,
+                         "kl_ptr": "fp64", "s_ptr": acc},
+                        ("D", "Z", "stride_x", "stride_t", "stride_mu", "stride_lv"),
+                        {"LIKELIHOOD": likelihood, "S_STRIDE": s_stride, "FROM_LOGITS": logits, "COMPUTE_GRAD": True,
+                         "MEAN": True, "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z}, warps,
+                    ))
+                    cases.append((
+                        f"vae_loss_bwd x={dt} likelihood={likelihood} s_stride={s_stride} {kind}", "vae_loss",
+                        "_vae_loss_bwd_kernel",
+                        {"grad_ptr": dt, "gl_ptr": acc, "gr_ptr": acc, "gk_ptr": acc, "beta_ptr": acc,
+                         "mu_ptr": dt, "lv_ptr": dt, "gmu_ptr": dt, "glv_ptr": dt, "x_ptr": dt, "t_ptr": dt, "s_ptr": acc},
+                        ("D", "Z", "stride_mu", "stride_lv", "stride_x", "stride_t"),
+                        {"LIKELIHOOD": likelihood, "S_STRIDE": s_stride, "FROM_LOGITS": logits, "MEAN": True,
+                         "RECOMPUTE": dt == "fp16", "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z}, warps,
+                    ))
         # The likelihoods of issue 13: the Gaussian with one log_scale (S_STRIDE 0) or one per
         # column (1), the continuous Bernoulli with its log normalizer on top of the Bernoulli.
         for tdt in (dt, "u8"):
@@ -211,9 +237,10 @@ def _cases():
             cases.append((
                 f"vae_loss_bwd x={dt} {kind}", "vae_loss", "_vae_loss_bwd_kernel",
                 {"grad_ptr": dt, "gl_ptr": acc, "gr_ptr": acc, "gk_ptr": acc, "beta_ptr": acc,
-                 "mu_ptr": dt, "lv_ptr": dt, "gmu_ptr": dt, "glv_ptr": dt, "x_ptr": dt, "t_ptr": dt},
+                 "mu_ptr": dt, "lv_ptr": dt, "gmu_ptr": dt, "glv_ptr": dt, "x_ptr": dt, "t_ptr": dt, "s_ptr": acc},
                 ("D", "Z", "stride_mu", "stride_lv", "stride_x", "stride_t"),
-                {"FROM_LOGITS": logits, "MEAN": True, "RECOMPUTE": dt == "fp16", "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z},
+                {"LIKELIHOOD": 0, "S_STRIDE": 0, "FROM_LOGITS": logits, "MEAN": True, "RECOMPUTE": dt == "fp16",
+                 "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z},
                 warps,
             ))
         for red in (0, 1):
@@ -250,17 +277,19 @@ def _cases():
         VAE_BLOCK_Z = _block_z(Z_LATENT, warps, 8)
         cases.append((
             f"vae_loss_fwd x={xdt} t=u8 mu={mdt} logits", "vae_loss", "_vae_loss_fwd_kernel",
-            {"x_ptr": xdt, "t_ptr": "u8", "grad_ptr": xdt, "part_ptr": "fp64", "mu_ptr": mdt, "lv_ptr": mdt, "kl_ptr": "fp64"},
+            {"x_ptr": xdt, "t_ptr": "u8", "grad_ptr": xdt, "part_ptr": "fp64", "mu_ptr": mdt, "lv_ptr": mdt, "kl_ptr": "fp64",
+             "s_ptr": "fp64"},
             ("D", "Z", "stride_x", "stride_t", "stride_mu", "stride_lv"),
-            {"FROM_LOGITS": True, "COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z}, warps,
+            {"LIKELIHOOD": 0, "S_STRIDE": 0, "FROM_LOGITS": True, "COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK,
+             "BLOCK_Z": VAE_BLOCK_Z}, warps,
         ))
         BLOCK, warps, _, _ = _common.row_config(B_BATCH, D_IMAGE, DTYPES[xdt])  # backward: by the gradient's size
         cases.append((
             f"vae_loss_bwd x={xdt} mu={mdt}", "vae_loss", "_vae_loss_bwd_kernel",
             {"grad_ptr": xdt, "gl_ptr": "fp64", "gr_ptr": "fp64", "gk_ptr": "fp64", "beta_ptr": "fp64",
-             "mu_ptr": mdt, "lv_ptr": mdt, "gmu_ptr": mdt, "glv_ptr": mdt, "x_ptr": xdt, "t_ptr": "u8"},
+             "mu_ptr": mdt, "lv_ptr": mdt, "gmu_ptr": mdt, "glv_ptr": mdt, "x_ptr": xdt, "t_ptr": "u8", "s_ptr": "fp64"},
             ("D", "Z", "stride_mu", "stride_lv", "stride_x", "stride_t"),
-            {"FROM_LOGITS": True, "MEAN": True, "RECOMPUTE": xdt == "fp16", "BLOCK": BLOCK,
+            {"LIKELIHOOD": 0, "S_STRIDE": 0, "FROM_LOGITS": True, "MEAN": True, "RECOMPUTE": xdt == "fp16", "BLOCK": BLOCK,
              "BLOCK_Z": _block_z(Z_LATENT, warps, 8)},
             warps,
         ))
