@@ -15,8 +15,9 @@ namespace vaekern::cpu {
 // Per-row sums of the element values, by `kernel` (an entry of the Kernels table, such as
 // kernels().bernoulli_nll[from_logits]). Writes d(value)/d(input) times grad_scale into
 // grad when grad is defined (contiguous, input's shape and dtype). Non-contiguous inputs
-// are copied to contiguous first.
+// are copied to contiguous first. param: the likelihood's per-column parameter, if it
+// takes one (checked by the op: check_column_param), else undefined.
 std::vector<double> likelihood_rows(LikelihoodKernel kernel, const at::Tensor& input, const at::Tensor& target,
-                                    double grad_scale, const at::Tensor& grad);
+                                    double grad_scale, const at::Tensor& grad, const at::Tensor& param = {});
 
 }  // namespace vaekern::cpu
