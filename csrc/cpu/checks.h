@@ -43,11 +43,10 @@ inline void check_target(const at::Tensor& target, const at::Tensor& input) {
 
 // A likelihood's per-column parameter (the Gaussian's log_scale), as the op layer passes
 // it: 0-d (one value for every element), or 1-d with one value per element of a row of
-// input (D = numel of input.shape[1:], the op layer's broadcast flattened), in the
-// accumulation dtype: float32, float64 for float64 input.
-inline void check_column_param(const at::Tensor& p, const at::Tensor& input, const char* name) {
+// input (D = numel of input.shape[1:], the op layer's broadcast flattened), in acc, the
+// accumulation dtype that the kernel computes in (float32; float64 for float64 input).
+inline void check_column_param(const at::Tensor& p, const at::Tensor& input, c10::ScalarType acc, const char* name) {
   TORCH_CHECK(p.device().is_cpu(), "vaekern (cpu): ", name, " must be a CPU tensor, got ", p.device());
-  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(p.scalar_type() == acc, "vaekern (cpu): ", name, " must be ", acc,
               " (the accumulation dtype of a ", input.scalar_type(), " input), got ", p.scalar_type());
   const int64_t cols = c10::multiply_integers(input.sizes().slice(1));

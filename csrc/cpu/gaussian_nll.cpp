@@ -36,21 +36,23 @@ std::tuple<at::Tensor, at::Tensor> gaussian_nll_cpu(const at::Tensor& input, con
                                                     bool compute_grad) {
   check_float(input, "input");
   check_target(target, input);
-  check_column_param(log_scale, input, "log_scale");
+  const c10::ScalarType acc = acc_dtype({&input});
+  check_column_param(log_scale, input, acc, "log_scale");
   check_reduction(reduction);
   const int64_t rows = input.size(0);
   at::Tensor grad = compute_grad ? empty_output(input.sizes(), input.options()) : input.new_empty({0});
   const double grad_scale = reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0;
   const auto nll = likelihood_rows(kernels().gaussian_nll, input, target, grad_scale,
-                                   compute_grad ? grad : at::Tensor(), log_scale);
-  return {reduce_rows(nll, reduction, acc_dtype({&input})), grad};
+                                   compute_grad ? grad : at::Tensor(), acc, log_scale);
+  return {reduce_rows(nll, reduction, acc), grad};
 }
 
 void gaussian_nll_backward_cpu(const at::Tensor& grad_input, const at::Tensor& grad_out, const at::Tensor& input,
                                const at::Tensor& target, const at::Tensor& log_scale, int64_t reduction) {
   if (grad_input.numel() == 0) return;
   check_reduction(reduction);
-  check_column_param(log_scale, input, "log_scale");
+  // The float16 recompute reads log_scale in float, the accumulation dtype of float16.
+  check_column_param(log_scale, input, acc_dtype({&input}), "log_scale");
   const int64_t rows = grad_input.size(0);
   scale_rows_(kernels().gaussian_nll_scale_rows, grad_input, row_values(grad_out, rows, "grad_out"), input, target,
               reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0, log_scale);

@@ -51,8 +51,9 @@ constexpr int64_t kNoiseBlock = 1024;
 inline int64_t num_chunks(int64_t cols) { return cols <= kChunk ? 1 : (cols + kChunk - 1) / kChunk; }
 
 // A per-column parameter of a likelihood (the Gaussian's log_scale): one value per column
-// of the flattened row, in the arithmetic type (float; double for double input), or one
-// value for every column (stride 0). data is nullptr for a likelihood without one.
+// of the flattened row, in the arithmetic type of the loop that reads it (LikelihoodArgs::
+// acc_dtype; float for ScaleRowsArgs' float16 recompute), or one value for every column
+// (stride 0). data is nullptr for a likelihood without one.
 struct ColumnParam {
   const void* data = nullptr;  // [cols] (stride 1) or [1] (stride 0)
   int64_t stride = 0;
@@ -67,7 +68,8 @@ struct LikelihoodArgs {
   double* partials;           // [rows, chunks] per-chunk sums of the element values
   int64_t rows, cols, chunks;
   double grad_scale;          // 1, or 1/B for reduction=mean
-  ColumnParam param = {};     // for a functor that takes one (likelihood_kernel.h)
+  c10::ScalarType acc_dtype;  // float or double: the element math and the sums
+  ColumnParam param = {};     // for a functor that takes one (likelihood_kernel.h), in acc_dtype
 };
 
 // Tasks are (row, chunk) pairs in row-major order, [begin, end).
@@ -97,6 +99,8 @@ struct GaussianKlArgs {
   const void* logvar;         // [rows, cols]
   c10::ScalarType dtype;
   int64_t rows, cols;
+  c10::ScalarType acc_dtype;  // forward: float or double, the element math (and the sums)
+  bool wide_sums;             // forward: mu^2 and the sums in double whatever acc_dtype
   double* out;                // forward: [rows] row sums of the KL
   const double* scale;        // backward: [rows] d(loss)/d(row KL)
   void* grad_mu;              // backward: [rows, cols]
