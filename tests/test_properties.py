@@ -24,11 +24,10 @@ minute for the whole file on two CPU cores, with fewer examples for the slow bac
 (Triton's interpreter, the CUDA emulation); ``HYPOTHESIS_PROFILE=long`` draws ten times as
 many, randomly, for a search on demand.
 
-Known faults listed in issue 16 are kept out of the draws by ``_known_fault`` (each with
-the item number), and ``test_known_fault_still_present`` keeps a minimal case of each as a
-strict xfail: when one is fixed, that test fails and the exclusion should go. Items 3 and
-7 are faults of Triton's interpreter, not of the kernels: their draws are left out only
-where the triton backend is interpreted, their cases are the per-op tests
+The faults of issue 16 that these draws found are fixed, each with a test of its own.
+Items 3 and 7 are faults of Triton's interpreter, not of the kernels: ``_known_fault``
+leaves their draws out only where the triton backend is interpreted, their cases are the
+per-op tests
 ``test_float64_mixed_with_bfloat16`` and ``test_bfloat16_subnormal_probabilities`` (strict
 xfails in the interpreter, plain tests on a GPU), and tests/test_triton_aot.py holds the
 interpreter's casts in isolation and the compiled code's conversions.
@@ -524,21 +523,9 @@ def test_vae_loss(backend, device):
         )
         loss_dtype = _loss_dtype(dtype, mu_spec.dtype)
         tol = _tol(LOSS_TOL, dtype, mu_spec.dtype)
-        # beta 0 times a KL beyond the loss dtype's range: the oracle's loss is the recon term,
-        # the fused backends' is 0 * inf = NaN (found by this file; test_known_fault_still_present).
-        zero_beta_fault = _fused_backends(backend) and float(beta) == 0 and bool(want[2].to(loss_dtype).isinf().any())
-        # Issue 16 item 6: cpu computes each term in its own input's precision.
-        item6 = (
-            backend == "cpu" and dtype != mu_spec.dtype and loss_dtype == torch.float64
-            and any(bool((w.abs() > _FINITE_LIMIT[torch.float32]).any()) for w in want)
-        )  # fmt: skip
-        note(f"zero beta times an infinite kl: {zero_beta_fault}; item 6: {item6}")
         for name, got, w in zip(("loss", "recon", "kl"), parts, want):
             assert got.dtype == loss_dtype, f"{name} dtype {got.dtype}, want {loss_dtype}"
-            if item6:
-                continue
-            if not (zero_beta_fault and name == "loss"):
-                assert_matches(name, got, w, tol)
+            assert_matches(name, got, w, tol)
 
         live = [i for i in range(3) if want[i].requires_grad]  # recon is constant without recon_grad and beta 0
         torch.autograd.backward([parts[i] for i in live], [ups[i].to(loss_dtype).to(device) for i in live])
@@ -574,33 +561,23 @@ def test_oracle_is_infinite_where_its_formula_is():
     assert value.item() == _INF, value
 
 
-def _fault_zero_beta_times_infinite_kl(backend):
-    # KL annealing starts at beta = 0; an encoder whose mu overflows float32 when squared
-    # then gives a NaN loss where the recon term alone is the answer.
-    r, x = torch.zeros(1, 4), torch.full((1, 4), 0.5)
-    mu, lv = torch.full((1, 2), 3e38), torch.zeros(1, 2)
-    loss = vaekern.vae_loss(r, x, mu, lv, beta=0.0, backend=backend)
-    assert loss.item() == pytest.approx(4 * math.log(2)), loss
-
-
-def _fault(backends, fault, reason, id):
-    mark = pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
-    return pytest.param(backends, fault, id=id, marks=mark)
-
-
-@pytest.mark.parametrize(
-    "backends, fault",
-    [
-        _fault(
-            ("cpu", "triton", "cuda"), _fault_zero_beta_times_infinite_kl, id="zero-beta-times-infinite-kl",
-            reason="vae_loss with beta=0 and a KL that overflows the loss dtype gives loss NaN (0 * inf) on the fused "
-            "backends; the oracle, and the documented recon + beta * kl, give the recon term",
-        ),
-    ],
-)  # fmt: skip
-def test_known_fault_still_present(backend, device, backends, fault):
-    """A minimal case of each fault that the draws above leave out (``_known_fault``). Strict xfail: when a fault is fixed its case fails, and then the
-    exclusion above should go with the marker."""
-    if backend not in backends or device.type != "cpu":
-        pytest.skip("the fault is seen on another backend")
-    fault(backend)
+@pytest.mark.parametrize("beta", [0.0, "tensor"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_zero_beta_leaves_out_a_kl_beyond_the_loss_range(backend, device, beta, reduction):
+    """KL annealing starts at beta = 0. An encoder whose mu overflows float32 when squared
+    has a KL beyond the float32 loss's range but finite in the oracle's float64, so the
+    loss is the recon term (0 * inf once made it NaN on the fused backends; found by this
+    file). The KL part is still the KL, inf in float32; an infinite input, whose KL is
+    infinite in float64 too, gives NaN as in the oracle."""
+    beta = torch.tensor(0.0, device=device) if beta == "tensor" else beta
+    r, x = torch.zeros(2, 4, device=device), torch.full((2, 4), 0.5, device=device)
+    mu, lv = torch.full((2, 2), 3e38, device=device), torch.zeros(2, 2, device=device)
+    if reduction == "none":
+        mu[1, 0] = _INF
+    loss, rec, kl = vaekern.vae_loss(r, x, mu, lv, beta=beta, reduction=reduction, return_parts=True, backend=backend)
+    want = reference.vae_loss_ref(r, x, mu, lv, beta=beta, reduction=reduction)
+    for name, got, w in zip(("loss", "recon", "kl"), (loss, rec, kl), want):
+        assert_matches(name, got, w, LOSS_TOL[torch.float32])
+    if reduction == "none":  # the assertions above, spelled out
+        assert loss[0].item() == pytest.approx(4 * math.log(2)) and kl[0].item() == _INF, (loss, kl)
+        assert loss[1].isnan(), loss

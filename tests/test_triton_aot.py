@@ -151,7 +151,7 @@ def _cases():
                 ))
                 cases.append((
                     f"vae_loss_fwd x={dt} t={tdt} {kind}", "vae_loss", "_vae_loss_fwd_kernel",
-                    {"x_ptr": dt, "t_ptr": tdt, "grad_ptr": dt, "part_ptr": acc, "mu_ptr": dt, "lv_ptr": dt, "kl_ptr": acc},
+                    {"x_ptr": dt, "t_ptr": tdt, "grad_ptr": dt, "part_ptr": acc, "mu_ptr": dt, "lv_ptr": dt, "kl_ptr": "fp64"},
                     ("D", "Z", "stride_x", "stride_t", "stride_mu", "stride_lv"),
                     {"FROM_LOGITS": logits, "COMPUTE_GRAD": True, "MEAN": True, "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z}, warps,
                 ))
@@ -238,7 +238,9 @@ def _cases():
             for has_kl in (True, False):
                 cases.append((
                     f"finalize {acc} reduction={red} kl={has_kl}", "_common", "_finalize_kernel",
-                    {p: acc for p in ("part_ptr", "kl_ptr", "beta_ptr", "loss_ptr", "rec_ptr", "kl_out_ptr")}, (),
+                    # vae_loss's KL rows are float64 whatever acc (_triton/vae_loss.py)
+                    {p: acc for p in ("part_ptr", "kl_ptr", "beta_ptr", "loss_ptr", "rec_ptr", "kl_out_ptr")}
+                    | ({"kl_ptr": "fp64"} if has_kl else {}), (),
                     {"HAS_KL": has_kl, "REDUCTION": red, "BLOCK_B": 16, "BLOCK_C": 64}, 4,
                 ))
     return cases

@@ -205,6 +205,38 @@ def test_nan_propagates(backend, device):
     assert torch.isnan(rows[0]) and torch.isfinite(rows[1:]).all()
 
 
+@pytest.mark.parametrize("wide", ["recon", "latents"])
+def test_mixed_dtypes_sum_in_the_loss_dtype(backend, device, wide):
+    """float64 beside float32 gives a float64 loss, and both terms are summed in float64:
+    a term beyond float32's range is finite (issue 16 item 6). The narrow side's values are
+    exact in float32; only their squares and sums leave its range."""
+    f64, f32 = (torch.float64, torch.float32) if wide == "recon" else (torch.float32, torch.float64)
+    recon = torch.full((3, 64), 3e38, dtype=f64, device=device)  # NLL 3e38 each for target 0
+    t = torch.zeros(3, 64, device=device)
+    mu = torch.full((3, 5), 3e30, dtype=f32, device=device)  # KL 4.5e60 each
+    logvar = torch.zeros(3, 5, dtype=f32, device=device)
+    for reduction in REDUCTIONS:
+        parts = vaekern.vae_loss(recon, t, mu, logvar, reduction=reduction, return_parts=True, backend=backend)
+        want = vae_loss_ref(recon, t, mu, logvar, reduction=reduction)
+        for got, w in zip(parts, want):
+            assert got.dtype == torch.float64
+            assert_loss_close(got, w, torch.float64)
+
+
+@pytest.mark.parametrize("beta, mu", [(1e39, 1e-5), (1e-50, 1e20)], ids=["beyond-float", "below-float"])
+def test_float32_latent_gradients_take_a_float64_scale(backend, device, beta, mu):
+    """A float64 loss may weigh float32 latents by a beta outside float32's range: their
+    gradient beta * mu is still within it, and must not be formed from a rounded beta."""
+    recon, t = torch.zeros(2, 4, dtype=torch.float64, device=device), torch.full((2, 4), 0.5, device=device)
+    m, lv = leaf(torch.full((2, 3), mu, device=device)), leaf(torch.zeros(2, 3, device=device))
+    vaekern.vae_loss(recon, t, m, lv, beta=beta, backend=backend).backward()
+    mr, lr = leaf(m.double()), leaf(lv.double())
+    vae_loss_ref(recon, t, mr, lr, beta=beta)[0].backward()
+    # Relative only: below float's normals the absolute tolerance would pass a 0.
+    torch.testing.assert_close(m.grad, mr.grad.float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(lv.grad, lr.grad.float(), rtol=1e-5, atol=0)
+
+
 def test_deterministic(backend, device):
     recon, t = logits((37, 333), torch.float32, device), target((37, 333), "float", device)
     mu, logvar = latents((37, 9), torch.float32, device)

@@ -37,9 +37,10 @@ std::tuple<at::Tensor, at::Tensor> bernoulli_nll_cpu(const at::Tensor& input, co
   const int64_t rows = input.size(0);
   at::Tensor grad = compute_grad ? empty_output(input.sizes(), input.options()) : input.new_empty({0});
   const double grad_scale = reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0;
+  const c10::ScalarType acc = acc_dtype({&input});
   const auto nll = likelihood_rows(kernels().bernoulli_nll[from_logits], input, target, grad_scale,
-                                   compute_grad ? grad : at::Tensor());
-  return {reduce_rows(nll, reduction, acc_dtype({&input})), grad};
+                                   compute_grad ? grad : at::Tensor(), acc);
+  return {reduce_rows(nll, reduction, acc), grad};
 }
 
 void bernoulli_nll_backward_cpu(const at::Tensor& grad_input, const at::Tensor& grad_out, const at::Tensor& input,

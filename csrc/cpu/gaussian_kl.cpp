@@ -24,7 +24,8 @@ namespace {
 at::Tensor gaussian_kl_cpu(const at::Tensor& mu, const at::Tensor& logvar, int64_t reduction) {
   check_latents(mu, logvar);
   check_reduction(reduction);
-  return reduce_rows(gaussian_kl_rows(mu, logvar), reduction, acc_dtype({&mu, &logvar}));
+  const c10::ScalarType acc = acc_dtype({&mu, &logvar});
+  return reduce_rows(gaussian_kl_rows(mu, logvar, acc, false), reduction, acc);
 }
 
 std::tuple<at::Tensor, at::Tensor> gaussian_kl_backward_cpu(const at::Tensor& grad_out, const at::Tensor& mu,

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "cpu/vaekern_cpu.h"
 
@@ -21,6 +22,15 @@ using Vec = at::vec::Vectorized<T>;
 // Arithmetic type for an input dtype: double for double, float for everything else.
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Calls f(A{}) for the arithmetic type that acc names (kFloat or kDouble), for inputs of
+// type T: a float64 loss computes float32 inputs in double, so that a term beyond float's
+// range stays finite. A double input is never computed in float.
+template <typename T, typename F>
+inline void dispatch_acc(c10::ScalarType acc, F&& f) {
+  if (acc == c10::ScalarType::Double) return f(double{});
+  if constexpr (!std::is_same_v<T, double>) return f(float{});
+}
 
 // Loads n <= Vec<A>::size() elements of src_t as A; lanes past n are zero.
 template <typename A, typename src_t>
@@ -44,6 +54,16 @@ inline void store_as(const Vec<A>& v, dst_t* p, int64_t n) {
     v.store(buf);
     for (int64_t i = 0; i < n; ++i) p[i] = static_cast<dst_t>(buf[i]);
   }
+}
+
+// The lanes of a float vector as doubles: lanes [0, W/2) and [W/2, W).
+inline std::pair<Vec<double>, Vec<double>> widen(const Vec<float>& v) {
+  static_assert(Vec<float>::size() == 2 * Vec<double>::size());
+  alignas(64) float f[Vec<float>::size()];
+  alignas(64) double d[Vec<float>::size()];
+  v.store(f);
+  for (int64_t i = 0; i < Vec<float>::size(); ++i) d[i] = f[i];
+  return {Vec<double>::loadu(d), Vec<double>::loadu(d + Vec<double>::size())};
 }
 
 // Sum of the lanes in lane order, in double.

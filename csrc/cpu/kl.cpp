@@ -21,11 +21,14 @@ GaussianKlArgs latent_args(const at::Tensor& mu, const at::Tensor& logvar) {
 
 }  // namespace
 
-std::vector<double> gaussian_kl_rows(const at::Tensor& mu_, const at::Tensor& logvar_) {
+std::vector<double> gaussian_kl_rows(const at::Tensor& mu_, const at::Tensor& logvar_, c10::ScalarType acc,
+                                     bool wide_sums) {
   const at::Tensor mu = mu_.contiguous(), logvar = logvar_.contiguous();
   const int64_t rows = mu.size(0), cols = row_len(mu);
   std::vector<double> out(rows);
   GaussianKlArgs args = latent_args(mu, logvar);
+  args.acc_dtype = acc;
+  args.wide_sums = wide_sums;
   args.out = out.data();
   const Kernels& k = kernels();
   at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) { k.gaussian_kl(args, begin, end); });

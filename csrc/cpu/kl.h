@@ -10,8 +10,10 @@
 
 namespace vaekern::cpu {
 
-// Per-row KL sums.
-std::vector<double> gaussian_kl_rows(const at::Tensor& mu, const at::Tensor& logvar);
+// Per-row KL sums, computed in acc (float, or double; never float for double latents);
+// with wide_sums, mu^2 and the sums in double whatever acc (vae_loss).
+std::vector<double> gaussian_kl_rows(const at::Tensor& mu, const at::Tensor& logvar, c10::ScalarType acc,
+                                     bool wide_sums);
 
 // (scale[b] * d kl_b / d mu, scale[b] * d kl_b / d logvar), contiguous.
 std::tuple<at::Tensor, at::Tensor> gaussian_kl_grads(const std::vector<double>& scale, const at::Tensor& mu,

@@ -13,10 +13,11 @@
 namespace vaekern::cpu {
 
 // Per-row sums of the element values, by `kernel` (an entry of the Kernels table, such as
-// kernels().bernoulli_nll[from_logits]). Writes d(value)/d(input) times grad_scale into
-// grad when grad is defined (contiguous, input's shape and dtype). Non-contiguous inputs
-// are copied to contiguous first.
+// kernels().bernoulli_nll[from_logits]), computed in acc (the loss dtype: float, or double
+// for a float64 input or loss). Writes d(value)/d(input) times grad_scale into grad when
+// grad is defined (contiguous, input's shape and dtype). Non-contiguous inputs are copied
+// to contiguous first.
 std::vector<double> likelihood_rows(LikelihoodKernel kernel, const at::Tensor& input, const at::Tensor& target,
-                                    double grad_scale, const at::Tensor& grad);
+                                    double grad_scale, const at::Tensor& grad, c10::ScalarType acc);
 
 }  // namespace vaekern::cpu

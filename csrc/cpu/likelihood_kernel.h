@@ -7,8 +7,8 @@
 //   };
 //
 // which gives, lane by lane, the value of one element (its negative log-likelihood for the
-// decoder output x and target t) and grad = d value / d x, in the arithmetic type A (float,
-// double for double inputs). likelihood_kernel<Elem> is then its entry in the Kernels table
+// decoder output x and target t) and grad = d value / d x, in the arithmetic type A (float;
+// double for double inputs, and for any input whose loss is float64: acc_dtype). likelihood_kernel<Elem> is then its entry in the Kernels table
 // (kernel_table.h); the tiling, the row partials and the gradient stores are all here.
 // bernoulli_nll_kernel.h holds the one likelihood so far, BernoulliNll<from_logits>.
 //
@@ -22,9 +22,8 @@
 
 namespace vaekern::cpu::CPU_CAPABILITY {
 
-template <typename Elem, typename in_t, typename tgt_t>
+template <typename Elem, typename in_t, typename tgt_t, typename A>
 void likelihood_tasks(const LikelihoodArgs& a, int64_t begin, int64_t end) {
-  using A = acc_t<in_t>;
   constexpr int64_t W = Vec<A>::size();
   const Elem elem{};
   const Vec<A> zero(A(0)), scale(static_cast<A>(a.grad_scale));
@@ -48,12 +47,16 @@ void likelihood_tasks(const LikelihoodArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-// The Kernels entry of likelihood Elem: the loop above for the input and target dtypes.
+// The Kernels entry of likelihood Elem: the loop above for the input, target and
+// arithmetic dtypes.
 template <typename Elem>
 void likelihood_kernel(const LikelihoodArgs& a, int64_t begin, int64_t end) {
   dispatch_float(a.input_dtype, [&](auto in) {
+    using in_t = decltype(in);
     dispatch_target(a.target_dtype, [&](auto tgt) {
-      likelihood_tasks<Elem, decltype(in), decltype(tgt)>(a, begin, end);
+      dispatch_acc<in_t>(a.acc_dtype, [&](auto acc) {
+        likelihood_tasks<Elem, in_t, decltype(tgt), decltype(acc)>(a, begin, end);
+      });
     });
   });
 }

@@ -10,7 +10,9 @@
 //   d/d mu, d/d logvar = gaussian_kl gradients * (g_loss * beta + g_kl_term) (/ B for mean)
 //
 // dtypes: as bernoulli_nll and gaussian_kl; the loss dtype is float64 if any of recon, mu,
-// logvar is float64, else float32.
+// logvar is float64, else float32. The recon term is computed in the loss dtype (float32
+// recon beside float64 latents in double), and so is the KL, but with mu^2 and its sums in
+// double (see vae_loss_cpu); the loss is formed in double, then rounded to the loss dtype.
 #include <torch/library.h>
 
 #include "cpu/allocation.h"
@@ -44,9 +46,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(const at
 
   at::Tensor grad = compute_grad ? empty_output(recon.sizes(), recon.options()) : recon.new_empty({0});
   const double grad_scale = reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0;
+  // The recon term in the loss's dtype: float32 recon beside float64 latents gives a
+  // float64 loss, in which a term beyond float's range is finite.
   const std::vector<double> rec = likelihood_rows(kernels().bernoulli_nll[from_logits], recon, target, grad_scale,
-                                                  compute_grad ? grad : at::Tensor());
-  const std::vector<double> kl = gaussian_kl_rows(mu, logvar);
+                                                  compute_grad ? grad : at::Tensor(), dt);
+  // The KL in the loss's dtype, but mu^2 and its sums in double whatever that is, as in the
+  // oracle (float64): for finite float32 latents the KL is then finite (mu^2 <= 1.2e77),
+  // and beta = 0 leaves the recon term, where a float KL beyond float's range made the
+  // loss 0 * inf = NaN. Skipping the product at beta = 0 instead would also drop a KL that
+  // is infinite in the oracle too (an infinite latent), whose loss is NaN there. The loss
+  // is formed in double and rounded to dt, like the KL part: inf where the KL is beyond
+  // dt's range. Only the square and the sums are double: the exp stays in float.
+  const std::vector<double> kl = gaussian_kl_rows(mu, logvar, dt, true);
 
   at::Tensor rec_t = reduce_rows(rec, reduction, dt);
   at::Tensor kl_t = reduce_rows(kl, reduction, dt);

@@ -56,6 +56,7 @@ struct LikelihoodArgs {
   double* partials;           // [rows, chunks] per-chunk sums of the element values
   int64_t rows, cols, chunks;
   double grad_scale;          // 1, or 1/B for reduction=mean
+  c10::ScalarType acc_dtype;  // float or double: the element math and the sums
 };
 
 // Tasks are (row, chunk) pairs in row-major order, [begin, end).
@@ -84,6 +85,8 @@ struct GaussianKlArgs {
   const void* logvar;         // [rows, cols]
   c10::ScalarType dtype;
   int64_t rows, cols;
+  c10::ScalarType acc_dtype;  // forward: float or double, the element math (and the sums)
+  bool wide_sums;             // forward: mu^2 and the sums in double whatever acc_dtype
   double* out;                // forward: [rows] row sums of the KL
   const double* scale;        // backward: [rows] d(loss)/d(row KL)
   void* grad_mu;              // backward: [rows, cols]

@@ -3,8 +3,9 @@
 // recomputed from mu and logvar (latent-sized, cheap) by gaussian_kl_backward and
 // vae_loss_backward_.
 //
-// Dtypes: mu and logvar float16, bfloat16, float32 or float64, the same for both; computed
-// in float (double for double), stored in mu's dtype.
+// Dtypes: mu and logvar float16, bfloat16, float32 or float64, the same for both; the
+// derivatives computed in float (double for double), their products with s in double,
+// stored in mu's dtype.
 // Limits: one thread per element, scalar loads (latents are small); non-contiguous latents
 // are copied to contiguous first.
 #include "kl.cuh"
@@ -23,9 +24,11 @@ __global__ void __launch_bounds__(kThreads)
   using acc_t = acc_type<scalar_t>;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
-    const acc_t s = static_cast<acc_t>(scale(i / D));
-    grad_mu[i] = static_cast<scalar_t>(s * to_acc<scalar_t, acc_t>(mu[i]));
-    grad_lv[i] = static_cast<scalar_t>(s * kl_grad_lv(to_acc<scalar_t, acc_t>(lv[i])));
+    // The scale stays double (a float64 loss's upstream times beta may be beyond float's
+    // range, or below its normals): each product in double, rounded once to scalar_t.
+    const double s = scale(i / D);
+    grad_mu[i] = static_cast<scalar_t>(s * static_cast<double>(to_acc<scalar_t, acc_t>(mu[i])));
+    grad_lv[i] = static_cast<scalar_t>(s * static_cast<double>(kl_grad_lv(to_acc<scalar_t, acc_t>(lv[i]))));
   }
 }
 

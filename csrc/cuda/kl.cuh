@@ -14,11 +14,17 @@
 namespace vaekern {
 namespace cuda {
 
+// Twice the KL less mu^2: finite in float for every finite lv (at most 1.2e26, or -lv).
 // exp(lv) - 1 is formed with expm1: near lv = 0, exp rounded first would carry an absolute
 // error of an ulp of 1 into terms of size lv^2 / 2 (and lv / 2 for the gradient).
 template <typename acc_t>
+__device__ __forceinline__ acc_t kl_var_elem(acc_t lv) {
+  return dexpm1(clamp_max(lv, acc_t(kLogvarMax))) - lv;
+}
+
+template <typename acc_t>
 __device__ __forceinline__ acc_t kl_elem(acc_t mu, acc_t lv) {
-  return acc_t(0.5) * (mu * mu + (dexpm1(clamp_max(lv, acc_t(kLogvarMax))) - lv));
+  return acc_t(0.5) * (mu * mu + kl_var_elem(lv));
 }
 
 template <typename acc_t>
@@ -31,6 +37,19 @@ template <typename lat_t, typename acc_t>
 __device__ __forceinline__ acc_t kl_tile(const lat_t* mu, const lat_t* lv, int64_t start, int64_t end, int sub, int G) {
   acc_t sum = 0;
   for (int64_t e = start + sub; e < end; e += G) sum += kl_elem(to_acc<lat_t, acc_t>(mu[e]), to_acc<lat_t, acc_t>(lv[e]));
+  return sum;
+}
+
+// As kl_tile, with mu^2 and the sum in double whatever acc_t: vae_loss's KL (vae_loss.cu
+// says why). Only these can leave float's range; kl_var_elem stays in acc_t.
+template <typename lat_t, typename acc_t>
+__device__ __forceinline__ double kl_tile_wide(const lat_t* mu, const lat_t* lv, int64_t start, int64_t end, int sub,
+                                               int G) {
+  double sum = 0;
+  for (int64_t e = start + sub; e < end; e += G) {
+    const double m = to_acc<lat_t, acc_t>(mu[e]);
+    sum += 0.5 * (m * m + static_cast<double>(kl_var_elem(to_acc<lat_t, acc_t>(lv[e]))));
+  }
   return sum;
 }
 

@@ -5,9 +5,11 @@
 // of bernoulli_nll or gaussian_kl, or vae_loss's reconstruction term) and, for vae_loss,
 // the KL term's, which the loss adds times beta (read on the device):
 //   out[s] = sum / divisor,  out_kl[s] = kl_sum / divisor,  out_loss[s] = out[s] + beta * out_kl[s]
-// with divisor B for reduction="mean", else 1. For reduction="none", row s is one row of
-// the batch; for mean and sum, long flat streams are first shrunk by fixed segments, and
-// one block sums what remains. No float atomics; the order depends on the shapes only.
+// with divisor B for reduction="mean", else 1; out_loss is formed in the KL stream's dtype
+// before it is rounded (vae_loss.cu says why its KL is double). For reduction="none", row s
+// is one row of the batch; for mean and sum, long flat streams are first shrunk by fixed
+// segments, and one block sums what remains. No float atomics; the order depends on the
+// shapes only.
 #pragma once
 
 #include "common.cuh"
@@ -19,11 +21,12 @@ namespace cuda {
 // num_partials)), likewise for the optional KL stream (present when has_kl). Each output is
 // optional but out. has_kl is a flag of its own, not kl_partials != nullptr: the data
 // pointer of an empty stream (B = 0) is null, and out_kl and out_loss must still be written
-// (NaN for mean, 0 for sum).
-template <typename acc_t>
+// (NaN for mean, 0 for sum). The KL stream may be wider than acc_t (kl_t: vae_loss's is
+// double); out_kl and out_loss are formed in kl_t, then rounded to acc_t.
+template <typename acc_t, typename kl_t = acc_t>
 struct FinalArgs {
   const acc_t* partials;
-  const acc_t* kl_partials;
+  const kl_t* kl_partials;
   bool has_kl;
   int64_t partials_per_row, num_partials, kl_partials_per_row, num_kl_partials, num_rows;
   acc_t divisor;
@@ -34,14 +37,16 @@ struct FinalArgs {
   acc_t* out_loss;
 };
 
-template <typename acc_t>
-__device__ __forceinline__ void final_store(const FinalArgs<acc_t>& a, int64_t s, acc_t sum, acc_t kl_sum) {
+template <typename acc_t, typename kl_t>
+__device__ __forceinline__ void final_store(const FinalArgs<acc_t, kl_t>& a, int64_t s, acc_t sum, kl_t kl_sum) {
   sum = sum / a.divisor;
   a.out[s] = sum;
   if (a.has_kl) {
-    kl_sum = kl_sum / a.divisor;
-    if (a.out_kl != nullptr) a.out_kl[s] = kl_sum;
-    if (a.out_loss != nullptr) a.out_loss[s] = sum + load_kind<acc_t>(a.beta, 0, a.beta_kind) * kl_sum;
+    kl_sum = kl_sum / static_cast<kl_t>(a.divisor);
+    if (a.out_kl != nullptr) a.out_kl[s] = static_cast<acc_t>(kl_sum);
+    if (a.out_loss != nullptr) {
+      a.out_loss[s] = static_cast<acc_t>(sum + load_kind<kl_t>(a.beta, 0, a.beta_kind) * kl_sum);
+    }
   }
 }
 
@@ -53,24 +58,25 @@ __device__ __forceinline__ acc_t strided_sum(const acc_t* p, int64_t begin, int6
 }
 
 // Row s of each stream, summed by the lanes first, first + step, ...
-template <typename acc_t>
-__device__ __forceinline__ acc_t row_sum(const FinalArgs<acc_t>& a, int64_t s, int64_t first, int step) {
+template <typename acc_t, typename kl_t>
+__device__ __forceinline__ acc_t row_sum(const FinalArgs<acc_t, kl_t>& a, int64_t s, int64_t first, int step) {
   return strided_sum(a.partials, s * a.partials_per_row, min((s + 1) * a.partials_per_row, a.num_partials), first,
                      step);
 }
-template <typename acc_t>
-__device__ __forceinline__ acc_t kl_row_sum(const FinalArgs<acc_t>& a, int64_t s, int64_t first, int step) {
+template <typename acc_t, typename kl_t>
+__device__ __forceinline__ kl_t kl_row_sum(const FinalArgs<acc_t, kl_t>& a, int64_t s, int64_t first, int step) {
   return strided_sum(a.kl_partials, s * a.kl_partials_per_row, min((s + 1) * a.kl_partials_per_row, a.num_kl_partials),
                      first, step);
 }
 
 // A group of G <= 32 lanes per row (many short rows).
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) final_group_kernel(FinalArgs<acc_t> a, int G) {
+template <typename acc_t, typename kl_t>
+__global__ void __launch_bounds__(kThreads) final_group_kernel(FinalArgs<acc_t, kl_t> a, int G) {
   const GroupPos pos = group_pos(G);
   for (int64_t first = pos.first; first < a.num_rows; first += pos.stride) {
     const int64_t s = first + pos.group;
-    acc_t sum = 0, kl_sum = 0;
+    acc_t sum = 0;
+    kl_t kl_sum = 0;
     if (s < a.num_rows) {
       sum = row_sum(a, s, pos.sub, G);
       if (a.has_kl) kl_sum = kl_row_sum(a, s, pos.sub, G);
@@ -82,27 +88,27 @@ __global__ void __launch_bounds__(kThreads) final_group_kernel(FinalArgs<acc_t> 
 }
 
 // A block per row (few long rows).
-template <typename acc_t>
-__global__ void __launch_bounds__(kFinalThreads) final_block_kernel(FinalArgs<acc_t> a) {
+template <typename acc_t, typename kl_t>
+__global__ void __launch_bounds__(kFinalThreads) final_block_kernel(FinalArgs<acc_t, kl_t> a) {
   for (int64_t s = blockIdx.x; s < a.num_rows; s += gridDim.x) {
     acc_t sum = block_sum(row_sum(a, s, threadIdx.x, blockDim.x));
-    acc_t kl_sum = 0;
+    kl_t kl_sum = 0;
     if (a.has_kl) kl_sum = block_sum(kl_row_sum(a, s, threadIdx.x, blockDim.x));
     if (threadIdx.x == 0) final_store(a, s, sum, kl_sum);
   }
 }
 
-template <typename acc_t>
-inline void launch_final(const FinalArgs<acc_t>& a, cudaStream_t stream) {
+template <typename acc_t, typename kl_t>
+inline void launch_final(const FinalArgs<acc_t, kl_t>& a, cudaStream_t stream) {
   if (a.num_rows == 0) return;
   const int64_t longest =
       a.has_kl && a.kl_partials_per_row > a.partials_per_row ? a.kl_partials_per_row : a.partials_per_row;
   if (longest > 256 && a.num_rows < 1024) {
     const int64_t blocks = a.num_rows < kMaxBlocks ? a.num_rows : kMaxBlocks;
-    final_block_kernel<acc_t><<<static_cast<unsigned>(blocks), kFinalThreads, 0, stream>>>(a);
+    final_block_kernel<acc_t, kl_t><<<static_cast<unsigned>(blocks), kFinalThreads, 0, stream>>>(a);
   } else {
     const int G = pow2_at_least(longest, 32);
-    final_group_kernel<acc_t><<<blocks_for(a.num_rows * G), kThreads, 0, stream>>>(a, G);
+    final_group_kernel<acc_t, kl_t><<<blocks_for(a.num_rows * G), kThreads, 0, stream>>>(a, G);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -137,8 +143,9 @@ inline Tensor shrink_flat(Tensor p, int64_t* n, cudaStream_t stream) {
 
 // Stage 2: B rows of partials_per_row partials (required) and of kl_partials_per_row KL
 // partials (optional: kl_partials_per_row == 0) into the outputs, reduced over rows as
-// `reduction` says. out_kl and out_loss may be undefined; beta is read on the device.
-template <typename acc_t>
+// `reduction` says. out_kl and out_loss may be undefined; beta is read on the device. The
+// KL partials are of kl_t, the outputs all of acc_t.
+template <typename acc_t, typename kl_t = acc_t>
 inline void reduce_partials(const Tensor& partials, int64_t partials_per_row, const Tensor& kl_partials,
                             int64_t kl_partials_per_row, int64_t B, int64_t reduction, const Tensor& beta,
                             const Tensor& out, const Tensor& out_kl, const Tensor& out_loss, cudaStream_t stream) {
@@ -148,43 +155,43 @@ inline void reduce_partials(const Tensor& partials, int64_t partials_per_row, co
   acc_t* out_kl_ptr = out_kl.defined() ? out_kl.data_ptr<acc_t>() : nullptr;
   acc_t* out_loss_ptr = out_loss.defined() ? out_loss.data_ptr<acc_t>() : nullptr;
   if (reduction == 0) {
-    const FinalArgs<acc_t> a{.partials = partials.data_ptr<acc_t>(),
-                             .kl_partials = has_kl ? kl_partials.data_ptr<acc_t>() : nullptr,
-                             .has_kl = has_kl,
-                             .partials_per_row = partials_per_row,
-                             .num_partials = B * partials_per_row,
-                             .kl_partials_per_row = kl_partials_per_row,
-                             .num_kl_partials = B * kl_partials_per_row,
-                             .num_rows = B,
-                             .divisor = acc_t(1),
-                             .beta = beta_ptr,
-                             .beta_kind = beta_kind,
-                             .out = out.data_ptr<acc_t>(),
-                             .out_kl = out_kl_ptr,
-                             .out_loss = out_loss_ptr};
+    const FinalArgs<acc_t, kl_t> a{.partials = partials.data_ptr<acc_t>(),
+                                   .kl_partials = has_kl ? kl_partials.data_ptr<kl_t>() : nullptr,
+                                   .has_kl = has_kl,
+                                   .partials_per_row = partials_per_row,
+                                   .num_partials = B * partials_per_row,
+                                   .kl_partials_per_row = kl_partials_per_row,
+                                   .num_kl_partials = B * kl_partials_per_row,
+                                   .num_rows = B,
+                                   .divisor = acc_t(1),
+                                   .beta = beta_ptr,
+                                   .beta_kind = beta_kind,
+                                   .out = out.data_ptr<acc_t>(),
+                                   .out_kl = out_kl_ptr,
+                                   .out_loss = out_loss_ptr};
     launch_final(a, stream);
     return;
   }
   int64_t num_partials = B * partials_per_row, num_kl_partials = B * kl_partials_per_row;
   const Tensor flat = shrink_flat<acc_t>(partials, &num_partials, stream);
-  const Tensor kl_flat = has_kl ? shrink_flat<acc_t>(kl_partials, &num_kl_partials, stream) : kl_partials;
+  const Tensor kl_flat = has_kl ? shrink_flat<kl_t>(kl_partials, &num_kl_partials, stream) : kl_partials;
   // mean over B = 0 rows is 0/0 = NaN, as torch's mean of an empty tensor.
   const acc_t divisor = reduction == 1 ? static_cast<acc_t>(B) : acc_t(1);
-  const FinalArgs<acc_t> a{.partials = flat.data_ptr<acc_t>(),
-                           .kl_partials = has_kl ? kl_flat.data_ptr<acc_t>() : nullptr,
-                           .has_kl = has_kl,
-                           .partials_per_row = num_partials,
-                           .num_partials = num_partials,
-                           .kl_partials_per_row = num_kl_partials,
-                           .num_kl_partials = num_kl_partials,
-                           .num_rows = 1,
-                           .divisor = divisor,
-                           .beta = beta_ptr,
-                           .beta_kind = beta_kind,
-                           .out = out.data_ptr<acc_t>(),
-                           .out_kl = out_kl_ptr,
-                           .out_loss = out_loss_ptr};
-  final_block_kernel<acc_t><<<1, kFinalThreads, 0, stream>>>(a);
+  const FinalArgs<acc_t, kl_t> a{.partials = flat.data_ptr<acc_t>(),
+                                 .kl_partials = has_kl ? kl_flat.data_ptr<kl_t>() : nullptr,
+                                 .has_kl = has_kl,
+                                 .partials_per_row = num_partials,
+                                 .num_partials = num_partials,
+                                 .kl_partials_per_row = num_kl_partials,
+                                 .num_kl_partials = num_kl_partials,
+                                 .num_rows = 1,
+                                 .divisor = divisor,
+                                 .beta = beta_ptr,
+                                 .beta_kind = beta_kind,
+                                 .out = out.data_ptr<acc_t>(),
+                                 .out_kl = out_kl_ptr,
+                                 .out_loss = out_loss_ptr};
+  final_block_kernel<acc_t, kl_t><<<1, kFinalThreads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -9,11 +9,18 @@
 //
 // Forward is one stage-1 launch: row b has tiles_per_row reconstruction tiles plus
 // kl_tiles latent tiles, each summed by one group of lanes (likelihood_tile of
-// likelihood.cuh, kl_tile of kl.cuh), so a single pass covers the pixels and the latents;
-// the gradient of the reduced reconstruction term (upstream 1) is written on the way.
-// Stage 2 (reduce_partials.cuh) reduces both streams of partials in a fixed order and forms
-// loss = recon + beta * kl with beta read on the device. The kernel is templated on the
-// likelihood's element functor, as likelihood.cuh describes.
+// likelihood.cuh, kl_tile_wide of kl.cuh), so a single pass covers the pixels and the
+// latents; the gradient of the reduced reconstruction term (upstream 1) is written on the
+// way. Stage 2 (reduce_partials.cuh) reduces both streams of partials in a fixed order and
+// forms loss = recon + beta * kl with beta read on the device. The kernel is templated on
+// the likelihood's element functor, as likelihood.cuh describes.
+// The KL's mu^2 and its sums are double whatever the loss dtype (kl_tile_wide), and the loss
+// is formed from them in double, then rounded, as the float64 oracle forms it: for finite
+// float32 latents the KL is then finite (mu^2 <= 1.2e77), so beta = 0 leaves the recon term
+// where a float KL beyond its range made the loss 0 * inf = NaN. Skipping the product at
+// beta = 0 would also drop a KL that is infinite in the oracle too (an infinite latent),
+// whose loss is NaN there. The rest of a KL element stays in the accumulation type; the KL
+// part is the KL rounded to the loss dtype (inf beyond its range).
 // Backward scales the saved gradient in place (scale_likelihood_rows_, likelihood.cuh; rows
 // whose factor is exactly 1 are left untouched, float16 elements that overflowed or lost
 // bits in forward are recomputed from recon and target) and computes the latent gradients
@@ -21,7 +28,8 @@
 //
 // Dtypes: recon float16, bfloat16, float32, float64; target any float dtype, bool or uint8;
 // mu and logvar any float dtype (both the same), independently of recon. Accumulation and
-// the losses are float64 if any of recon, mu, logvar is float64, else float32.
+// the losses are float64 if any of recon, mu, logvar is float64, else float32 (the KL's
+// square and sums double, above).
 // Limits: misaligned reconstruction rows take scalar loads; latents always do.
 #include "bernoulli_nll.cuh"
 #include "kl.cuh"
@@ -41,14 +49,15 @@ struct LatentArgs {
 };
 
 template <typename lat_t, typename acc_t>
-__device__ __forceinline__ acc_t latent_tile_as(const LatentArgs& l, int64_t b, int64_t start, int64_t end, int sub,
-                                                int G) {
-  return kl_tile<lat_t, acc_t>(static_cast<const lat_t*>(l.mu) + b * l.mu_stride,
-                               static_cast<const lat_t*>(l.lv) + b * l.lv_stride, start, end, sub, G);
+__device__ __forceinline__ double latent_tile_as(const LatentArgs& l, int64_t b, int64_t start, int64_t end, int sub,
+                                                 int G) {
+  return kl_tile_wide<lat_t, acc_t>(static_cast<const lat_t*>(l.mu) + b * l.mu_stride,
+                                    static_cast<const lat_t*>(l.lv) + b * l.lv_stride, start, end, sub, G);
 }
 
+// The KL of latents [start, start + tile_len) of row b, in double (the header says why).
 template <typename acc_t>
-__device__ __forceinline__ acc_t latent_tile(const LatentArgs& l, int64_t b, int64_t start, int sub, int G) {
+__device__ __forceinline__ double latent_tile(const LatentArgs& l, int64_t b, int64_t start, int sub, int G) {
   const int64_t end = min(start + l.tile_len, l.D);
   switch (l.kind) {
     case kF16: return latent_tile_as<at::Half, acc_t>(l, b, start, end, sub, G);
@@ -57,7 +66,7 @@ __device__ __forceinline__ acc_t latent_tile(const LatentArgs& l, int64_t b, int
       // float64 latents make the accumulation float64 (the host checks), so no float
       // instance needs this case.
       if constexpr (std::is_same_v<acc_t, double>) return latent_tile_as<double, acc_t>(l, b, start, end, sub, G);
-      return acc_t(0);
+      return 0.0;
     default: return latent_tile_as<float, acc_t>(l, b, start, end, sub, G);
   }
 }
@@ -66,7 +75,7 @@ template <typename Elem, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
     vae_loss_fwd_kernel(LikelihoodArgs<scalar_t, acc_t> a, LatentArgs l,
                         acc_t* __restrict__ recon_partials,  // [B, tiles_per_row]
-                        acc_t* __restrict__ kl_partials,     // [B, kl_tiles]
+                        double* __restrict__ kl_partials,    // [B, kl_tiles]
                         int64_t B, int64_t tiles_per_row, int64_t kl_tiles, int G) {
   const GroupPos pos = group_pos(G);
   const int64_t per_row = tiles_per_row + kl_tiles;
@@ -74,19 +83,25 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
   for (int64_t first = pos.first; first < ntiles; first += pos.stride) {
     const int64_t tile = first + pos.group;
     acc_t v = 0;
+    double kl = 0;
     int64_t b = 0, j = 0;
     if (tile < ntiles) {
       b = tile / per_row;
       j = tile - b * per_row;
-      v = j < tiles_per_row ? likelihood_tile<Elem>(a, b, j * a.tile_len, pos.sub, G)
-                            : latent_tile<acc_t>(l, b, (j - tiles_per_row) * l.tile_len, pos.sub, G);
+      if (j < tiles_per_row) {
+        v = likelihood_tile<Elem>(a, b, j * a.tile_len, pos.sub, G);
+      } else {
+        kl = latent_tile<acc_t>(l, b, (j - tiles_per_row) * l.tile_len, pos.sub, G);
+      }
     }
-    v = group_sum(v, G);  // after the branches: every lane of the warp takes part
+    // After the branches: every lane of the warp takes part (a group's other sum is 0).
+    v = group_sum(v, G);
+    kl = group_sum(kl, G);
     if (pos.sub == 0 && tile < ntiles) {
       if (j < tiles_per_row) {
         recon_partials[b * tiles_per_row + j] = v;
       } else {
-        kl_partials[b * kl_tiles + (j - tiles_per_row)] = v;
+        kl_partials[b * kl_tiles + (j - tiles_per_row)] = kl;
       }
     }
   }
@@ -104,7 +119,7 @@ void vae_loss_launch(const Rows& x, const Rows& t, at::ScalarType target_dtype, 
   const int64_t kl_len = kl_tile_len(G);
   const int64_t kl_tiles = std::max<int64_t>(1, ceil_div(m.D, kl_len));
   Tensor recon_partials = at::empty({B * tiles}, loss.options());
-  Tensor kl_partials = at::empty({B * kl_tiles}, loss.options());
+  Tensor kl_partials = at::empty({B * kl_tiles}, loss.options().dtype(at::kDouble));
   const LikelihoodArgs<scalar_t, acc_t> a{x.tensor.data_ptr<scalar_t>(),
                                           t.tensor.data_ptr(),
                                           grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr,
@@ -119,7 +134,7 @@ void vae_loss_launch(const Rows& x, const Rows& t, at::ScalarType target_dtype, 
   if (B > 0) {
     const unsigned blocks = blocks_for(B * (tiles + kl_tiles) * G);
     acc_t* recon_out = recon_partials.data_ptr<acc_t>();
-    acc_t* kl_out = kl_partials.data_ptr<acc_t>();
+    double* kl_out = kl_partials.data_ptr<double>();
     if (from_logits) {
       using Elem = BernoulliNll<true>;
       vae_loss_fwd_kernel<Elem><<<blocks, kThreads, 0, stream>>>(a, l, recon_out, kl_out, B, tiles, kl_tiles, G);
@@ -129,7 +144,8 @@ void vae_loss_launch(const Rows& x, const Rows& t, at::ScalarType target_dtype, 
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  reduce_partials<acc_t>(recon_partials, tiles, kl_partials, kl_tiles, B, reduction, beta, rec, kl, loss, stream);
+  reduce_partials<acc_t, double>(recon_partials, tiles, kl_partials, kl_tiles, B, reduction, beta, rec, kl, loss,
+                                 stream);
 }
 
 void check_beta(const Tensor& beta, const Tensor& like) {

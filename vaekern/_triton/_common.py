@@ -17,8 +17,8 @@ Element math (``@triton.jit`` helpers, inlined into the kernels)
   functions (below); see ``bernoulli_nll.py`` for the math. One ``exp`` and one ``log``
   per logit; the sigmoid reuses the same ``exp(-|x|)``, and ``sigmoid(x) - t`` is formed
   so that it does not cancel (see the comment there).
-* ``_gaussian_kl_elem`` and ``_kl_grad_elem``: the KL to N(0, I) and its gradient, shared
-  by ``gaussian_kl.py`` and ``vae_loss.py``.
+* ``_gaussian_kl_elem`` (with its part without mu, ``_kl_var_elem``) and ``_kl_grad_elem``:
+  the KL to N(0, I) and its gradient, shared by ``gaussian_kl.py`` and ``vae_loss.py``.
 * Every clamp passes ``propagate_nan=ALL``: ``tl.maximum``/``tl.minimum`` otherwise
   return the other operand for a NaN, and a NaN input must give a NaN loss.
 * The limits ``LOGVAR_MAX``, ``BCE_LOG_MIN`` and ``BCE_GRAD_EPS`` are defined here once,
@@ -243,12 +243,19 @@ def _scale_row_chunk(
 
 
 @triton.jit
-def _gaussian_kl_elem(mu, lv):
-    """mu^2 + exp(min(lv, LOGVAR_MAX)) - 1 - lv (twice the KL of one latent).
+def _kl_var_elem(lv):
+    """expm1(min(lv, LOGVAR_MAX)) - lv: twice the KL of one latent, less mu^2. Finite in
+    float32 for every finite lv (at most 1.2e26, or -lv).
 
-    As mu^2 + (expm1(min(lv, LOGVAR_MAX)) - lv): near lv = 0, exp(lv) - 1 rounded on its own
-    carries an absolute error of an ulp of 1 into a term of size lv^2 / 2."""
-    return mu * mu + (_expm1(tl.minimum(lv, _LOGVAR_MAX, propagate_nan=tl.PropagateNan.ALL)) - lv)
+    expm1, not exp(lv) - 1: near lv = 0, exp(lv) - 1 rounded on its own carries an absolute
+    error of an ulp of 1 into a term of size lv^2 / 2."""
+    return _expm1(tl.minimum(lv, _LOGVAR_MAX, propagate_nan=tl.PropagateNan.ALL)) - lv
+
+
+@triton.jit
+def _gaussian_kl_elem(mu, lv):
+    """mu^2 + exp(min(lv, LOGVAR_MAX)) - 1 - lv (twice the KL of one latent)."""
+    return mu * mu + _kl_var_elem(lv)
 
 
 @triton.jit
@@ -264,7 +271,7 @@ def _kl_grad_elem(s, mu, lv):
 @triton.jit
 def _finalize_kernel(
     part_ptr,  # [B, C] acc: partial sums of the first term (NLL), row b, column chunk c
-    kl_ptr,  # [B] acc: per-row KL (HAS_KL only)
+    kl_ptr,  # [B] float64: per-row KL (HAS_KL only; vae_loss.py says why float64)
     beta_ptr,  # [] acc: KL weight (HAS_KL only)
     loss_ptr,  # [B] (REDUCTION 0) or [] acc: first term + beta * KL, or the first term alone
     rec_ptr,  # [B] or [] acc: the first term (HAS_KL only)
@@ -277,6 +284,7 @@ def _finalize_kernel(
     BLOCK_C: tl.constexpr,
 ):
     ACC = part_ptr.dtype.element_ty
+    KL_ACC = kl_ptr.dtype.element_ty
     offs_b = tl.arange(0, BLOCK_B)
     offs_c = tl.arange(0, BLOCK_C)
     if REDUCTION == 0:
@@ -292,13 +300,14 @@ def _finalize_kernel(
             kl = tl.load(kl_ptr + rows, mask=rmask, other=0.0)
             beta = tl.load(beta_ptr)
             tl.store(rec_ptr + rows, rec, mask=rmask)
-            tl.store(kl_out_ptr + rows, kl, mask=rmask)
-            tl.store(loss_ptr + rows, rec + beta * kl, mask=rmask)
+            tl.store(kl_out_ptr + rows, kl.to(ACC), mask=rmask)
+            # Formed in the KL's float64, then rounded: beta = 0 times a KL beyond ACC's range is 0.
+            tl.store(loss_ptr + rows, (rec + beta * kl).to(ACC), mask=rmask)
         else:
             tl.store(loss_ptr + rows, rec, mask=rmask)
     else:
         acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=ACC)
-        acc_kl = tl.zeros([BLOCK_B], dtype=ACC)
+        acc_kl = tl.zeros([BLOCK_B], dtype=KL_ACC)
         for b0 in range(0, B, BLOCK_B):
             rows = b0 + offs_b.to(tl.int64)
             rmask = rows < B
@@ -316,8 +325,8 @@ def _finalize_kernel(
         if HAS_KL:
             beta = tl.load(beta_ptr)
             tl.store(rec_ptr, rec)
-            tl.store(kl_out_ptr, kl)
-            tl.store(loss_ptr, rec + beta * kl)
+            tl.store(kl_out_ptr, kl.to(ACC))
+            tl.store(loss_ptr, (rec + beta * kl).to(ACC))
         else:
             tl.store(loss_ptr, rec)
 

@@ -8,6 +8,14 @@ Math (``vaekern.reference``), with ``reduce`` the batch reduction (mean, sum or 
 * ``loss = recon + beta * kl``, beta a 0-d tensor (read in the kernel: no host sync,
   and annealing it in place needs no recompile).
 
+The KL's mu^2 and its sums are float64 whatever the loss dtype, and the loss is formed from
+them in float64, then rounded, as the float64 oracle forms it: for finite float32 latents
+the KL is then finite (mu^2 <= 1.2e77), so beta = 0 leaves the recon term where a float32
+KL beyond its range made the loss 0 * inf = NaN. Skipping the product at beta = 0 would
+also drop a KL that is infinite in the oracle too (an infinite latent), whose loss is NaN
+there. The rest of a KL element, ``expm1(min(lv, 60)) - lv``, is finite in float32 and
+stays in the loss dtype; the KL part is the KL rounded to it (inf beyond its range).
+
 Backward, for upstream gradients ``(g_loss, g_recon, g_kl)``, each () or (B,):
 
 * ``d/dx[b] = (g_loss + g_recon)[b] * grad_recon[b]``, where ``grad_recon`` is the
@@ -35,7 +43,8 @@ grid; program (b, 0) also writes row b's latent gradients.
 
 Dtypes: recon float16, bfloat16, float32, float64; target any float dtype, bool or uint8;
 mu/logvar the same float dtype as each other. Losses in float32, or float64 if any of
-recon/mu/logvar is float64; gradients in each input's dtype.
+recon/mu/logvar is float64, computed in that dtype (the KL's square and sums in float64,
+above); gradients in each input's dtype.
 
 Saved for backward (by ``vaekern._ops.vae_loss``): the reconstruction gradient written here (our own
 buffer), mu, logvar and beta; recon and target by reference, read only for that recompute.
@@ -58,8 +67,8 @@ from vaekern._triton._common import (
     _bernoulli_logits_elem,
     _bernoulli_probs_elem,
     _chunk_bounds,
-    _gaussian_kl_elem,
     _kl_grad_elem,
+    _kl_var_elem,
     _loss_row_chunk,
     _scale_row_chunk,
     as_loadable,
@@ -81,7 +90,7 @@ def _vae_loss_fwd_kernel(
     part_ptr,  # [B, C] acc dtype: NLL of row b summed over column chunk c
     mu_ptr,  # [B, Z] posterior means, row stride stride_mu
     lv_ptr,  # [B, Z] posterior log-variances, row stride stride_lv
-    kl_ptr,  # [B] acc dtype: KL of row b
+    kl_ptr,  # [B] float64: KL of row b
     D,  # pixels per row
     Z,  # latents per row
     stride_x,  # row stride of x, in elements
@@ -109,13 +118,14 @@ def _vae_loss_fwd_kernel(
     )
     tl.store(part_ptr + row * C + chunk, total)
     if chunk == 0:
-        acc = tl.zeros([BLOCK_Z], dtype=ACC)
+        # mu^2 and the sums in float64, the rest of each element in ACC (the header says why).
+        acc = tl.zeros([BLOCK_Z], dtype=tl.float64)
         for z0 in range(0, Z, BLOCK_Z):
             cols = z0 + tl.arange(0, BLOCK_Z)
             m = cols < Z
-            mu = tl.load(mu_ptr + row * stride_mu + cols, mask=m, other=0.0).to(ACC)
+            mu = tl.load(mu_ptr + row * stride_mu + cols, mask=m, other=0.0).to(tl.float64)
             lv = tl.load(lv_ptr + row * stride_lv + cols, mask=m, other=0.0).to(ACC)
-            acc += tl.where(m, _gaussian_kl_elem(mu, lv), 0.0)
+            acc += tl.where(m, mu * mu + _kl_var_elem(lv).to(tl.float64), 0.0)
         tl.store(kl_ptr + row, 0.5 * tl.sum(acc, axis=0))
 
 
@@ -208,7 +218,7 @@ def vae_loss(recon, target, mu, logvar, beta, from_logits: bool, reduction: int,
     # Block sizes from the math dtype: float32 logits with float64 latents compute in float64.
     BLOCK, num_warps, C, n_blocks = row_config(B, D, math_itemsize(recon, acc))
     part = torch.empty((B, C), dtype=acc, device=recon.device)
-    kl_rows = torch.empty((B,), dtype=acc, device=recon.device)
+    kl_rows = torch.empty((B,), dtype=torch.float64, device=recon.device)
     with device_guard(recon):
         if B > 0:
             _vae_loss_fwd_kernel[(B, C)](
