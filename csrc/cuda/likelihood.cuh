@@ -217,23 +217,25 @@ struct RecomputeArgs {
   ColumnParam<acc_t> param = {};  // the likelihood's per-column parameter, if it has one
 };
 
+// Whether a stored float16 gradient lost its value: beyond float16's largest (inf) or below
+// its smallest normal, 2^-14 (a subnormal, or 0). NaN is neither and stays.
+template <typename acc_t>
+__device__ __forceinline__ bool lost_in_half(acc_t v) {
+  const acc_t mag = dabs(v);
+  return mag > acc_t(65504) || mag < acc_t(6.103515625e-05);
+}
+
+// Element e of row b recomputed from the likelihood's input and target, times grad_scale
+// and the row's scale s, rounded once.
 template <typename Elem, typename scalar_t, typename acc_t>
-__device__ __forceinline__ scalar_t scaled_element(scalar_t g, acc_t s, const RecomputeArgs<scalar_t, acc_t>& r,
-                                                   int64_t b, int64_t e) {
-  const acc_t v = to_acc<scalar_t, acc_t>(g);
-  if constexpr (std::is_same_v<scalar_t, at::Half>) {
-    const acc_t mag = dabs(v);
-    // float16's largest value and smallest normal (2^-14); NaN is neither and stays.
-    if (mag > acc_t(65504) || mag < acc_t(6.103515625e-05)) {
-      const int64_t t_off = b * r.target_stride * kind_size(r.target_kind);
-      acc_t d;
-      Elem{}(to_acc<scalar_t, acc_t>(r.input[b * r.input_stride + e]),
-             load_kind<acc_t>(static_cast<const char*>(r.target) + t_off, e, r.target_kind),
-             column_param<Elem>(r.param, e), &d);
-      return static_cast<scalar_t>(d * r.grad_scale * s);
-    }
-  }
-  return static_cast<scalar_t>(v * s);
+__device__ __forceinline__ scalar_t recomputed_element(const RecomputeArgs<scalar_t, acc_t>& r, int64_t b, int64_t e,
+                                                       acc_t s) {
+  const int64_t t_off = b * r.target_stride * kind_size(r.target_kind);
+  acc_t d;
+  Elem{}(to_acc<scalar_t, acc_t>(r.input[b * r.input_stride + e]),
+         load_kind<acc_t>(static_cast<const char*>(r.target) + t_off, e, r.target_kind), column_param<Elem>(r.param, e),
+         &d);
+  return static_cast<scalar_t>(d * r.grad_scale * s);
 }
 
 template <typename Elem, typename scalar_t>
@@ -242,6 +244,7 @@ __global__ void __launch_bounds__(kThreads)
                       RowScale scale, RecomputeArgs<scalar_t, acc_type<scalar_t>> r, int64_t B, int64_t D,
                       int64_t tile_len, int64_t tiles_per_row, int G) {
   constexpr int VEC = 16 / sizeof(scalar_t);
+  constexpr bool kRecompute = std::is_same_v<scalar_t, at::Half>;
   using acc_t = acc_type<scalar_t>;
   const GroupPos pos = group_pos(G);
   const int64_t ntiles = B * tiles_per_row;
@@ -260,13 +263,36 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t vend = start + (end - start) / VEC * VEC;
       for (int64_t e = start + pos.sub * VEC; e < vend; e += G * VEC) {
         Vec<scalar_t, VEC> v = load_vec<scalar_t, VEC>(row + e);
+        unsigned lost = 0;  // lanes to recompute
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) v.v[i] = scaled_element<Elem>(v.v[i], sa, r, b, e + i);
+        for (int i = 0; i < VEC; ++i) {
+          const acc_t a = to_acc<scalar_t, acc_t>(v.v[i]);
+          if constexpr (kRecompute) lost |= static_cast<unsigned>(lost_in_half(a)) << i;
+          v.v[i] = static_cast<scalar_t>(a * sa);
+        }
         store_vec(row + e, v);
+        if constexpr (kRecompute) {
+          // Rare, and written over the stored vector one element at a time: the likelihood's
+          // math inlined per lane of the unrolled loop spilled 16 bytes (BernoulliNll<true>,
+          // Half, sm_80 and sm_90), and indexing the vector by lane put it on the stack.
+#pragma unroll 1
+          for (int i = 0; lost != 0; ++i, lost >>= 1) {
+            if (lost & 1u) row[e + i] = recomputed_element<Elem>(r, b, e + i, sa);
+          }
+        }
       }
       e0 = vend;
     }
-    for (int64_t e = e0 + pos.sub; e < end; e += G) row[e] = scaled_element<Elem>(row[e], sa, r, b, e);
+    for (int64_t e = e0 + pos.sub; e < end; e += G) {
+      const acc_t a = to_acc<scalar_t, acc_t>(row[e]);
+      if constexpr (kRecompute) {
+        if (lost_in_half(a)) {
+          row[e] = recomputed_element<Elem>(r, b, e, sa);
+          continue;
+        }
+      }
+      row[e] = static_cast<scalar_t>(a * sa);
+    }
   }
 }
 
