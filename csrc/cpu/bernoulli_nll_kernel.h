@@ -1,7 +1,8 @@
 // The element function of bernoulli_nll (host code and math: bernoulli_nll.cpp), as the
 // functor that the likelihood loop of likelihood_kernel.h runs: value and d/dinput of one
 // vector of elements. from_logits picks the parametrization at compile time; kernel_table.h
-// enters both instances.
+// enters both instances. The terms of each parametrization are functions of their own,
+// which continuous_bernoulli_nll_kernel.h reuses.
 //
 // Per element, logits l and target t, with e = exp(-|l|) computed once:
 //   nll  = max(l, 0) - l*t + log1p(e)
@@ -25,34 +26,54 @@
 
 namespace vaekern::cpu::CPU_CAPABILITY {
 
+// The terms from logits x, given e = exp(-|x|) (ContinuousBernoulliNll needs e too):
+// nll, grad = sigmoid(x) - t, and r = 1/(1+e).
+template <typename A>
+inline void bernoulli_nll_logits(const Vec<A>& x, const Vec<A>& t, const Vec<A>& e, Vec<A>& r, Vec<A>& nll,
+                                 Vec<A>& grad) {
+  const Vec<A> zero(A(0)), one(A(1));
+  const Vec<A> u = one + e;
+  r = one / u;
+  const Vec<A> log1p_e = log_1_to_2(u) + (e - (u - one)) * r;
+  nll = at::vec::maximum(x, zero) - x * t + log1p_e;
+  // sigmoid(l) - t over the common denominator u: ((1-t) - t*e) / u for l >= 0,
+  // (e*(1-t) - t) / u for l < 0. Where the difference cancels (t near sigmoid(l)), the
+  // numerator is one fused multiply-add of exact or nearly exact terms, so the gradient
+  // keeps about 3x more correct bits than sigmoid(l) - t rounded twice.
+  const Vec<A> one_m_t = one - t;
+  const Vec<A> num = Vec<A>::blendv(at::vec::fmadd(e, one_m_t, zero - t), at::vec::fmadd(zero - t, e, one_m_t),
+                                    x >= zero);
+  grad = num * r;
+}
+
+// The terms from probabilities x: nll, the clamped logs log_p = max(log x, -100) and
+// log_q = max(log1p(-x), -100), and pq = x*(1-x), the gradient's denominator before its
+// clamp (ContinuousBernoulliNll needs all of them).
+template <typename A>
+inline void bernoulli_nll_probs(const Vec<A>& x, const Vec<A>& t, Vec<A>& log_p, Vec<A>& log_q, Vec<A>& pq,
+                                Vec<A>& nll) {
+  const Vec<A> zero(A(0)), one(A(1));
+  const Vec<A> log_min(static_cast<A>(kBceLogMin));
+  const Vec<A> q = one - x;
+  // log1p(-p); the correction is 0/0 at p = 1, where log(q) = -inf is already right.
+  const Vec<A> corr = Vec<A>::blendv(((zero - x) - (q - one)) / q, zero, q == zero);
+  log_p = at::vec::maximum(vlog(x), log_min);
+  log_q = at::vec::maximum(vlog(q) + corr, log_min);
+  nll = zero - (t * log_p + (one - t) * log_q);
+  pq = x * q;
+}
+
 template <bool kFromLogits>
 struct BernoulliNll {
   template <typename A>
   void operator()(const Vec<A>& x, const Vec<A>& t, Vec<A>& nll, Vec<A>& grad) const {
-    const Vec<A> zero(A(0)), one(A(1));
     if constexpr (kFromLogits) {
-      const Vec<A> e = exp_nonpositive(zero - x.abs());
-      const Vec<A> u = one + e;
-      const Vec<A> r = one / u;
-      const Vec<A> log1p_e = log_1_to_2(u) + (e - (u - one)) * r;
-      nll = at::vec::maximum(x, zero) - x * t + log1p_e;
-      // sigmoid(l) - t over the common denominator u: ((1-t) - t*e) / u for l >= 0,
-      // (e*(1-t) - t) / u for l < 0. Where the difference cancels (t near sigmoid(l)), the
-      // numerator is one fused multiply-add of exact or nearly exact terms, so the gradient
-      // keeps about 3x more correct bits than sigmoid(l) - t rounded twice.
-      const Vec<A> one_m_t = one - t;
-      const Vec<A> num = Vec<A>::blendv(at::vec::fmadd(e, one_m_t, zero - t), at::vec::fmadd(zero - t, e, one_m_t),
-                                        x >= zero);
-      grad = num * r;
+      Vec<A> r;
+      bernoulli_nll_logits(x, t, exp_nonpositive(Vec<A>(A(0)) - x.abs()), r, nll, grad);
     } else {
-      const Vec<A> log_min(static_cast<A>(kBceLogMin));
-      const Vec<A> q = one - x;
-      // log1p(-p); the correction is 0/0 at p = 1, where log(q) = -inf is already right.
-      const Vec<A> corr = Vec<A>::blendv(((zero - x) - (q - one)) / q, zero, q == zero);
-      const Vec<A> log_p = at::vec::maximum(vlog(x), log_min);
-      const Vec<A> log_q = at::vec::maximum(vlog(q) + corr, log_min);
-      nll = zero - (t * log_p + (one - t) * log_q);
-      grad = (x - t) / at::vec::maximum(x * q, Vec<A>(static_cast<A>(kBceGradEps)));
+      Vec<A> log_p, log_q, pq;
+      bernoulli_nll_probs(x, t, log_p, log_q, pq, nll);
+      grad = (x - t) / at::vec::maximum(pq, Vec<A>(static_cast<A>(kBceGradEps)));
     }
   }
 };

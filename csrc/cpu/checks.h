@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/accumulate.h>
 
 namespace vaekern::cpu {
 
@@ -38,6 +39,20 @@ inline void check_target(const at::Tensor& target, const at::Tensor& input) {
               "vaekern (cpu): target must be floating, bool or uint8, got ", t);
   TORCH_CHECK(target.sizes() == input.sizes(), "vaekern (cpu): target has shape ", target.sizes(),
               " but input has shape ", input.sizes());
+}
+
+// A likelihood's per-column parameter (the Gaussian's log_scale), as the op layer passes
+// it: 0-d (one value for every element), or 1-d with one value per element of a row of
+// input (D = numel of input.shape[1:], the op layer's broadcast flattened), in acc, the
+// accumulation dtype that the kernel computes in (float32; float64 for float64 input).
+inline void check_column_param(const at::Tensor& p, const at::Tensor& input, c10::ScalarType acc, const char* name) {
+  TORCH_CHECK(p.device().is_cpu(), "vaekern (cpu): ", name, " must be a CPU tensor, got ", p.device());
+  TORCH_CHECK(p.scalar_type() == acc, "vaekern (cpu): ", name, " must be ", acc,
+              " (the accumulation dtype of a ", input.scalar_type(), " input), got ", p.scalar_type());
+  const int64_t cols = c10::multiply_integers(input.sizes().slice(1));
+  TORCH_CHECK(p.dim() == 0 || (p.dim() == 1 && p.size(0) == cols), "vaekern (cpu): ", name,
+              " must be 0-d or 1-d with D = ", cols, " elements (one per element of a row of input, shape ",
+              input.sizes().slice(1), "), got shape ", p.sizes());
 }
 
 }  // namespace vaekern::cpu

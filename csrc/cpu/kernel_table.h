@@ -5,6 +5,8 @@
 #pragma once
 
 #include "cpu/bernoulli_nll_kernel.h"
+#include "cpu/continuous_bernoulli_nll_kernel.h"
+#include "cpu/gaussian_nll_kernel.h"
 #include "cpu/kl_kernel.h"
 #include "cpu/likelihood_kernel.h"
 #include "cpu/reparameterize_kernel.h"
@@ -20,6 +22,12 @@ const Kernels kKernels = {
     .name = VAEKERN_STR(CPU_CAPABILITY),
     .bernoulli_nll = {&likelihood_kernel<BernoulliNll<false>>, &likelihood_kernel<BernoulliNll<true>>},
     .bernoulli_nll_scale_rows = {&scale_rows_kernel<BernoulliNll<false>>, &scale_rows_kernel<BernoulliNll<true>>},
+    .gaussian_nll = &likelihood_kernel<GaussianNll>,
+    .gaussian_nll_scale_rows = &scale_rows_kernel<GaussianNll>,
+    .continuous_bernoulli_nll = {&likelihood_kernel<ContinuousBernoulliNll<false>>,
+                                 &likelihood_kernel<ContinuousBernoulliNll<true>>},
+    .continuous_bernoulli_nll_scale_rows = {&scale_rows_kernel<ContinuousBernoulliNll<false>>,
+                                            &scale_rows_kernel<ContinuousBernoulliNll<true>>},
     .gaussian_kl = &gaussian_kl_kernel,
     .gaussian_kl_backward = &gaussian_kl_backward_kernel,
     .reparameterize = &reparameterize_kernel,

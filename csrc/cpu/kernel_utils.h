@@ -76,6 +76,27 @@ inline double hsum(const Vec<A>& v) {
   return s;
 }
 
+// A likelihood functor (likelihood_kernel.h) that takes a per-column parameter declares
+// `static constexpr bool kColumnParam = true;`; its operator() then takes the parameter's
+// vector between the target and the outputs.
+template <typename Elem>
+concept TakesColumnParam = requires { requires Elem::kColumnParam; };
+
+// elem on the n lanes at column j of a row (x, t loaded by the caller), with its column
+// parameter when it takes one: columns [j, j + n) of param (lanes past n are 0), or its one
+// value. Shared by the loops of likelihood_kernel.h and row_ops_kernel.h, so that forward
+// and the float16 recompute of backward see the same parameter.
+template <typename Elem, typename A>
+inline void run_elem(const Elem& elem, const Vec<A>& x, const Vec<A>& t, const ColumnParam& param, int64_t j,
+                     int64_t n, Vec<A>& value, Vec<A>& grad) {
+  if constexpr (TakesColumnParam<Elem>) {
+    const A* p = static_cast<const A*>(param.data);
+    elem(x, t, param.stride == 0 ? Vec<A>(p[0]) : load_as<A>(p + j, n), value, grad);
+  } else {
+    elem(x, t, value, grad);
+  }
+}
+
 // Calls f(T{}) for the floating dtypes the ops accept.
 template <typename F>
 inline void dispatch_float(c10::ScalarType dt, F&& f) {

@@ -16,8 +16,10 @@ namespace vaekern::cpu {
 // kernels().bernoulli_nll[from_logits]), computed in acc (the loss dtype: float, or double
 // for a float64 input or loss). Writes d(value)/d(input) times grad_scale into grad when
 // grad is defined (contiguous, input's shape and dtype). Non-contiguous inputs are copied
-// to contiguous first.
+// to contiguous first. param: the likelihood's per-column parameter, if it takes one, in
+// acc (checked by the op: check_column_param), else undefined.
 std::vector<double> likelihood_rows(LikelihoodKernel kernel, const at::Tensor& input, const at::Tensor& target,
-                                    double grad_scale, const at::Tensor& grad, c10::ScalarType acc);
+                                    double grad_scale, const at::Tensor& grad, c10::ScalarType acc,
+                                    const at::Tensor& param = {});
 
 }  // namespace vaekern::cpu

@@ -10,7 +10,17 @@
 // decoder output x and target t) and grad = d value / d x, in the arithmetic type A (float;
 // double for double inputs, and for any input whose loss is float64: acc_dtype). likelihood_kernel<Elem> is then its entry in the Kernels table
 // (kernel_table.h); the tiling, the row partials and the gradient stores are all here.
-// bernoulli_nll_kernel.h holds the one likelihood so far, BernoulliNll<from_logits>.
+// The likelihoods: BernoulliNll<from_logits> (bernoulli_nll_kernel.h), GaussianNll
+// (gaussian_nll_kernel.h) and ContinuousBernoulliNll<from_logits>
+// (continuous_bernoulli_nll_kernel.h).
+//
+// A functor may take one per-column parameter (kColumnParam, kernel_utils.h): then
+//
+//     void operator()(const Vec<A>& x, const Vec<A>& t, const Vec<A>& p, Vec<A>& value, Vec<A>& grad) const;
+//
+// gets p = the parameter at the same columns as x (LikelihoodArgs::param: [cols] values in
+// A, or one broadcast to every column), as the Gaussian's log_scale. Functors without one
+// compile to exactly the loop they had before the parameter existed.
 //
 // Tasks are (row, chunk) pairs: each sums the values of kChunk columns of one row, in
 // vectors of Vec<A>::size() lanes and then lane by lane (hsum), into its own double
@@ -39,7 +49,7 @@ void likelihood_tasks(const LikelihoodArgs& a, int64_t begin, int64_t end) {
     for (int64_t j = c0; j < c1; j += W) {
       const int64_t n = std::min(W, c1 - j);
       Vec<A> value, grad;
-      elem(load_as<A>(x + j, n), load_as<A>(t + j, n), value, grad);
+      run_elem(elem, load_as<A>(x + j, n), load_as<A>(t + j, n), a.param, j, n, value, grad);
       acc += n == W ? value : Vec<A>::set(zero, value, n);
       if (g) store_as<A>(grad * scale, g + j, n);
     }

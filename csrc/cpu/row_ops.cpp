@@ -47,8 +47,14 @@ at::Tensor reduce_rows(const std::vector<double>& rows, int64_t reduction, c10::
   return out;
 }
 
+ColumnParam column_param(const at::Tensor& p, at::Tensor& keep) {
+  if (!p.defined()) return {};
+  keep = p.contiguous();
+  return {keep.const_data_ptr(), keep.dim() == 0 ? 0 : 1};
+}
+
 void scale_rows_(ScaleRowsKernel kernel, const at::Tensor& grad, const std::vector<double>& scale,
-                 const at::Tensor& input, const at::Tensor& target, double grad_scale) {
+                 const at::Tensor& input, const at::Tensor& target, double grad_scale, const at::Tensor& param) {
   bool all_one = true;
   for (double s : scale) all_one = all_one && s == 1.0;
   if (all_one || grad.numel() == 0) return;
@@ -57,7 +63,7 @@ void scale_rows_(ScaleRowsKernel kernel, const at::Tensor& grad, const std::vect
   at::Tensor g = grad.is_contiguous() ? grad : grad.contiguous();
   const int64_t rows = g.size(0), cols = row_len(g), chunks = num_chunks(cols);
   ScaleRowsArgs args{g.mutable_data_ptr(), g.scalar_type(), scale.data(), rows, cols, chunks};
-  at::Tensor x, t;  // kept alive through the launch
+  at::Tensor x, t, p;  // kept alive through the launch
   if (g.scalar_type() == at::kHalf) {
     check_target(target, input);
     TORCH_CHECK(input.sizes() == grad.sizes() && input.scalar_type() == grad.scalar_type(),
@@ -69,6 +75,7 @@ void scale_rows_(ScaleRowsKernel kernel, const at::Tensor& grad, const std::vect
     args.target = t.const_data_ptr();
     args.target_dtype = t.scalar_type();
     args.grad_scale = grad_scale;
+    args.param = column_param(param, p);
   }
   at::parallel_for(0, rows * chunks, 4 * grain(std::min(cols, kChunk)),
                    [&](int64_t begin, int64_t end) { kernel(args, begin, end); });

@@ -42,12 +42,17 @@ double reduced_value(const std::vector<double>& rows, int64_t reduction);
 // The reduced loss: (B,) for none, () for mean and sum.
 at::Tensor reduce_rows(const std::vector<double>& rows, int64_t reduction, c10::ScalarType dtype);
 
+// The ColumnParam of a likelihood's checked per-column parameter p (check_column_param),
+// made contiguous into `keep`, which must outlive the kernel; none for an undefined p.
+ColumnParam column_param(const at::Tensor& p, at::Tensor& keep);
+
 // grad[b] *= scale[b] in place, skipping rows whose scale is exactly 1. grad is the
 // gradient of a likelihood term (kernel: its Kernels entry, such as
-// kernels().bernoulli_nll_scale_rows[from_logits]) over input and target, with grad_scale
-// folded in; a float16 element that overflowed or lost bits in forward is recomputed from
-// them (row_ops_kernel.h).
+// kernels().bernoulli_nll_scale_rows[from_logits]) over input and target (and param, its
+// per-column parameter if it takes one), with grad_scale folded in; a float16 element that
+// overflowed or lost bits in forward is recomputed from them (row_ops_kernel.h).
 void scale_rows_(ScaleRowsKernel kernel, const at::Tensor& grad, const std::vector<double>& scale,
-                 const at::Tensor& input, const at::Tensor& target, double grad_scale);
+                 const at::Tensor& input, const at::Tensor& target, double grad_scale,
+                 const at::Tensor& param = {});
 
 }  // namespace vaekern::cpu

@@ -2,8 +2,9 @@
 //
 // grad[row] *= scale[row] in place, skipping rows whose scale is exactly 1 (the usual
 // backward). Templated on the likelihood Elem whose gradient grad holds (the functor of
-// likelihood_kernel.h): a float16 element outside float16's normal range is recomputed
-// with Elem in float, times grad_scale and the row's scale, and rounded once. Forward
+// likelihood_kernel.h, with its per-column parameter if it takes one): a float16 element
+// outside float16's normal range is recomputed with Elem in float, times grad_scale and
+// the row's scale, and rounded once. Forward
 // stored the gradient for an upstream of 1 (with 1/B for mean): beyond 65504 it
 // overflowed to inf, where an upstream below 1 (a loss weight) brings it back, and below
 // 2^-14 it is a subnormal with fewer than 11 bits, or 0, where a GradScaler's upstream
@@ -45,8 +46,8 @@ void scale_rows_tasks(const ScaleRowsArgs& a, int64_t begin, int64_t end) {
         const Vec<A> lost = (mag > half_max) | (mag < half_min_normal);  // NaN: neither, it stays
         if (lost.zero_mask() != kNoLane) {
           Vec<A> value, grad;
-          Elem{}(load_as<A>(static_cast<const T*>(a.input) + off + j, n),
-                 load_as<A>(static_cast<const tgt_t*>(a.target) + off + j, n), value, grad);
+          run_elem(Elem{}, load_as<A>(static_cast<const T*>(a.input) + off + j, n),
+                   load_as<A>(static_cast<const tgt_t*>(a.target) + off + j, n), a.param, j, n, value, grad);
           out = Vec<A>::blendv(out, grad * Vec<A>(static_cast<A>(a.grad_scale)) * sv, lost);
         }
       }

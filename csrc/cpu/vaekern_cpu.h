@@ -4,8 +4,9 @@
 // ------
 // Two layers, as in PyTorch's own aten/src/ATen/native/cpu:
 //
-// * host code: one file per op (bernoulli_nll.cpp, gaussian_kl.cpp, reparameterize.cpp,
-//   vae_loss.cpp) for its checks, outputs and TORCH_LIBRARY_IMPL(vaekern, CPU, m), over
+// * host code: one file per op (bernoulli_nll.cpp, gaussian_nll.cpp,
+//   continuous_bernoulli_nll.cpp, gaussian_kl.cpp, reparameterize.cpp, vae_loss.cpp) for
+//   its checks, outputs and TORCH_LIBRARY_IMPL(vaekern, CPU, m), over
 //   shared files named for their job: checks.h (argument checks), allocation.h (outputs
 //   on huge pages), row_ops.h (task grain, upstream gradients per row, the fixed-order
 //   reductions, scale_rows_), likelihood.h (the likelihood term's row sums and gradient)
@@ -20,9 +21,11 @@
 //
 // A likelihood is one element functor: the loops of likelihood_kernel.h and
 // row_ops_kernel.h are templated on it (their headers say what the functor provides), and
-// bernoulli_nll_kernel.h holds the Bernoulli's. A new likelihood adds its functor, its
-// reference, its two entries in Kernels and the op that calls likelihood_rows with it;
-// tiling, partial sums, row scaling and the KL are reused as they are.
+// <op>_kernel.h holds each one's (bernoulli_nll, gaussian_nll, continuous_bernoulli_nll).
+// A new likelihood adds its functor, its reference, its two entries in Kernels and the op
+// that calls likelihood_rows with it; tiling, partial sums, row scaling and the KL are
+// reused as they are. A functor may take one per-column parameter (ColumnParam: the
+// Gaussian's log_scale), which the loops load next to input and target.
 //
 // Determinism: a row is split into column chunks of a fixed size (kChunk); each
 // (row, chunk) task sums into its own double partial, and the host adds the partials
@@ -47,6 +50,15 @@ constexpr int64_t kNoiseBlock = 1024;
 
 inline int64_t num_chunks(int64_t cols) { return cols <= kChunk ? 1 : (cols + kChunk - 1) / kChunk; }
 
+// A per-column parameter of a likelihood (the Gaussian's log_scale): one value per column
+// of the flattened row, in the arithmetic type of the loop that reads it (LikelihoodArgs::
+// acc_dtype; float for ScaleRowsArgs' float16 recompute), or one value for every column
+// (stride 0). data is nullptr for a likelihood without one.
+struct ColumnParam {
+  const void* data = nullptr;  // [cols] (stride 1) or [1] (stride 0)
+  int64_t stride = 0;
+};
+
 struct LikelihoodArgs {
   const void* input;          // [rows, cols] decoder output (logits, probabilities, ...)
   c10::ScalarType input_dtype;  // float, double, bfloat16, half
@@ -57,6 +69,7 @@ struct LikelihoodArgs {
   int64_t rows, cols, chunks;
   double grad_scale;          // 1, or 1/B for reduction=mean
   c10::ScalarType acc_dtype;  // float or double: the element math and the sums
+  ColumnParam param = {};     // for a functor that takes one (likelihood_kernel.h), in acc_dtype
 };
 
 // Tasks are (row, chunk) pairs in row-major order, [begin, end).
@@ -75,6 +88,7 @@ struct ScaleRowsArgs {
   const void* target = nullptr;
   c10::ScalarType target_dtype = c10::ScalarType::Float;
   double grad_scale = 1.0;
+  ColumnParam param = {};     // float16 grad only, as input: the likelihood's parameter
 };
 
 // Tasks are (row, chunk) pairs in row-major order, [begin, end).
@@ -111,6 +125,12 @@ struct Kernels {
   LikelihoodKernel bernoulli_nll[2];
   // The backward of a saved Bernoulli gradient (same index): its rows scaled in place.
   ScaleRowsKernel bernoulli_nll_scale_rows[2];
+  // Its per-column parameter is log_scale (LikelihoodArgs::param, ScaleRowsArgs::param).
+  LikelihoodKernel gaussian_nll;
+  ScaleRowsKernel gaussian_nll_scale_rows;
+  // Indexed by from_logits, as the Bernoulli's.
+  LikelihoodKernel continuous_bernoulli_nll[2];
+  ScaleRowsKernel continuous_bernoulli_nll_scale_rows[2];
   // Tasks are rows.
   void (*gaussian_kl)(const GaussianKlArgs&, int64_t begin, int64_t end);
   void (*gaussian_kl_backward)(const GaussianKlArgs&, int64_t begin, int64_t end);

@@ -15,7 +15,8 @@
 namespace vaekern {
 namespace cuda {
 
-// The loss of one element; *grad gets its derivative (for an upstream gradient of 1).
+// The loss of one element; *grad gets its derivative (for an upstream gradient of 1). The
+// Bernoulli has no per-column parameter: p is 0 and unused (likelihood.cuh).
 //
 // Logits: sigmoid(x) - t = num / (1 + e) with e = exp(-|x|), num = (1 - t) - t*e for x >= 0
 // and (e - t) - t*e below. Where sigmoid(x) and t nearly cancel, 1 - t or e - t is exact
@@ -24,8 +25,10 @@ namespace cuda {
 // NaN x takes the second branch and gives NaN.
 template <bool kFromLogits>
 struct BernoulliNll {
+  static constexpr bool kColumnParam = false;
+
   template <typename acc_t>
-  __device__ __forceinline__ acc_t operator()(acc_t x, acc_t t, acc_t* grad) const {
+  __device__ __forceinline__ acc_t operator()(acc_t x, acc_t t, acc_t /*p*/, acc_t* grad) const {
     if constexpr (kFromLogits) {
       const acc_t e = dexp(-dabs(x));  // in (0, 1]: no overflow for any logit
       *grad = dfma(-t, e, x >= acc_t(0) ? acc_t(1) - t : e - t) / (acc_t(1) + e);

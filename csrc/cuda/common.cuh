@@ -3,18 +3,24 @@
 //
 // Design
 // ------
-// One file per op (bernoulli_nll.cu, gaussian_kl.cu, reparameterize.cu, vae_loss.cu) holds
-// its checks, launches and TORCH_LIBRARY_IMPL. The machinery they share sits in files named
+// One file per op (bernoulli_nll.cu, gaussian_nll.cu, continuous_bernoulli_nll.cu,
+// gaussian_kl.cu, reparameterize.cu, vae_loss.cu) holds its checks, launches and
+// TORCH_LIBRARY_IMPL. The machinery they share sits in files named
 // for their job, listed so that each includes only files listed before it (and
 // csrc/conventions.h), never an op's:
 //   common.cuh          this file
 //   row_scale.cuh       per-row scales of backward (RowScale)
 //   reduce_partials.cuh stage 2 (described below)
 //   likelihood.cuh      the likelihood term: its stage-1 tile loop, templated on an
-//                       element functor, the single-term forward, and the backward's
-//                       in-place scaling of the saved gradient
+//                       element functor (with an optional per-column parameter), the
+//                       single-term forward, and the backward's in-place scaling of the
+//                       saved gradient
 //   kl.cuh/.cu          the Gaussian KL term: element math, tile loop, latent gradients
-//   bernoulli_nll.cuh   BernoulliNll, the element functor of the one likelihood so far
+//   bernoulli_nll.cuh   BernoulliNll, the Bernoulli's element functor
+//   gaussian_nll.cuh    GaussianNll, the Gaussian's (per-column log_scale)
+//   continuous_bernoulli_nll.cuh
+//                       ContinuousBernoulliNll, the continuous Bernoulli's: BernoulliNll
+//                       plus the log normalizer
 // A new likelihood is one element functor (likelihood.cuh says what it provides), its
 // reference, and its op; tiling, reductions, row scaling and the KL are reused.
 //

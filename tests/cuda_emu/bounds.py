@@ -65,6 +65,10 @@ def _run(ops) -> int:
                 lv = exact(torch.randn(B, Z).to(dtype), misaligned)
                 eps = exact(torch.randn(B, Z).to(dtype), misaligned)
                 beta = torch.full((), 0.5)
+                # The Gaussian's log_scale, in the accumulation dtype: one for every column,
+                # and one per column (ASan's redzone right after column D - 1).
+                acc = torch.float64 if dtype == torch.float64 else torch.float32
+                log_scales = (torch.full((), 0.3, dtype=acc), exact(torch.randn(D, dtype=acc) * 0.5, misaligned))
                 # A float target with aligned inputs, a bool one (one byte) with misaligned.
                 t = exact(torch.rand(B, D) > 0.5 if misaligned else torch.rand(B, D), misaligned)
                 for r in (0, 1, 2):
@@ -72,9 +76,15 @@ def _run(ops) -> int:
                     for inp, logits in ((x, True), (p, False)):
                         _, grad = ops.bernoulli_nll(inp, t, logits, r, True)
                         ops.bernoulli_nll_backward_(grad, scale, inp, t, logits, r)
+                        _, grad = ops.continuous_bernoulli_nll(inp, t, logits, r, True)
+                        ops.continuous_bernoulli_nll_backward_(grad, scale, inp, t, logits, r)
                         *_, g = ops.vae_loss(inp, t, mu, lv, beta, logits, r, True)
                         ops.vae_loss_backward_(g, scale, scale, scale, inp, t, mu, lv, beta, logits, r)
-                        calls += 4
+                        calls += 6
+                    for log_scale in log_scales:
+                        _, grad = ops.gaussian_nll(x, t, log_scale, r, True)
+                        ops.gaussian_nll_backward_(grad, scale, x, t, log_scale, r)
+                        calls += 2
                     ops.gaussian_kl(mu, lv, r)
                     ops.gaussian_kl_backward(scale, mu, lv, r)
                     calls += 2

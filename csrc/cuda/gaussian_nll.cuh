@@ -1,0 +1,34 @@
+// GaussianNll: the element functor of the Gaussian likelihood, run by the shared tile loop
+// of likelihood.cuh (gaussian_nll.cu).
+//
+// Input x (the mean), target t, and s = log_scale[d], the per-column parameter of
+// likelihood.cuh (one value for every column when log_scale is 0-d), sigma = exp(s):
+//   nll = 0.5 * (x - t)^2 * exp(-2 s) + s + 0.5 * log(2 pi)      d nll / dx = (x - t) * exp(-2 s)
+// The gradient with respect to s is not computed here: the op layer forms it.
+// Limits: no clamp. exp(-2 s) overflows for s below about -44 in float (-354 in double),
+// and then (x - t) = 0 gives NaN, as the reference does. NaN in any operand gives NaN.
+#pragma once
+
+#include "common.cuh"
+
+namespace vaekern {
+namespace cuda {
+
+// 0.5 * log(2 pi): the Gaussian's normalizer per element, so the loss is a true NLL in nats.
+constexpr double kHalfLog2Pi = 0.91893853320467274178;
+
+struct GaussianNll {
+  static constexpr bool kColumnParam = true;  // log_scale[d]
+
+  // The loss of one element; *grad gets its derivative (for an upstream gradient of 1).
+  template <typename acc_t>
+  __device__ __forceinline__ acc_t operator()(acc_t x, acc_t t, acc_t s, acc_t* grad) const {
+    const acc_t r = x - t;
+    const acc_t g = r * dexp(acc_t(-2) * s);  // exact doubling: one rounding in exp
+    *grad = g;
+    return dfma(acc_t(0.5) * r, g, s + acc_t(kHalfLog2Pi));
+  }
+};
+
+}  // namespace cuda
+}  // namespace vaekern
