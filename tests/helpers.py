@@ -147,19 +147,37 @@ class ReferenceKernels:
         g_mu, g_lv = self._grads(reference.reparameterize_ref(m, lv, eps), (m, lv), grad_z.double())
         return g_mu.to(mu.dtype), g_lv.to(logvar.dtype)
 
-    def vae_loss(self, recon, target, mu, logvar, beta, from_logits, reduction, compute_grad):
+    _LIKELIHOODS = {0: "bernoulli", 1: "gaussian", 2: "continuous_bernoulli"}
+
+    def _recon_grad(self, recon, target, log_scale, likelihood, from_logits, reduction):
+        """The likelihood's d(reduced recon term)/d(recon) in float64, upstream 1."""
+        x = recon.detach().double().requires_grad_()
+        kw = dict(likelihood=self._LIKELIHOODS[likelihood], from_logits=from_logits, reduction=self._NAMES[reduction])
+        if likelihood == 1:  # the kernels' one-per-column log_scale, as the row's shape
+            kw["log_scale"] = log_scale.reshape(recon.shape[1:]) if log_scale.dim() else log_scale
+        rec = reference.vae_loss_ref(x, target, x.new_zeros(x.shape[0], 1), x.new_zeros(x.shape[0], 1), **kw)[1]
+        return self._grads(rec, x)[0]
+
+    def vae_loss(self, recon, target, mu, logvar, beta, log_scale, likelihood, from_logits, reduction, compute_grad):
         acc = self._acc(recon, mu, logvar)
-        loss, rec, kl = reference.vae_loss_ref(
-            recon, target, mu, logvar, beta=beta, from_logits=from_logits, reduction=self._NAMES[reduction]
-        )
-        grad = self.bernoulli_nll(recon, target, from_logits, reduction, True)[1] if compute_grad else recon.new_empty((0,))
+        kw = dict(likelihood=self._LIKELIHOODS[likelihood], from_logits=from_logits, reduction=self._NAMES[reduction])
+        if likelihood == 1:
+            kw["log_scale"] = log_scale.reshape(recon.shape[1:]) if log_scale.dim() else log_scale
+        loss, rec, kl = reference.vae_loss_ref(recon, target, mu, logvar, beta=beta, **kw)
+        grad = recon.new_empty((0,))
+        if compute_grad:
+            grad = self._recon_grad(recon, target, log_scale, likelihood, from_logits, reduction).to(recon.dtype)
         return loss.to(acc), rec.to(acc), kl.to(acc), grad
 
     def vae_loss_backward_(
-        self, grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, mu, logvar, beta, from_logits, reduction
+        self, grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, log_scale, mu, logvar, beta,
+        likelihood, from_logits, reduction,
     ):
         if grad_recon.numel():
-            self.bernoulli_nll_backward_(grad_recon, grad_loss + grad_recon_term, recon, target, from_logits, reduction)
+            # The definition, as bernoulli_nll_backward_'s: the float64 gradient times the upstream.
+            scale = (grad_loss + grad_recon_term).double()
+            scale = scale.reshape((-1,) + (1,) * (recon.dim() - 1)) if scale.dim() else scale
+            grad_recon.copy_(self._recon_grad(recon, target, log_scale, likelihood, from_logits, reduction) * scale)
         return self.gaussian_kl_backward(grad_loss * beta + grad_kl_term, mu, logvar, reduction)
 
 

@@ -174,6 +174,8 @@ def _cases():
                         {"LIKELIHOOD": likelihood, "S_STRIDE": s_stride, "FROM_LOGITS": logits, "COMPUTE_GRAD": True,
                          "MEAN": True, "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z}, warps,
                     ))
+                    # The launcher's block for a float16 continuous Bernoulli backward (see there).
+                    bwd_block, bwd_warps = image("fp64") if dt == "fp16" and likelihood == 2 else (BLOCK, warps)
                     cases.append((
                         f"vae_loss_bwd x={dt} likelihood={likelihood} s_stride={s_stride} {kind}", "vae_loss",
                         "_vae_loss_bwd_kernel",
@@ -181,7 +183,8 @@ def _cases():
                          "mu_ptr": dt, "lv_ptr": dt, "gmu_ptr": dt, "glv_ptr": dt, "x_ptr": dt, "t_ptr": dt, "s_ptr": acc},
                         ("D", "Z", "stride_mu", "stride_lv", "stride_x", "stride_t"),
                         {"LIKELIHOOD": likelihood, "S_STRIDE": s_stride, "FROM_LOGITS": logits, "MEAN": True,
-                         "RECOMPUTE": dt == "fp16", "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z}, warps,
+                         "RECOMPUTE": dt == "fp16", "BLOCK": bwd_block,
+                         "BLOCK_Z": _block_z(Z_LATENT, bwd_warps, DTYPES[dt])}, bwd_warps,
                     ))
         # The likelihoods of issue 13: the Gaussian with one log_scale (S_STRIDE 0) or one per
         # column (1), the continuous Bernoulli with its log normalizer on top of the Bernoulli.
@@ -532,13 +535,13 @@ def test_split_rows_match_reference(split_rows, reduction, from_logits):
     ref.bernoulli_nll_backward_(grad_r, go, x, t, from_logits, reduction)
     torch.testing.assert_close(grad, grad_r, rtol=1e-12, atol=1e-12)
 
-    res = tri.vae_loss(x, t, mu, lv, beta, from_logits, reduction, True)
-    res_r = ref.vae_loss(x, t, mu, lv, beta, from_logits, reduction, True)
+    res = tri.vae_loss(x, t, mu, lv, beta, beta.new_zeros(()), 0, from_logits, reduction, True)
+    res_r = ref.vae_loss(x, t, mu, lv, beta, beta.new_zeros(()), 0, from_logits, reduction, True)
     for a, b in zip(res, res_r):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     gk = go * 2
-    g_mu, g_lv = tri.vae_loss_backward_(res[3], go, go * 0.5, gk, x, t, mu, lv, beta, from_logits, reduction)
-    g_mu_r, g_lv_r = ref.vae_loss_backward_(res_r[3], go, go * 0.5, gk, x, t, mu, lv, beta, from_logits, reduction)
+    g_mu, g_lv = tri.vae_loss_backward_(res[3], go, go * 0.5, gk, x, t, beta.new_zeros(()), mu, lv, beta, 0, from_logits, reduction)
+    g_mu_r, g_lv_r = ref.vae_loss_backward_(res_r[3], go, go * 0.5, gk, x, t, beta.new_zeros(()), mu, lv, beta, 0, from_logits, reduction)
     for a, b in ((res[3], res_r[3]), (g_mu, g_mu_r), (g_lv, g_lv_r)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 

@@ -286,16 +286,16 @@ def test_opcheck(backend, device):
     mu, logvar = latents((5, 3), torch.float32, device)
     beta = torch.tensor(0.7, device=device)
     for reduction in (0, 1, 2):
-        torch.library.opcheck(ops.vae_loss, (recon, t, leaf(mu), leaf(logvar), beta, True, reduction, False))
+        torch.library.opcheck(ops.vae_loss, (recon, t, leaf(mu), leaf(logvar), beta, beta.new_zeros(()), 0, True, reduction, False))
         # As in test_bernoulli_nll.py::test_opcheck: every opcheck test, gradients included.
-        torch.library.opcheck(ops.vae_loss, (leaf(recon), t, leaf(mu), leaf(logvar), beta, True, reduction, True))
+        torch.library.opcheck(ops.vae_loss, (leaf(recon), t, leaf(mu), leaf(logvar), beta, beta.new_zeros(()), 0, True, reduction, True))
         # Probabilities, and no gradient asked while recon needs one: backward recomputes it.
         p = probs((5, 13), torch.float32, device)
-        torch.library.opcheck(ops.vae_loss, (leaf(p), t, mu, logvar, beta, False, reduction, False))
+        torch.library.opcheck(ops.vae_loss, (leaf(p), t, mu, logvar, beta, beta.new_zeros(()), 0, False, reduction, False))
         g = (lambda: torch.rand(5, device=device)) if reduction == 0 else (lambda: torch.rand((), device=device))
         grad = torch.randn(5, 13, device=device)
         torch.library.opcheck(
-            ops.vae_loss_backward_, (grad, g(), g(), g(), recon, t, mu, logvar, beta, True, reduction)
+            ops.vae_loss_backward_, (grad, g(), g(), g(), recon, t, beta.new_zeros(()), mu, logvar, beta, 0, True, reduction)
         )
 
 
@@ -309,7 +309,7 @@ def test_backward_leaves_rows_scaled_by_one_untouched(backend, device):
     grad_recon = torch.tensor([0.0, 0.5, 0.25], device=device)
     beta = torch.tensor(1.0, device=device)
     recon, t = torch.zeros_like(grad), torch.zeros_like(grad)  # read only for float16
-    ops.vae_loss_backward_(grad, grad_loss, grad_recon, torch.zeros(3, device=device), recon, t, mu, logvar, beta, True, 0)
+    ops.vae_loss_backward_(grad, grad_loss, grad_recon, torch.zeros(3, device=device), recon, t, beta.new_zeros(()), mu, logvar, beta, 0, True, 0)
     after = grad.view(torch.int32)
     assert torch.equal(after[:2], bits[:2])
     assert not torch.equal(after[2], bits[2])
@@ -354,13 +354,13 @@ def test_backward_adopts_the_forward_gradient_in_place(backend, device):
     mu, logvar = latents((4, 3), torch.float32, device)
     beta = torch.tensor(0.5, device=device)
     r = leaf(recon)
-    loss, _, _, grad = ops.vae_loss(r, t, leaf(mu), leaf(logvar), beta, True, 1, True)
+    loss, _, _, grad = ops.vae_loss(r, t, leaf(mu), leaf(logvar), beta, beta.new_zeros(()), 0, True, 1, True)
     ptr = grad.data_ptr()
     del grad
     (loss * 3).backward()
     assert r.grad.data_ptr() == ptr
     r2 = leaf(recon)
-    loss, _, _, kept = ops.vae_loss(r2, t, leaf(mu), leaf(logvar), beta, True, 1, True)
+    loss, _, _, kept = ops.vae_loss(r2, t, leaf(mu), leaf(logvar), beta, beta.new_zeros(()), 0, True, 1, True)
     before = kept.clone()
     (loss * 3).backward()
     assert torch.equal(kept, before) and r2.grad.data_ptr() != kept.data_ptr()
@@ -395,7 +395,7 @@ def test_double_backward_through_the_latents(backend, device, reduction):
     red = {"none": 0, "mean": 1, "sum": 2}[reduction]
 
     def op(m, lv):
-        return ops.vae_loss(recon, t, m, lv, beta, True, red, False)[:3]
+        return ops.vae_loss(recon, t, m, lv, beta, beta.new_zeros(()), 0, True, red, False)[:3]
 
     assert torch.autograd.gradgradcheck(op, (leaf(mu), leaf(logvar)), fast_mode=True)
 

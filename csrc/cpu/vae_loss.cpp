@@ -1,8 +1,9 @@
 // vae_loss on CPU: the negative ELBO, recon + beta * kl, in one call.
 //
-// The reconstruction term is bernoulli_nll (with its gradient computed in the same pass)
-// and the KL term gaussian_kl; see those files for the math. Both run the shared term
-// code (likelihood.h with the Bernoulli's element function, kl.h). Per row b:
+// The reconstruction term is the likelihood's NLL (bernoulli_nll, gaussian_nll or
+// continuous_bernoulli_nll by `likelihood`, with its gradient computed in the same pass) and
+// the KL term gaussian_kl; see those files for the math. Both run the shared term code
+// (likelihood.h with the likelihood's element function, kl.h). Per row b:
 //   loss_b = recon_b + beta * kl_b;  for mean/sum both terms are reduced first.
 // Backward (vae_loss_backward_):
 //   d/d recon = saved gradient * (g_loss + g_recon_term)   (rows whose factor is 1 skipped;
@@ -24,6 +25,27 @@
 namespace vaekern::cpu {
 namespace {
 
+// The Kernels entries of vae_loss's likelihood (vaekern/_ops/_common.py LIKELIHOODS), and
+// whether it reads log_scale.
+struct Likelihood {
+  LikelihoodKernel forward;
+  ScaleRowsKernel scale_rows;
+  bool takes_log_scale;
+};
+
+Likelihood likelihood_of(int64_t likelihood, bool from_logits) {
+  const Kernels& k = kernels();
+  switch (likelihood) {
+    case 0: return {k.bernoulli_nll[from_logits], k.bernoulli_nll_scale_rows[from_logits], false};
+    case 1: return {k.gaussian_nll, k.gaussian_nll_scale_rows, true};
+    case 2:
+      return {k.continuous_bernoulli_nll[from_logits], k.continuous_bernoulli_nll_scale_rows[from_logits], false};
+    default:
+      TORCH_CHECK(false, "vaekern (cpu): likelihood must be 0 (bernoulli), 1 (gaussian) or 2 (continuous_bernoulli), "
+                  "got ", likelihood);
+  }
+}
+
 double scalar_value(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.numel() == 1, "vaekern (cpu): ", name, " must have one element, got shape ", t.sizes());
   return row_values(t, 1, name)[0];
@@ -33,8 +55,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(const at
                                                                         const at::Tensor& target,
                                                                         const at::Tensor& mu,
                                                                         const at::Tensor& logvar,
-                                                                        const at::Tensor& beta, bool from_logits,
-                                                                        int64_t reduction, bool compute_grad) {
+                                                                        const at::Tensor& beta,
+                                                                        const at::Tensor& log_scale, int64_t likelihood,
+                                                                        bool from_logits, int64_t reduction,
+                                                                        bool compute_grad) {
   check_float(recon, "recon");
   check_target(target, recon);
   check_latents(mu, logvar);
@@ -43,13 +67,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(const at
   TORCH_CHECK(mu.size(0) == rows, "vaekern (cpu): mu has batch size ", mu.size(0), " but recon has batch size ", rows);
   const double b = scalar_value(beta, "beta");
   const c10::ScalarType dt = acc_dtype({&recon, &mu, &logvar});
+  const Likelihood lik = likelihood_of(likelihood, from_logits);
+  if (lik.takes_log_scale) check_column_param(log_scale, recon, dt, "log_scale");
 
   at::Tensor grad = compute_grad ? empty_output(recon.sizes(), recon.options()) : recon.new_empty({0});
   const double grad_scale = reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0;
   // The recon term in the loss's dtype: float32 recon beside float64 latents gives a
   // float64 loss, in which a term beyond float's range is finite.
-  const std::vector<double> rec = likelihood_rows(kernels().bernoulli_nll[from_logits], recon, target, grad_scale,
-                                                  compute_grad ? grad : at::Tensor(), dt);
+  const std::vector<double> rec = likelihood_rows(lik.forward, recon, target, grad_scale,
+                                                  compute_grad ? grad : at::Tensor(), dt,
+                                                  lik.takes_log_scale ? log_scale : at::Tensor());
   // The KL in the loss's dtype, but mu^2 and its sums in double whatever that is, as in the
   // oracle (float64): for finite float32 latents the KL is then finite (mu^2 <= 1.2e77),
   // and beta = 0 leaves the recon term, where a float KL beyond float's range made the
@@ -75,9 +102,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(const at
 std::tuple<at::Tensor, at::Tensor> vae_loss_backward_cpu(const at::Tensor& grad_recon, const at::Tensor& grad_loss,
                                                          const at::Tensor& grad_recon_term,
                                                          const at::Tensor& grad_kl_term, const at::Tensor& recon,
-                                                         const at::Tensor& target, const at::Tensor& mu,
-                                                         const at::Tensor& logvar, const at::Tensor& beta,
-                                                         bool from_logits, int64_t reduction) {
+                                                         const at::Tensor& target, const at::Tensor& log_scale,
+                                                         const at::Tensor& mu, const at::Tensor& logvar,
+                                                         const at::Tensor& beta, int64_t likelihood, bool from_logits,
+                                                         int64_t reduction) {
   check_latents(mu, logvar);
   check_reduction(reduction);
   const int64_t rows = mu.size(0);
@@ -95,8 +123,13 @@ std::tuple<at::Tensor, at::Tensor> vae_loss_backward_cpu(const at::Tensor& grad_
   if (grad_recon.numel() != 0) {
     TORCH_CHECK(grad_recon.size(0) == rows, "vaekern (cpu): grad_recon has batch size ", grad_recon.size(0),
                 " but mu has batch size ", rows);
-    scale_rows_(kernels().bernoulli_nll_scale_rows[from_logits], grad_recon, recon_scale, recon, target,
-                reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0);
+    const Likelihood lik = likelihood_of(likelihood, from_logits);
+    // Only the float16 recompute reads log_scale, in float (float16's arithmetic type),
+    // while the forward took it in the loss dtype (double beside float64 latents).
+    at::Tensor param;
+    if (lik.takes_log_scale && grad_recon.scalar_type() == at::kHalf) param = log_scale.to(at::kFloat);
+    scale_rows_(lik.scale_rows, grad_recon, recon_scale, recon, target,
+                reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0, param);
   }
   return gaussian_kl_grads(kl_scale, mu, logvar);
 }

@@ -32,18 +32,6 @@ namespace vaekern {
 namespace cuda {
 namespace {
 
-// log_scale: on like's device, of the accumulation dtype of an input of dtype `input`,
-// () or (D,) (any stride: the kernels read log_scale[d * stride]).
-void check_log_scale(const Tensor& log_scale, const Tensor& like, at::ScalarType input, int64_t D) {
-  check_cuda(log_scale, "log_scale", like);
-  const auto acc = acc_scalar(input);
-  TORCH_CHECK(log_scale.scalar_type() == acc, "vaekern (cuda): log_scale must have dtype ", acc, " for input of dtype ",
-              input, ", got ", log_scale.scalar_type());
-  TORCH_CHECK(log_scale.dim() == 0 || (log_scale.dim() == 1 && log_scale.size(0) == D),
-              "vaekern (cuda): log_scale must have shape () or (", D, ",) (one per element of a row), got ",
-              log_scale.sizes());
-}
-
 int64_t row_length(const Tensor& x) {
   int64_t D = 1;
   for (int64_t d = 1; d < x.dim(); ++d) D *= x.size(d);

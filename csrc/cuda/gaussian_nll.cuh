@@ -30,5 +30,17 @@ struct GaussianNll {
   }
 };
 
+// log_scale: on like's device, of the accumulation dtype of an input of dtype `input`,
+// () or (D,) (any stride: the kernels read log_scale[d * stride]).
+inline void check_log_scale(const Tensor& log_scale, const Tensor& like, at::ScalarType input, int64_t D) {
+  check_cuda(log_scale, "log_scale", like);
+  const auto acc = acc_scalar(input);
+  TORCH_CHECK(log_scale.scalar_type() == acc, "vaekern (cuda): log_scale must have dtype ", acc, " for input of dtype ",
+              input, ", got ", log_scale.scalar_type());
+  TORCH_CHECK(log_scale.dim() == 0 || (log_scale.dim() == 1 && log_scale.size(0) == D),
+              "vaekern (cuda): log_scale must have shape () or (", D, ",) (one per element of a row), got ",
+              log_scale.sizes());
+}
+
 }  // namespace cuda
 }  // namespace vaekern

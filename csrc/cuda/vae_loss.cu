@@ -1,6 +1,7 @@
 // vae_loss and vae_loss_backward_ on CUDA: the negative ELBO of a Bernoulli-decoder VAE.
 //
-// Math (the element functor BernoulliNll of bernoulli_nll.cuh, and kl.cuh): per row b,
+// Math (the likelihood's element functor: BernoulliNll, GaussianNll with its per-column
+// log_scale, or ContinuousBernoulliNll, by `likelihood`; and kl.cuh): per row b,
 //   recon_b = sum_j nll(recon[b, j], target[b, j]),  kl_b = sum_k kl(mu[b, k], logvar[b, k])
 //   loss = R(recon) + beta * R(kl), with R the reduction over rows (none, mean, sum).
 // Backward, for upstream gradients gL (loss), gR (recon term), gK (kl term):
@@ -32,6 +33,8 @@
 // square and sums double, above).
 // Limits: misaligned reconstruction rows take scalar loads; latents always do.
 #include "bernoulli_nll.cuh"
+#include "continuous_bernoulli_nll.cuh"
+#include "gaussian_nll.cuh"
 #include "kl.cuh"
 #include "likelihood.cuh"
 #include "reduce_partials.cuh"
@@ -71,8 +74,18 @@ __device__ __forceinline__ double latent_tile(const LatentArgs& l, int64_t b, in
   }
 }
 
+// Blocks per SM that the fused forward asks for: kFwdMinBlocks (at most 64 registers), or 2
+// (128) for the likelihoods after the Bernoulli in double math, whose L' (continuous
+// Bernoulli) or per-column parameter (Gaussian) beside the KL tile spilled 16-44 bytes at
+// 64 registers (sm_80 and sm_90). The Bernoulli's kernels stay as they were.
+template <typename Elem, typename acc_t>
+constexpr int fwd_min_blocks() {
+  constexpr bool bernoulli = std::is_same_v<Elem, BernoulliNll<true>> || std::is_same_v<Elem, BernoulliNll<false>>;
+  return sizeof(acc_t) == 8 && !bernoulli ? 2 : kFwdMinBlocks;
+}
+
 template <typename Elem, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
+__global__ void __launch_bounds__(kThreads, fwd_min_blocks<Elem, acc_t>())
     vae_loss_fwd_kernel(LikelihoodArgs<scalar_t, acc_t> a, LatentArgs l,
                         acc_t* __restrict__ recon_partials,  // [B, tiles_per_row]
                         double* __restrict__ kl_partials,    // [B, kl_tiles]
@@ -109,9 +122,9 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
 
 template <typename scalar_t, typename acc_t>
 void vae_loss_launch(const Rows& x, const Rows& t, at::ScalarType target_dtype, const Rows& m, const Rows& lv,
-                     at::ScalarType latent_dtype, const Tensor& beta, bool from_logits, int64_t reduction,
-                     const Tensor& grad, const Tensor& loss, const Tensor& rec, const Tensor& kl,
-                     cudaStream_t stream) {
+                     at::ScalarType latent_dtype, const Tensor& beta, const Tensor& log_scale,
+                     int64_t likelihood, bool from_logits, int64_t reduction, const Tensor& grad, const Tensor& loss,
+                     const Tensor& rec, const Tensor& kl, cudaStream_t stream) {
   const int64_t B = x.B;
   const Tiling tl = tiling(B, x.D, likelihood_vec<scalar_t, acc_t>(), m.D);
   const int G = tl.G;
@@ -135,17 +148,28 @@ void vae_loss_launch(const Rows& x, const Rows& t, at::ScalarType target_dtype, 
     const unsigned blocks = blocks_for(B * (tiles + kl_tiles) * G);
     acc_t* recon_out = recon_partials.data_ptr<acc_t>();
     double* kl_out = kl_partials.data_ptr<double>();
-    if (from_logits) {
-      using Elem = BernoulliNll<true>;
-      vae_loss_fwd_kernel<Elem><<<blocks, kThreads, 0, stream>>>(a, l, recon_out, kl_out, B, tiles, kl_tiles, G);
-    } else {
-      using Elem = BernoulliNll<false>;
-      vae_loss_fwd_kernel<Elem><<<blocks, kThreads, 0, stream>>>(a, l, recon_out, kl_out, B, tiles, kl_tiles, G);
+    auto launch = [&](auto elem) {
+      using Elem = decltype(elem);
+      LikelihoodArgs<scalar_t, acc_t> args = a;
+      args.param = column_param_of<Elem, acc_t>(Elem::kColumnParam ? log_scale : Tensor());
+      vae_loss_fwd_kernel<Elem><<<blocks, kThreads, 0, stream>>>(args, l, recon_out, kl_out, B, tiles, kl_tiles, G);
+    };
+    switch (likelihood) {
+      case 1: launch(GaussianNll{}); break;
+      case 2: from_logits ? launch(ContinuousBernoulliNll<true>{}) : launch(ContinuousBernoulliNll<false>{}); break;
+      default: from_logits ? launch(BernoulliNll<true>{}) : launch(BernoulliNll<false>{});
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   reduce_partials<acc_t, double>(recon_partials, tiles, kl_partials, kl_tiles, B, reduction, beta, rec, kl, loss,
                                  stream);
+}
+
+// vae_loss's likelihood (vaekern/_ops/_common.py LIKELIHOODS).
+void check_likelihood(int64_t likelihood) {
+  TORCH_CHECK(likelihood >= 0 && likelihood <= 2,
+              "vaekern (cuda): likelihood must be 0 (bernoulli), 1 (gaussian) or 2 (continuous_bernoulli), got ",
+              likelihood);
 }
 
 void check_beta(const Tensor& beta, const Tensor& like) {
@@ -157,7 +181,8 @@ void check_beta(const Tensor& beta, const Tensor& like) {
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(const Tensor& recon, const Tensor& target, const Tensor& mu,
-                                                         const Tensor& logvar, const Tensor& beta, bool from_logits,
+                                                         const Tensor& logvar, const Tensor& beta,
+                                                         const Tensor& log_scale, int64_t likelihood, bool from_logits,
                                                          int64_t reduction, bool compute_grad) {
   check_cuda(recon, "recon", recon);
   check_cuda(target, "target", recon);
@@ -168,12 +193,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(const Tensor& recon, co
   check_latents(mu, logvar, recon);
   check_beta(beta, recon);
   check_reduction(reduction);
+  check_likelihood(likelihood);
   const c10::cuda::CUDAGuard guard(recon.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   const Rows x = as_rows(recon), t = as_rows(target), m = as_rows(mu), l = as_rows(logvar);
   TORCH_CHECK(m.B == x.B, "vaekern (cuda): mu has batch size ", m.B, " but recon has batch size ", x.B);
   const bool dbl = recon.scalar_type() == at::kDouble || mu.scalar_type() == at::kDouble;
+  // The Gaussian's log_scale is in the loss dtype: the recon term's math is (double beside
+  // float64 latents).
+  if (likelihood == 1) check_log_scale(log_scale, recon, dbl ? at::kDouble : at::kFloat, x.D);
   const auto opts = recon.options().dtype(dbl ? at::kDouble : at::kFloat);
   const std::vector<int64_t> shape = loss_shape(reduction, x.B);
   Tensor loss = at::empty(shape, opts), rec = at::empty(shape, opts), kl = at::empty(shape, opts);
@@ -182,11 +211,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(const Tensor& recon, co
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "vae_loss_cuda", [&] {
     if (dbl) {
-      vae_loss_launch<scalar_t, double>(x, t, target.scalar_type(), m, l, mu.scalar_type(), beta, from_logits,
-                                        reduction, grad, loss, rec, kl, stream);
+      vae_loss_launch<scalar_t, double>(x, t, target.scalar_type(), m, l, mu.scalar_type(), beta, log_scale,
+                                        likelihood, from_logits, reduction, grad, loss, rec, kl, stream);
     } else if constexpr (!std::is_same_v<scalar_t, double>) {
-      vae_loss_launch<scalar_t, float>(x, t, target.scalar_type(), m, l, mu.scalar_type(), beta, from_logits,
-                                       reduction, grad, loss, rec, kl, stream);
+      vae_loss_launch<scalar_t, float>(x, t, target.scalar_type(), m, l, mu.scalar_type(), beta, log_scale,
+                                       likelihood, from_logits, reduction, grad, loss, rec, kl, stream);
     }
   });
   return {loss, rec, kl, grad};
@@ -194,12 +223,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(const Tensor& recon, co
 
 std::tuple<Tensor, Tensor> vae_loss_backward_cuda(const Tensor& grad_recon, const Tensor& grad_loss,
                                                   const Tensor& grad_recon_term, const Tensor& grad_kl_term,
-                                                  const Tensor& recon, const Tensor& target, const Tensor& mu,
-                                                  const Tensor& logvar, const Tensor& beta, bool from_logits,
-                                                  int64_t reduction) {
+                                                  const Tensor& recon, const Tensor& target, const Tensor& log_scale,
+                                                  const Tensor& mu, const Tensor& logvar, const Tensor& beta,
+                                                  int64_t likelihood, bool from_logits, int64_t reduction) {
   check_latents(mu, logvar, mu);
   check_beta(beta, mu);
   check_reduction(reduction);
+  check_likelihood(likelihood);
   const c10::cuda::CUDAGuard guard(mu.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t B = mu.size(0);
@@ -220,10 +250,17 @@ std::tuple<Tensor, Tensor> vae_loss_backward_cuda(const Tensor& grad_recon, cons
                                .grad_loss_kind = kind_of(loss_g.scalar_type()),
                                .grad_term_kind = kind_of(recon_g.scalar_type())};
     const double grad_scale = reduction == 1 ? 1.0 / static_cast<double>(B) : 1.0;
-    if (from_logits) {
-      scale_likelihood_rows_<BernoulliNll<true>>(grad_recon, recon_scale, recon, target, grad_scale, stream);
-    } else {
-      scale_likelihood_rows_<BernoulliNll<false>>(grad_recon, recon_scale, recon, target, grad_scale, stream);
+    auto scale = [&](auto elem, const Tensor& param) {
+      scale_likelihood_rows_<decltype(elem)>(grad_recon, recon_scale, recon, target, grad_scale, stream, param);
+    };
+    switch (likelihood) {
+      // Only the float16 recompute reads log_scale, in float (float16's arithmetic type),
+      // while the forward took it in the loss dtype (double beside float64 latents).
+      case 1: scale(GaussianNll{}, log_scale.to(at::kFloat)); break;
+      case 2:
+        from_logits ? scale(ContinuousBernoulliNll<true>{}, Tensor()) : scale(ContinuousBernoulliNll<false>{}, Tensor());
+        break;
+      default: from_logits ? scale(BernoulliNll<true>{}, Tensor()) : scale(BernoulliNll<false>{}, Tensor());
     }
   }
   const RowScale kl_scale{.grad_loss = loss_g.data_ptr(),

@@ -78,8 +78,8 @@ def _run(ops) -> int:
                         ops.bernoulli_nll_backward_(grad, scale, inp, t, logits, r)
                         _, grad = ops.continuous_bernoulli_nll(inp, t, logits, r, True)
                         ops.continuous_bernoulli_nll_backward_(grad, scale, inp, t, logits, r)
-                        *_, g = ops.vae_loss(inp, t, mu, lv, beta, logits, r, True)
-                        ops.vae_loss_backward_(g, scale, scale, scale, inp, t, mu, lv, beta, logits, r)
+                        *_, g = ops.vae_loss(inp, t, mu, lv, beta, beta.new_zeros(()), 0, logits, r, True)
+                        ops.vae_loss_backward_(g, scale, scale, scale, inp, t, beta.new_zeros(()), mu, lv, beta, 0, logits, r)
                         calls += 6
                     for log_scale in log_scales:
                         _, grad = ops.gaussian_nll(x, t, log_scale, r, True)

@@ -303,8 +303,12 @@ def vae_loss_backward_(
         if not grad_recon.is_contiguous():
             raise ValueError("vae_loss_backward_: grad_recon must be the contiguous saved gradient")
         D = grad_recon.numel() // B
-        BLOCK, num_warps, C, n_blocks = row_config(B, D, grad_recon.element_size())
         x, t, stride_x, stride_t, recompute = recompute_operands(grad_recon, recon, target)
+        # Blocks sized as for float64 math (4 values per thread) where a float16 gradient may
+        # be recomputed by the continuous Bernoulli beside the KL: at float16's block (16 per
+        # thread) its probability form spilled 24 bytes on sm_80 (tests/test_triton_aot.py).
+        itemsize = 8 if recompute and likelihood == 2 else grad_recon.element_size()
+        BLOCK, num_warps, C, n_blocks = row_config(B, D, itemsize)
         loss_dtype = acc_dtype(recon, mu, logvar)
         s, s_stride = log_scale_operand(log_scale, recon, loss_dtype) if recompute and likelihood == 1 else (x, 0)
     else:
