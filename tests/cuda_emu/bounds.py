@@ -71,16 +71,22 @@ def _run(ops) -> int:
                 log_scales = (torch.full((), 0.3, dtype=acc), exact(torch.randn(D, dtype=acc) * 0.5, misaligned))
                 # A float target with aligned inputs, a bool one (one byte) with misaligned.
                 t = exact(torch.rand(B, D) > 0.5 if misaligned else torch.rand(B, D), misaligned)
-                for r in (0, 1, 2):
+                # none (per-row outputs) and mean: sum takes mean's memory paths (only the
+                # scale differs), and leaving it out keeps CI within its budget.
+                for r in (0, 1):
                     scale = torch.rand(B) + 0.5 if r == 0 else torch.full((), 0.7)
                     for inp, logits in ((x, True), (p, False)):
                         _, grad = ops.bernoulli_nll(inp, t, logits, r, True)
                         ops.bernoulli_nll_backward_(grad, scale, inp, t, logits, r)
-                        _, grad = ops.continuous_bernoulli_nll(inp, t, logits, r, True)
-                        ops.continuous_bernoulli_nll_backward_(grad, scale, inp, t, logits, r)
                         *_, g = ops.vae_loss(inp, t, mu, lv, beta, beta.new_zeros(()), 0, logits, r, True)
                         ops.vae_loss_backward_(g, scale, scale, scale, inp, t, beta.new_zeros(()), mu, lv, beta, 0, logits, r)
-                        calls += 6
+                        calls += 4
+                        # The continuous Bernoulli runs the Bernoulli's tiling and loads as they
+                        # are: once per width (4 and 2 bytes) covers its own code.
+                        if dtype in (torch.float32, torch.float16):
+                            _, grad = ops.continuous_bernoulli_nll(inp, t, logits, r, True)
+                            ops.continuous_bernoulli_nll_backward_(grad, scale, inp, t, logits, r)
+                            calls += 2
                     for log_scale in log_scales:
                         _, grad = ops.gaussian_nll(x, t, log_scale, r, True)
                         ops.gaussian_nll_backward_(grad, scale, x, t, log_scale, r)
