@@ -21,12 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cuda_emu import build  # noqa: E402
 
 # (B, D, Z, dtypes): one element, odd rows, one tile per row, many tiles per row, latents
-# wider than a group, in every dtype; then, in float32 and float64 only (the others take
-# the same paths with other vector widths, covered above), over 256 tiles a row (stage 2
-# a block per row) and 20 000 rows (the flat pre-pass of stage 2).
+# wider than a group, in every dtype. Then the paths of huge inputs, per variant: with
+# csrc/cuda's own constants, over 256 tiles a row (stage 2 a block per row) and 20 000 rows
+# (one flat pre-pass of stage 2), in float32 only, the slowest calls of the sweep; with the
+# small constants (build.VARIANTS), the same paths and several pre-passes at a few hundred
+# rows, in float32 and float64 (the other widths take the same paths with other vector
+# widths, covered by the shapes of every dtype).
 ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-SHAPES = [(1, 1, 1, ALL), (3, 7, 5, ALL), (7, 784, 20, ALL), (9, 1271, 33, ALL), (4, 130, 200, ALL),
-          (2, 33_000, 64, ALL[::3]), (20_000, 3, 1, ALL[::3])]  # fmt: skip
+SHAPES = [(1, 1, 1, ALL), (3, 7, 5, ALL), (7, 784, 20, ALL), (9, 1271, 33, ALL), (4, 130, 200, ALL)]
+HUGE = {"asan": [(2, 33_000, 64, ALL[:1]), (20_000, 3, 1, ALL[:1])],
+        "asan_small": [(2, 33_000, 64, ALL[::3]), (301, 3, 1, ALL[::3])]}  # fmt: skip
 
 
 def exact(t: torch.Tensor, misaligned: bool) -> torch.Tensor:
@@ -50,13 +54,13 @@ def check_guarded() -> None:
 def run(variant: str) -> int:
     """Every op over SHAPES on one ASan build; returns the number of calls."""
     with build.emulated_cuda_backend(variant) as ns:
-        return _run(getattr(torch.ops, ns))
+        return _run(getattr(torch.ops, ns), SHAPES + HUGE[variant])
 
 
-def _run(ops) -> int:
+def _run(ops, shapes) -> int:
     torch.manual_seed(0)
     calls = 0
-    for B, D, Z, dtypes in SHAPES:
+    for B, D, Z, dtypes in shapes:
         for dtype in dtypes:
             for misaligned in (False, True):
                 x = exact((torch.randn(B, D) * 3).to(dtype), misaligned)
