@@ -6,6 +6,7 @@ from conftest import DTYPES, REDUCTIONS, SHAPES
 from helpers import assert_grad_close, assert_loss_close, kernels_of, latents, leaf, noncontiguous, upstream
 
 import vaekern
+from vaekern import reference
 from vaekern.reference import gaussian_kl_ref
 
 
@@ -115,3 +116,253 @@ def test_torch_func_grad_hessian_and_per_sample_gradients(backend, device):
     per_sample = vmap(grad(lambda b, m, lv: kl(b, m[None], lv[None]), argnums=(1, 2)), in_dims=(None, 0, 0))
     for got, want in zip(per_sample(backend, mu, logvar), per_sample("reference", mu, logvar)):
         torch.testing.assert_close(got, want)
+
+
+# --- Priors, free bits and the per-element KL (issue 14) --------------------------------
+
+# Prior shapes for (B, Z) = (5, 7) latents: learned per element, per sample (hierarchical),
+# 0-d, and one per latent broadcast over a trailing dim of 3-d latents below.
+PRIOR_SHAPES = ((7,), (5, 7), ())
+
+
+def _prior(shape, dtype, device, scale):
+    return (torch.randn(shape, dtype=torch.float64) * scale + 0.1).to(dtype=dtype, device=device)
+
+
+def _normal_kl(mu, logvar, pm, plv):
+    """The per-element KL by torch.distributions, float64: an independent formula."""
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(pm.expand_as(mu), torch.exp(0.5 * plv).expand_as(mu))
+    return torch.distributions.kl_divergence(q, p)
+
+
+def _free_bits_formula(kl_elements, lam, reduction):
+    """Free bits written out in plain PyTorch (IAF): sum_j max(lambda, batch-mean KL_j)."""
+    per_dim = kl_elements.mean(dim=0)
+    term = torch.where(per_dim < lam, torch.full_like(per_dim, lam), per_dim).sum()
+    return term * kl_elements.shape[0] if reduction == "sum" else term
+
+
+@pytest.mark.parametrize("prior_shape", PRIOR_SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_prior_matches_torch_distributions(backend, device, prior_shape, reduction):
+    """KL to N(prior_mu, exp(prior_logvar)) against kl_divergence(Normal, Normal): the
+    value and all four gradients (the priors' reduced over their broadcast dims), with an
+    upstream gradient other than 1."""
+    mu, logvar = latents((5, 7), torch.float64, device)
+    pm, plv = _prior(prior_shape, torch.float64, device, 1.0), _prior(prior_shape, torch.float64, device, 0.7)
+    got_in = [leaf(x) for x in (mu, logvar, pm, plv)]
+    want_in = [leaf(x) for x in (mu, logvar, pm, plv)]
+    out = vaekern.gaussian_kl(*got_in, reduction=reduction, backend=backend)
+    rows = _normal_kl(*want_in).sum(dim=1)
+    want = {"none": rows, "mean": rows.mean(), "sum": rows.sum()}[reduction]
+    torch.testing.assert_close(out, want)
+    g = upstream(out)
+    out.backward(g)
+    want.backward(g)
+    for a, b in zip(got_in, want_in):
+        assert a.grad.shape == a.shape
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prior_matches_reference_in_every_dtype(backend, device, dtype):
+    """Latents and priors in each dtype, 3-d latents with a per-channel prior, against the
+    float64 oracle; every gradient in its input's dtype."""
+    mu, logvar = latents((6, 3, 5), dtype, device)
+    pm, plv = _prior((3, 1), dtype, device, 0.8), _prior((6, 3, 5), dtype, device, 0.5)
+    for reduction in REDUCTIONS:
+        got_in = [leaf(x) for x in (mu, logvar, pm, plv)]
+        want_in = [leaf(x.double()) for x in (mu, logvar, pm, plv)]
+        out = vaekern.gaussian_kl(*got_in, reduction=reduction, backend=backend)
+        ref = gaussian_kl_ref(*want_in, reduction=reduction)
+        assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert_loss_close(out, ref, dtype)
+        g = upstream(out)
+        out.backward(g)
+        ref.backward(g.double())
+        for a, b in zip(got_in, want_in):
+            assert_grad_close(a.grad, b.grad, dtype)
+
+
+def test_one_prior_argument_alone(backend, device):
+    """prior_mu alone keeps the unit variance; prior_logvar alone the zero mean."""
+    mu, logvar = latents((4, 6), torch.float64, device)
+    pm, plv = _prior((6,), torch.float64, device, 1.0), _prior((6,), torch.float64, device, 0.5)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    for kw, p in (({"prior_mu": pm}, (pm, zero)), ({"prior_logvar": plv}, (zero, plv))):
+        out = vaekern.gaussian_kl(mu, logvar, reduction="none", backend=backend, **kw)
+        torch.testing.assert_close(out, _normal_kl(mu, logvar, *p).sum(dim=1))
+
+
+def test_standard_prior_given_explicitly_is_the_default(backend, device):
+    mu, logvar = latents((5, 9), torch.float32, device)
+    zeros = torch.zeros(9, device=device)
+    for reduction in REDUCTIONS:
+        torch.testing.assert_close(
+            vaekern.gaussian_kl(mu, logvar, zeros, zeros, reduction=reduction, backend=backend),
+            vaekern.gaussian_kl(mu, logvar, reduction=reduction, backend=backend),
+        )
+
+
+def _collapsing_latents(device, dtype=torch.float64):
+    """(6, 5) latents whose per-element batch-mean KLs straddle 0.1: columns 0 and 3 nearly
+    match the prior (KL ~ 1e-3), the others carry information (KL ~ 1)."""
+    mu, logvar = latents((6, 5), torch.float64, "cpu")
+    mu[:, [0, 3]] *= 0.03
+    logvar[:, [0, 3]] *= 0.03
+    return mu.to(dtype=dtype, device=device), logvar.to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum"))
+@pytest.mark.parametrize("with_prior", (False, True))
+def test_free_bits_match_the_formula(backend, device, reduction, with_prior):
+    """Free bits against the formula in plain PyTorch: the value, and gradients that are
+    exactly 0 for the elements below lambda and the KL's own elsewhere."""
+    lam = 0.1
+    mu, logvar = _collapsing_latents(device)
+    pm, plv = (_prior((5,), torch.float64, device, 0.05), _prior((5,), torch.float64, device, 0.05)) if with_prior else (None, None)
+    prior_in = [leaf(x) for x in (pm, plv)] if with_prior else [None, None]
+    got_in = [leaf(mu), leaf(logvar), *prior_in]
+    want_in = [leaf(mu), leaf(logvar)] + ([leaf(x) for x in (pm, plv)] if with_prior else [])
+    out = vaekern.gaussian_kl(*got_in, free_bits=lam, reduction=reduction, backend=backend)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    elements = _normal_kl(*want_in[:2], *(want_in[2:] if with_prior else (zero, zero)))
+    per_dim = elements.detach().mean(dim=0)
+    assert ((per_dim < lam).sum() == 2) and (per_dim[[0, 3]] < lam).all(), "the fixture must straddle lambda"
+    want = _free_bits_formula(elements, lam, reduction)
+    torch.testing.assert_close(out, want)
+    out.backward(torch.tensor(2.5, dtype=torch.float64, device=device))
+    want.backward(torch.tensor(2.5, dtype=torch.float64, device=device))
+    for a, b in zip([x for x in got_in if x is not None], want_in):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert (got_in[0].grad[:, [0, 3]] == 0).all() and (got_in[1].grad[:, [0, 3]] == 0).all()
+    assert (got_in[0].grad[:, [1, 2, 4]] != 0).all()
+
+
+def test_free_bits_below_every_element_is_the_plain_kl(backend, device):
+    mu, logvar = latents((4, 6), torch.float64, device)
+    for reduction in ("mean", "sum"):
+        torch.testing.assert_close(
+            vaekern.gaussian_kl(mu, logvar, free_bits=1e-9, reduction=reduction, backend=backend),
+            vaekern.gaussian_kl(mu, logvar, reduction=reduction, backend=backend),
+        )
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_per_dim_kl_from_the_same_call(backend, device, dtype):
+    """return_per_dim: the batch-mean KL of every element, shaped like mu.shape[1:], the
+    true KL whatever the free bits; the loss is unchanged by asking for it."""
+    mu, logvar = latents((5, 2, 3), dtype, device)
+    plv = _prior((2, 1), dtype, device, 0.4)
+    want = reference.gaussian_kl_per_dim_ref(mu, logvar, None, plv)
+    for reduction, free_bits in (("mean", 0.0), ("sum", 0.0), ("none", 0.0), ("mean", 0.5)):
+        kl, per_dim = vaekern.gaussian_kl(
+            mu, logvar, None, plv, free_bits=free_bits, reduction=reduction, return_per_dim=True, backend=backend
+        )
+        assert per_dim.shape == (2, 3) and per_dim.dtype == torch.float32
+        assert_loss_close(per_dim, want, dtype)
+        assert_loss_close(kl, gaussian_kl_ref(mu, logvar, None, plv, free_bits=free_bits, reduction=reduction), dtype)
+
+
+def test_per_dim_kl_sums_to_the_mean_kl(backend, device):
+    mu, logvar = latents((7, 11), torch.float64, device)
+    kl, per_dim = vaekern.gaussian_kl(mu, logvar, return_per_dim=True, backend=backend)
+    torch.testing.assert_close(per_dim.sum(), kl)
+    assert per_dim.shape == (11,)
+
+
+def test_prior_and_free_bits_nan_propagates(backend, device):
+    """A NaN in a prior is a NaN in the loss and in that element's gradients; under free
+    bits the NaN element's batch mean is NaN, and so is the term."""
+    mu, logvar = latents((3, 4), torch.float32, device)
+    plv = torch.zeros(3, 4, device=device)
+    plv[1, 2] = float("nan")
+    ma, la, pa = leaf(mu), leaf(logvar), leaf(plv)
+    out = vaekern.gaussian_kl(ma, la, None, pa, reduction="none", backend=backend)
+    out.sum().backward()
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+    assert torch.isnan(pa.grad[1, 2]) and torch.isnan(la.grad[1, 2]) and torch.isfinite(la.grad[[0, 2]]).all()
+    ma, la, pa = leaf(mu), leaf(logvar), leaf(plv)
+    kl, per_dim = vaekern.gaussian_kl(ma, la, None, pa, free_bits=0.25, return_per_dim=True, backend=backend)
+    kl.backward()
+    assert torch.isnan(kl) and torch.isnan(per_dim[2]) and torch.isfinite(per_dim[[0, 1, 3]]).all()
+    assert torch.isnan(la.grad[:, 2]).any() and torch.isfinite(la.grad[:, [0, 1, 3]]).all()
+
+
+def test_extreme_variance_ratio_is_straight_through(backend, device):
+    """The clamp at 60 bounds the log variance ratio: a posterior 80 nats wider than its
+    prior still gets a gradient that pushes logvar down and the prior's up."""
+    logvar = torch.tensor([[-30.0, 0.5, 70.0, 100.0]], device=device).repeat(2, 1)
+    plv = torch.tensor([-20.0, 2.0, 10.0, 20.0], device=device)
+    mu = torch.full_like(logvar, 0.25)
+    la, pa = leaf(logvar), leaf(plv)
+    out = vaekern.gaussian_kl(mu, la, None, pa, reduction="none", backend=backend)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(la.grad).all() and torch.isfinite(pa.grad).all()
+    lr, pr = leaf(logvar.double()), leaf(plv.double())
+    gaussian_kl_ref(mu.double(), lr, None, pr, reduction="none").sum().backward()
+    torch.testing.assert_close(out.double(), gaussian_kl_ref(mu, logvar, None, plv, reduction="none"), rtol=1e-5, atol=0)
+    torch.testing.assert_close(la.grad.double(), lr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pa.grad.double(), pr.grad, rtol=1e-5, atol=1e-6)
+    assert (la.grad[:, 2:] > 0).all() and (pa.grad[2:] < 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(free_bits=0.1, reduction="none"), ValueError, "free_bits > 0 needs reduction='mean' or 'sum'.*batch"),
+        (dict(free_bits=-0.1), ValueError, "free_bits must be finite and >= 0"),
+        (dict(free_bits=float("nan")), ValueError, "free_bits must be finite"),
+        (dict(free_bits=True), TypeError, "free_bits must be a float"),
+        (dict(free_bits=torch.tensor(0.1)), TypeError, "free_bits must be a float"),
+        (dict(prior_mu=torch.zeros(3)), ValueError, r"prior_mu of shape \(3,\) does not broadcast to mu's shape \(4, 5\)"),
+        (dict(prior_logvar=torch.zeros(2, 4, 5)), ValueError, "prior_logvar of shape .* does not broadcast"),
+        (dict(prior_mu=torch.zeros(5, dtype=torch.int64)), TypeError, "prior_mu must be a floating tensor"),
+        (dict(prior_logvar=[0.0] * 5), TypeError, "prior_logvar must be a torch.Tensor or None"),
+        (dict(return_per_dim=1), TypeError, "return_per_dim must be a bool"),
+    ],
+)
+def test_bad_prior_and_free_bits_arguments_are_named(backend, device, kwargs, error, match):
+    mu, logvar = latents((4, 5), torch.float32, device)
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    with pytest.raises(error, match=match):
+        vaekern.gaussian_kl(mu, logvar, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum"))
+def test_prior_and_free_bits_gradcheck(backend, device, reduction):
+    """float64 gradcheck through all four tensors with free bits binding on some elements
+    (away from the threshold, where the term is smooth), and gradgradcheck with priors."""
+    mu, logvar = _collapsing_latents(device)
+    pm, plv = _prior((5,), torch.float64, device, 0.05), _prior((6, 5), torch.float64, device, 0.05)
+    fn = lambda m, lv, p, q: vaekern.gaussian_kl(m, lv, p, q, free_bits=0.1, reduction=reduction, backend=backend)  # noqa: E731
+    inputs = tuple(leaf(x) for x in (mu, logvar, pm, plv))
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    plain = lambda m, lv, p, q: vaekern.gaussian_kl(m, lv, p, q, reduction=reduction, backend=backend)  # noqa: E731
+    assert torch.autograd.gradgradcheck(plain, inputs, fast_mode=True)
+
+
+def test_prior_and_free_bits_compile_fullgraph(backend, device):
+    """torch.compile(fullgraph=True) of the KL with a learned prior, free bits and the
+    per-element KL: no graph break, the eager values and gradients."""
+    if backend not in ("reference", "cpu"):
+        pytest.skip("the prior map and free bits are PyTorch ops around the op layer's kernels: compiled once on cpu")
+    torch._dynamo.reset()
+    mu, logvar = _collapsing_latents(device, torch.float32)
+    pm, plv = _prior((5,), torch.float32, device, 0.05), _prior((5,), torch.float32, device, 0.05)
+
+    def fn(m, lv, p, q):
+        kl, per_dim = vaekern.gaussian_kl(m, lv, p, q, free_bits=0.1, return_per_dim=True, backend=backend)
+        return kl * 3, per_dim
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    eager_in = [leaf(x) for x in (mu, logvar, pm, plv)]
+    comp_in = [leaf(x) for x in (mu, logvar, pm, plv)]
+    e, c = fn(*eager_in), compiled(*comp_in)
+    for x, y in zip(e, c):
+        torch.testing.assert_close(x, y)
+    e[0].backward()
+    c[0].backward()
+    for a, b in zip(eager_in, comp_in):
+        torch.testing.assert_close(a.grad, b.grad)

@@ -557,3 +557,113 @@ def test_likelihood_gradcheck_opcheck_and_compile(backend, device, likelihood):
     (c * 3).backward()
     for a, b in zip(eager_in, comp_in):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+# --- Priors and free bits (issue 14) ----------------------------------------------------
+
+
+def _kl_family_latents(device, dtype):
+    """(6, 5) latents with columns 0 and 3 nearly at a prior of (0.05, 0.02): under free
+    bits of 0.1 those two bind and the other three do not."""
+    mu, logvar = latents((6, 5), torch.float64, "cpu")
+    mu[:, [0, 3]] = 0.05 + mu[:, [0, 3]] * 0.03
+    logvar[:, [0, 3]] = 0.02 + logvar[:, [0, 3]] * 0.03
+    prior_mu = torch.full((5,), 0.05, dtype=torch.float64)
+    prior_logvar = torch.full((6, 5), 0.02, dtype=torch.float64)
+    return [x.to(dtype=dtype, device=device) for x in (mu, logvar, prior_mu, prior_logvar)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("free_bits", [0.0, 0.1])
+def test_prior_and_free_bits_match_reference(backend, device, dtype, likelihood, free_bits):
+    """vae_loss with a learned prior (per latent mean, per sample log-variance) and free
+    bits, against the oracle: all three parts, and the gradients of recon, both latents and
+    both priors, with upstream gradients on every part."""
+    recon = logits((6, 3, 4), dtype, device)
+    t = target((6, 3, 4), "float", device, dtype)
+    mu, logvar, pm, plv = _kl_family_latents(device, dtype)
+    reductions = ("mean", "sum") if free_bits else REDUCTIONS
+    for reduction in reductions:
+        got_in = [leaf(x) for x in (recon, mu, logvar, pm, plv)]
+        want_in = [leaf(x.double()) for x in (recon, mu, logvar, pm, plv)]
+        kw = dict(beta=0.7, likelihood=likelihood, free_bits=free_bits, reduction=reduction)
+        parts = vaekern.vae_loss(got_in[0], t, got_in[1], got_in[2], prior_mu=got_in[3], prior_logvar=got_in[4], return_parts=True, backend=backend, **kw)
+        ref = vae_loss_ref(want_in[0], t, want_in[1], want_in[2], prior_mu=want_in[3], prior_logvar=want_in[4], **kw)
+        for got, want in zip(parts, ref):
+            assert got.shape == want.shape
+            assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            assert_loss_close(got, want, dtype)
+        ups = [upstream(parts.loss), upstream(parts.loss) * 0.5, upstream(parts.loss) * 0.25]
+        torch.autograd.backward(list(parts), ups)
+        torch.autograd.backward(list(ref), [u.double() for u in ups])
+        for a, b in zip(got_in, want_in):
+            assert_grad_close(a.grad, b.grad, dtype)
+        if free_bits:
+            assert (got_in[1].grad[:, [0, 3]] == 0).all() and (got_in[2].grad[:, [0, 3]] == 0).all()
+
+
+def test_free_bits_kl_part_is_the_term_in_the_loss(backend, device):
+    recon, t = logits((6, 8), torch.float64, device), target((6, 8), "float", device, torch.float64)
+    mu, logvar, pm, plv = _kl_family_latents(device, torch.float64)
+    parts = vaekern.vae_loss(recon, t, mu, logvar, beta=0.5, prior_mu=pm, prior_logvar=plv, free_bits=0.1, return_parts=True, backend=backend)
+    torch.testing.assert_close(parts.loss, parts.recon + 0.5 * parts.kl)
+    torch.testing.assert_close(parts.kl, vaekern.gaussian_kl(mu, logvar, pm, plv, free_bits=0.1, backend=backend))
+    torch.testing.assert_close(parts.recon, vaekern.bernoulli_nll(recon, t, backend=backend))
+    plain = vaekern.gaussian_kl(mu, logvar, pm, plv, backend=backend)
+    assert parts.kl > plain  # two elements lifted to the free bits
+
+
+def test_prior_and_free_bits_arguments_are_named(backend, device):
+    recon, t = logits((3, 7), torch.float32, device), target((3, 7), "float", device)
+    mu, logvar = latents((3, 2), torch.float32, device)
+    with pytest.raises(ValueError, match="free_bits > 0 needs reduction"):
+        vaekern.vae_loss(recon, t, mu, logvar, free_bits=0.5, reduction="none", backend=backend)
+    with pytest.raises(ValueError, match="prior_mu of shape"):
+        vaekern.vae_loss(recon, t, mu, logvar, prior_mu=torch.zeros(3, device=device), backend=backend)
+    with pytest.raises(ValueError, match="free_bits > 0 needs reduction"):
+        vaekern.nn.VAELoss(free_bits=0.5, reduction="none")
+    with pytest.raises(ValueError, match="free_bits must be finite"):
+        vaekern.nn.VAELoss(free_bits=-1.0)
+
+
+def test_module_takes_priors_and_free_bits(backend, device):
+    recon, t = logits((6, 9), torch.float32, device), target((6, 9), "float", device)
+    mu, logvar, _, _ = _kl_family_latents(device, torch.float32)
+    prior_mu = torch.nn.Parameter(torch.zeros(5, device=device))
+    prior_logvar = torch.nn.Parameter(torch.zeros(5, device=device))
+    module = vaekern.nn.VAELoss(beta=0.5, free_bits=0.1, backend=backend)
+    assert "free_bits=0.1" in repr(module)
+    loss = module(recon, t, mu, logvar, prior_mu, prior_logvar)
+    want = vaekern.vae_loss(recon, t, mu, logvar, beta=0.5, prior_mu=prior_mu, prior_logvar=prior_logvar, free_bits=0.1, backend=backend)
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert prior_mu.grad.shape == (5,) and prior_logvar.grad.shape == (5,)
+
+
+def test_prior_and_free_bits_gradcheck_and_compile(backend, device):
+    """float64 gradcheck through recon, latents and priors with free bits binding on some
+    elements, and torch.compile(fullgraph=True) of a step with a learned prior."""
+    recon, t = logits((6, 4), torch.float64, device), target((6, 4), "float", device, torch.float64)
+    mu, logvar, pm, plv = _kl_family_latents(device, torch.float64)
+
+    def fn(r, m, lv, p, q, free_bits=0.1):
+        return vaekern.vae_loss(r, t, m, lv, beta=0.7, prior_mu=p, prior_logvar=q, free_bits=free_bits, reduction="sum", backend=backend)
+
+    inputs = tuple(leaf(x) for x in (recon, mu, logvar, pm, plv))
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    if backend not in ("reference", "cpu"):
+        return  # PyTorch ops around the op layer's kernels: compiled once here
+    torch._dynamo.reset()
+    t = t.float()
+    for free_bits in (0.0, 0.1):
+        step = lambda *a: fn(*a, free_bits=free_bits)  # noqa: E731
+        compiled = torch.compile(step, fullgraph=True, dynamic=False)
+        eager_in = [leaf(x.float()) for x in inputs]
+        comp_in = [leaf(x.float()) for x in inputs]
+        e, c = step(*eager_in), compiled(*comp_in)
+        torch.testing.assert_close(e, c)
+        (e * 3).backward()
+        (c * 3).backward()
+        for a, b in zip(eager_in, comp_in):
+            torch.testing.assert_close(a.grad, b.grad)

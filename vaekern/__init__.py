@@ -5,7 +5,7 @@ registers the backends this install has (``vaekern.backends``): the extension's 
 where it is built, and Triton's launchers, which import triton on their first launch.
 """
 
-from vaekern import backends, nn, reference
+from vaekern import backends, diagnostics, nn, reference
 from vaekern.backends import BackendUnavailableError, available_backends
 from vaekern.functional import (
     VAELossParts,
@@ -26,6 +26,7 @@ __all__ = [
     "backends",
     "bernoulli_nll",
     "continuous_bernoulli_nll",
+    "diagnostics",
     "gaussian_kl",
     "gaussian_nll",
     "nn",

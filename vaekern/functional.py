@@ -334,25 +334,69 @@ def gaussian_nll(
         return kernels.gaussian_nll(input, target, ls, red, False)[0]
 
 
-def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """Analytic KL(N(mu, exp(logvar)) || N(0, I)), summed over every dim but the first.
+def gaussian_kl(
+    mu: Tensor,
+    logvar: Tensor,
+    prior_mu: Tensor | None = None,
+    prior_logvar: Tensor | None = None,
+    *,
+    free_bits: float = 0.0,
+    reduction: str = "mean",
+    return_per_dim: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Analytic KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))), summed over every
+    dim but the first.
 
     Args:
         mu: ``[B, ...]`` posterior means.
-        logvar: ``[B, ...]`` posterior log-variances, same shape and dtype. The variance is
-            evaluated as ``exp(min(logvar, 60))`` (see ``vaekern.reference``).
+        logvar: ``[B, ...]`` posterior log-variances, same shape and dtype. The variance
+            ratio is evaluated as ``exp(min(logvar - prior_logvar, 60))`` (see
+            ``vaekern.reference``).
+        prior_mu, prior_logvar: the prior's mean and log-variance, each a floating tensor
+            that broadcasts to ``mu``'s shape: one per latent element (a learned prior,
+            shape ``mu.shape[1:]``), one per sample (a hierarchical VAE's conditional
+            prior, ``mu``'s shape), or 0-d. ``None`` is 0 (the standard normal prior).
+            Each gets its gradient, reduced over the dims it broadcasts.
+        free_bits: lambda >= 0 in nats per latent element: the KL term becomes
+            ``sum_j max(lambda, kl_j)``, ``kl_j`` the batch mean of element j's KL, and an
+            element whose batch mean is below lambda gets no gradient (Kingma et al. 2016).
+            A batch quantity: ``"mean"`` gives that sum, ``"sum"`` B times it, and
+            ``"none"`` is refused. 0 is the plain KL.
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
+        return_per_dim: also return the batch-mean KL of every latent element (the true
+            KL, whatever free_bits), shaped like ``mu.shape[1:]``, from the same pass.
         backend: as for :func:`bernoulli_nll`.
 
     Returns:
-        Shape ``()``, or ``(B,)`` for ``"none"``; float32 (float64 for float64 inputs).
+        Shape ``()``, or ``(B,)`` for ``"none"``; float32, or float64 when an input is
+        float64. With ``return_per_dim``, ``(kl, kl_per_dim)``.
     """
     _check_latents(mu, logvar)
     device = _same_device(("mu", mu), ("logvar", logvar))
+    prior_mu = _prior("prior_mu", prior_mu, mu)
+    prior_logvar = _prior("prior_logvar", prior_logvar, mu)
     red = _reduction(reduction)
+    free_bits = _free_bits(free_bits, red)
+    return_per_dim = _flag("return_per_dim", return_per_dim)
     kernels = resolve(backend, device)
     if kernels is None:
-        return reference.gaussian_kl_ref(mu, logvar, reduction=reduction).to(acc_dtype(mu, logvar))
+        dtype = _kl_dtype(mu, prior_mu, prior_logvar)
+        kl = reference.gaussian_kl_ref(
+            mu, logvar, prior_mu, prior_logvar, free_bits=free_bits, reduction=reduction
+        ).to(dtype)
+        if return_per_dim:
+            return kl, reference.gaussian_kl_per_dim_ref(mu, logvar, prior_mu, prior_logvar).to(dtype)
+        return kl
+    mu, logvar = _standardized(mu, logvar, prior_mu, prior_logvar)
+    if free_bits == 0.0 and not return_per_dim:
+        return _gaussian_kl(kernels, mu, logvar, red)
+    kl, per_dim = _free_bits_kl(kernels, mu, logvar, free_bits, red)
+    return (kl, per_dim) if return_per_dim else kl
+
+
+def _gaussian_kl(kernels, mu: Tensor, logvar: Tensor, red: int) -> Tensor:
+    """The KL to N(0, I) through the kernel op, by the call path ``_path`` picks."""
     match _path(kernels, "gaussian_kl", mu, logvar):
         case "op":
             return kernels.gaussian_kl(mu, logvar, red)
@@ -362,6 +406,89 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean", backend:
             return kernels.transforms["gaussian_kl"].apply(mu, logvar, red)
     with below_autograd():
         return kernels.gaussian_kl(mu, logvar, red)
+
+
+def _prior(name: str, prior, mu: Tensor) -> Tensor | None:
+    if prior is None:
+        return None
+    if not isinstance(prior, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(prior).__name__}")
+    if prior.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor, got {prior.dtype}")
+    if prior.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {prior.layout}")
+    _same_device(("mu", mu), (name, prior))
+    try:
+        fits = torch.broadcast_shapes(prior.shape, mu.shape) == mu.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name} of shape {tuple(prior.shape)} does not broadcast to mu's shape {tuple(mu.shape)}: use one "
+            "per latent element (mu.shape[1:]), one per sample (mu's shape), or a 0-d tensor"
+        )
+    return prior
+
+
+def _free_bits(free_bits, red: int) -> float:
+    if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)):
+        raise TypeError(f"free_bits must be a float (nats per latent element), got {type(free_bits).__name__}")
+    value = float(free_bits)
+    if not value >= 0.0 or value == float("inf"):  # NaN fails the first comparison
+        raise ValueError(f"free_bits must be finite and >= 0, got {value}")
+    if value > 0.0 and red == REDUCTIONS["none"]:
+        raise ValueError(
+            "free_bits > 0 needs reduction='mean' or 'sum': free bits compare each latent element's KL, "
+            "averaged over the batch, with the threshold, so there is no per-sample value to return"
+        )
+    return value
+
+
+def _kl_dtype(*tensors: Tensor | None) -> torch.dtype:
+    return acc_dtype(*(t for t in tensors if t is not None))
+
+
+def _standardized(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None):
+    """Latents whose KL to N(0, I) is the KL of (mu, logvar) to the prior.
+
+    The KL is invariant under the affine map z -> (z - pm) * exp(-plv / 2) applied to both
+    distributions, which takes the prior to N(0, I) and the posterior to N((mu - pm) *
+    exp(-plv / 2), exp(logvar - plv)): the kernels' KL of those is the KL to the prior, and
+    autograd takes the gradients through the map to all four tensors, reducing the priors'
+    over their broadcast dims. Evaluated in the accumulation dtype (float32, float64 when
+    an input is float64), so that a float16 or bfloat16 posterior is not rounded twice.
+    Without a prior the latents pass unchanged, to the kernels' one launch."""
+    if prior_mu is None and prior_logvar is None:
+        return mu, logvar
+    dtype = _kl_dtype(mu, prior_mu, prior_logvar)
+    m, lv = mu.to(dtype), logvar.to(dtype)
+    if prior_mu is not None:
+        m = m - prior_mu.to(dtype)
+    if prior_logvar is not None:
+        plv = prior_logvar.to(dtype)
+        m = m * torch.exp(-0.5 * plv)
+        lv = lv - plv
+    return m, lv
+
+
+def _free_bits_kl(kernels, mu: Tensor, logvar: Tensor, free_bits: float, red: int) -> tuple[Tensor, Tensor]:
+    """(the KL term, the batch-mean KL per latent element) of standardized latents.
+
+    The per-element batch sums are the kernels' per-row KL of the transposed latents, one
+    row per latent element: the same fused pass, its backward scaling each element's row
+    by the upstream gradient of its batch mean (0 below the free bits)."""
+    B = mu.shape[0]
+    cols = math.prod(mu.shape[1:])
+    sums = _gaussian_kl(kernels, mu.reshape(B, cols).t(), logvar.reshape(B, cols).t(), REDUCTIONS["none"])
+    per_dim = (sums / B).reshape(mu.shape[1:])
+    if free_bits > 0.0:
+        # where, not maximum: the gradient passes at equality, and a NaN stays NaN.
+        kl = torch.where(per_dim < free_bits, free_bits, per_dim).sum()
+    elif red == REDUCTIONS["none"]:
+        kl = _gaussian_kl(kernels, mu, logvar, red)
+    else:
+        kl = per_dim.sum()
+    return (kl * B if red == REDUCTIONS["sum"] else kl), per_dim
 
 
 def reparameterize(
@@ -487,6 +614,9 @@ def vae_loss(
     log_scale: float | str | Tensor = 0.0,
     from_logits: bool = True,
     reduction: str = "mean",
+    prior_mu: Tensor | None = None,
+    prior_logvar: Tensor | None = None,
+    free_bits: float = 0.0,
     return_parts: bool = False,
     backend: str = "auto",
 ) -> Tensor | VAELossParts:
@@ -511,11 +641,16 @@ def vae_loss(
             grad, or ``"optimal"``); only with ``likelihood="gaussian"``.
         from_logits: whether ``recon`` holds logits; only for the Bernoullis.
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
+        prior_mu, prior_logvar: the prior of the KL term, as for :func:`gaussian_kl`
+            (``None``: the standard normal).
+        free_bits: the KL term's free bits, as for :func:`gaussian_kl`; the ``kl`` of
+            ``return_parts`` is then the free-bits term, as it enters the loss.
         return_parts: return ``VAELossParts(loss, recon, kl)`` instead of the loss alone.
         backend: as for :func:`bernoulli_nll`.
 
     Returns:
-        The loss (shape ``()``, or ``(B,)`` for ``"none"``), or ``VAELossParts``.
+        The loss (shape ``()``, or ``(B,)`` for ``"none"``), or ``VAELossParts``. Float32,
+        or float64 when an input is float64.
     """
     if not _plainly_valid(recon, target, mu, logvar):  # then find the argument to name
         _tensor("recon", recon)
@@ -528,7 +663,10 @@ def vae_loss(
     red = _reduction(reduction)
     from_logits = _flag("from_logits", from_logits)
     return_parts = _flag("return_parts", return_parts)
-    dtype = torch.float64 if torch.float64 in (recon.dtype, mu.dtype) else torch.float32
+    prior_mu = _prior("prior_mu", prior_mu, mu)
+    prior_logvar = _prior("prior_logvar", prior_logvar, mu)
+    free_bits = _free_bits(free_bits, red)
+    dtype = _kl_dtype(recon, mu, prior_mu, prior_logvar)
     beta_t = _beta(beta, dtype, device)
     lik = _likelihood(likelihood, log_scale, from_logits)
     ls = _log_scale(log_scale, recon, target, dtype) if lik == LIKELIHOODS["gaussian"] else _constant(0.0, dtype, device)
@@ -536,10 +674,18 @@ def vae_loss(
     if kernels is None:
         parts = reference.vae_loss_ref(
             recon, target, mu, logvar, beta=beta_t, likelihood=likelihood, log_scale=log_scale,
-            from_logits=from_logits, reduction=reduction,
+            from_logits=from_logits, reduction=reduction, prior_mu=prior_mu, prior_logvar=prior_logvar,
+            free_bits=free_bits,
         )  # fmt: skip
         loss, rec, kl = (p.to(dtype) for p in parts)
+    elif free_bits > 0.0:
+        # The free-bits term needs every latent element's batch mean before any row's loss:
+        # the likelihood's fused op and the KL's, two launches each way.
+        rec = _recon_nll(recon, target, lik, log_scale, from_logits, reduction, backend).to(dtype)
+        kl = _free_bits_kl(kernels, *_standardized(mu, logvar, prior_mu, prior_logvar), free_bits, red)[0].to(dtype)
+        loss = rec + beta_t * kl
     else:
+        mu, logvar = _standardized(mu, logvar, prior_mu, prior_logvar)
         args = (recon, target, mu, logvar, beta_t, ls, lik, from_logits, red)
         match _path(kernels, "vae_loss", recon, mu, logvar, ls):
             case "op":
@@ -554,6 +700,14 @@ def vae_loss(
     if return_parts:
         return VAELossParts(loss, rec, kl)
     return loss
+
+
+def _recon_nll(recon, target, lik: int, log_scale, from_logits: bool, reduction: str, backend: str) -> Tensor:
+    """vae_loss's reconstruction term alone, by the likelihood's own op."""
+    if lik == LIKELIHOODS["gaussian"]:
+        return gaussian_nll(recon, target, log_scale, reduction=reduction, backend=backend)
+    nll = bernoulli_nll if lik == LIKELIHOODS["bernoulli"] else continuous_bernoulli_nll
+    return nll(recon, target, from_logits=from_logits, reduction=reduction, backend=backend)
 
 
 def _likelihood(likelihood, log_scale, from_logits: bool) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vaekern.functional import VAELossParts, _flag, _likelihood, _reduction, float_beta, vae_loss
+from vaekern.functional import VAELossParts, _flag, _free_bits, _likelihood, _reduction, float_beta, vae_loss
 
 
 class VAELoss(nn.Module):
@@ -21,8 +21,14 @@ class VAELoss(nn.Module):
             register it on the model, not here).
         from_logits: whether the reconstruction holds logits (the Bernoullis).
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
+        free_bits: the KL term's free bits in nats per latent element, as for
+            ``vaekern.gaussian_kl`` (0: none).
         return_parts: return ``VAELossParts(loss, recon, kl)``.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
+
+    ``forward(recon, target, mu, logvar, prior_mu=None, prior_logvar=None)``: the prior
+    is an argument of the call, since it is usually computed (a hierarchical VAE's
+    conditional prior) or a parameter of the model (a learned prior), not of the loss.
     """
 
     def __init__(
@@ -32,13 +38,14 @@ class VAELoss(nn.Module):
         log_scale: float | str | Tensor = 0.0,
         from_logits: bool = True,
         reduction: str = "mean",
+        free_bits: float = 0.0,
         return_parts: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__()
         # Checked here too, so that a bad setting fails where it is made; beta's range in
         # the loss dtype (and a tensor beta's device) can only be checked on the call.
-        _reduction(reduction)
+        self.free_bits = _free_bits(free_bits, _reduction(reduction))
         _flag("from_logits", from_logits)
         _flag("return_parts", return_parts)
         _likelihood(likelihood, log_scale, from_logits)
@@ -66,7 +73,15 @@ class VAELoss(nn.Module):
             self._buffers["beta"] = beta.to(device=self._buffers["beta"].device)
         return self
 
-    def forward(self, recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> Tensor | VAELossParts:
+    def forward(
+        self,
+        recon: Tensor,
+        target: Tensor,
+        mu: Tensor,
+        logvar: Tensor,
+        prior_mu: Tensor | None = None,
+        prior_logvar: Tensor | None = None,
+    ) -> Tensor | VAELossParts:
         return vae_loss(
             recon,
             target,
@@ -77,10 +92,17 @@ class VAELoss(nn.Module):
             log_scale=self.log_scale,
             from_logits=self.from_logits,
             reduction=self.reduction,
+            prior_mu=prior_mu,
+            prior_logvar=prior_logvar,
+            free_bits=self.free_bits,
             return_parts=self.return_parts,
             backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         beta = self.beta.item() if isinstance(self.beta, torch.Tensor) else self.beta
-        return f"beta={beta}, from_logits={self.from_logits}, reduction={self.reduction!r}, backend={self.backend!r}"
+        free_bits = f", free_bits={self.free_bits}" if self.free_bits else ""
+        return (
+            f"beta={beta}, from_logits={self.from_logits}, reduction={self.reduction!r}{free_bits}, "
+            f"backend={self.backend!r}"
+        )

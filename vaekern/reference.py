@@ -28,6 +28,17 @@ Conventions shared by every backend (the kernels implement exactly these):
   is exact for every logvar, infinities included (KL = +inf at -inf, -inf at +inf), and so
   is the gradient for every finite logvar; at logvar = +inf exactly it is -0.5, because an
   infinite value carries no straight-through gradient under autograd.
+* Gaussian KL to a diagonal Gaussian prior N(pm, exp(plv)) (``prior_mu``, ``prior_logvar``,
+  each broadcasting to mu; None is 0): with the log-variance ratio ``r = lv - plv``,
+  ``0.5 * ((mu - pm)^2 * exp(-plv) + exp(min(r, LOGVAR_MAX)) - 1 - r)``, straight-through
+  as above: the clamp bounds the variance *ratio*, which is the variance itself for the
+  standard prior. No clamp on plv: a prior log-variance below about -88 overflows
+  ``exp(-plv)`` in float32.
+* Free bits (Kingma et al. 2016, IAF): with ``kl_j`` the batch mean of latent element j's
+  KL, the KL term is ``sum_j max(free_bits, kl_j)`` for ``reduction="mean"`` (B times it
+  for ``"sum"``); an element whose batch mean is below free_bits gets no gradient (at
+  equality it does: ``where(kl_j < free_bits, free_bits, kl_j)``, which also keeps a NaN).
+  ``free_bits=0`` is the plain KL. It is a batch quantity: there is no per-row form.
 * Reparameterization: ``z = mu + exp(logvar / 2) * eps``; exact, no clamp (it cannot
   overflow float32 for logvar below 177).
 * Gaussian NLL with log-scale ``s`` (sigma = exp(s)): ``0.5 * (x - t)^2 * exp(-2s) + s +
@@ -60,6 +71,7 @@ __all__ = [
     "bernoulli_nll_ref",
     "continuous_bernoulli_nll_ref",
     "gaussian_kl_ref",
+    "gaussian_kl_per_dim_ref",
     "gaussian_nll_ref",
     "reparameterize_ref",
     "vae_loss_ref",
@@ -192,12 +204,43 @@ def _clamped_logvar(logvar: Tensor) -> Tensor:
     return logvar.clamp(max=LOGVAR_MAX).detach() + through
 
 
-def gaussian_kl_ref(mu: Tensor, logvar: Tensor, *, reduction: str = "mean") -> Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)), summed over every dim but the first."""
-    m = mu.double()
+def _kl_elements(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None) -> Tensor:
+    """The KL of every latent element, float64, shaped like the broadcast of the inputs."""
+    d = mu.double() - (0.0 if prior_mu is None else prior_mu.double())
     lv = logvar.double()
-    kl = 0.5 * (m * m + torch.exp(_clamped_logvar(lv)) - 1.0 - lv)
+    if prior_logvar is None:
+        return 0.5 * (d * d + torch.exp(_clamped_logvar(lv)) - 1.0 - lv)
+    plv = prior_logvar.double()
+    r = lv - plv
+    return 0.5 * (d * d * torch.exp(-plv) + torch.exp(_clamped_logvar(r)) - 1.0 - r)
+
+
+def gaussian_kl_ref(
+    mu: Tensor,
+    logvar: Tensor,
+    prior_mu: Tensor | None = None,
+    prior_logvar: Tensor | None = None,
+    *,
+    free_bits: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))), summed over every dim but
+    the first; with free_bits > 0, the free-bits term (mean or sum only)."""
+    kl = _kl_elements(mu, logvar, prior_mu, prior_logvar).expand(mu.shape)
+    if free_bits > 0:
+        if reduction == "none":
+            raise ValueError("free bits are a batch quantity: reduction='none' has no free-bits form")
+        per_dim = kl.mean(dim=0)
+        term = torch.where(per_dim < free_bits, free_bits, per_dim).sum()
+        return term * mu.shape[0] if reduction == "sum" else term
     return reduce_rows(_row_sum(kl), reduction)
+
+
+def gaussian_kl_per_dim_ref(
+    mu: Tensor, logvar: Tensor, prior_mu: Tensor | None = None, prior_logvar: Tensor | None = None
+) -> Tensor:
+    """The batch mean of every latent element's KL, shaped like ``mu.shape[1:]``."""
+    return _kl_elements(mu, logvar, prior_mu, prior_logvar).expand(mu.shape).mean(dim=0)
 
 
 def reparameterize_ref(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
@@ -216,14 +259,18 @@ def vae_loss_ref(
     log_scale: float | str | Tensor = 0.0,
     from_logits: bool = True,
     reduction: str = "mean",
+    prior_mu: Tensor | None = None,
+    prior_logvar: Tensor | None = None,
+    free_bits: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Negative ELBO: (recon + beta * kl, recon, kl), each reduced over the batch."""
+    """Negative ELBO: (recon + beta * kl, recon, kl), each reduced over the batch; kl is
+    the free-bits term when free_bits > 0."""
     if likelihood == "gaussian":
         rec = gaussian_nll_ref(recon, target, log_scale, reduction=reduction)
     elif likelihood == "continuous_bernoulli":
         rec = continuous_bernoulli_nll_ref(recon, target, from_logits=from_logits, reduction=reduction)
     else:
         rec = bernoulli_nll_ref(recon, target, from_logits=from_logits, reduction=reduction)
-    kl = gaussian_kl_ref(mu, logvar, reduction=reduction)
+    kl = gaussian_kl_ref(mu, logvar, prior_mu, prior_logvar, free_bits=free_bits, reduction=reduction)
     b = beta.double() if isinstance(beta, Tensor) else float(beta)
     return rec + b * kl, rec, kl
