@@ -114,8 +114,9 @@ def decoded_mean(logits: torch.Tensor, likelihood: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: DigitsVAE, x: torch.Tensor, likelihood: str, k: int, seed: int) -> dict[str, float]:
-    """Held-out metrics in nats per digit, averaged over the test set.
+def evaluate(model: DigitsVAE, x: torch.Tensor, likelihood: str, k: int, seed: int) -> tuple[dict, torch.Tensor]:
+    """Held-out metrics in nats per digit, averaged over the test set, and the
+    reconstructions (the decoder's mean at z = E_q[z]).
 
     The negative ELBO is the beta = 1 bound, whatever beta trained the model: recon (its
     expectation under q estimated with the same k samples) + the analytic KL. The
@@ -123,7 +124,6 @@ def evaluate(model: DigitsVAE, x: torch.Tensor, likelihood: str, k: int, seed: i
     log p(x) >= E[log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x)], z_i ~ q(z|x),
     which tightens towards log p(x) as k grows and equals the ELBO at k = 1.
     """
-    model.eval()
     mu, logvar = encode(model, x)
     eps = torch.randn((k, *mu.shape), generator=torch.Generator().manual_seed(seed))
     z = vaekern.reparameterize(mu.expand_as(eps).flatten(0, 1), logvar.expand_as(eps).flatten(0, 1), eps=eps.flatten(0, 1))
@@ -132,13 +132,12 @@ def evaluate(model: DigitsVAE, x: torch.Tensor, likelihood: str, k: int, seed: i
     z = z.view(eps.shape)
     log_2pi = math.log(2 * math.pi)
     log_pz = -0.5 * (z.square() + log_2pi).sum(-1)
-    log_qz = -0.5 * (eps.square() + logvar + log_2pi).sum(-1)
+    log_qz = -0.5 * (eps.square() + logvar + log_2pi).sum(-1)  # (z - mu)^2 / var = eps^2
     iw_ll = torch.logsumexp(-nll + log_pz - log_qz, dim=0) - math.log(k)
     recon = nll.mean(0)
     kl = vaekern.gaussian_kl(mu, logvar, reduction="none")
     shown = decoded_mean(model.decoder(mu), likelihood)
-    model.train()
-    return {
+    metrics = {
         "neg_elbo": (recon + kl).mean().item(),
         "iw_ll": iw_ll.mean().item(),
         "recon": recon.mean().item(),
@@ -148,6 +147,7 @@ def evaluate(model: DigitsVAE, x: torch.Tensor, likelihood: str, k: int, seed: i
         # deviation over the test set, averaged over pixels. 0 when every digit decodes alike.
         "recon_spread": shown.std(0).mean().item(),
     }
+    return metrics, shown
 
 
 _DATA: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -186,16 +186,14 @@ def train_one(job: tuple[str, str, int, int]) -> dict:
             opt.step()
             step += 1
     train_s = time.perf_counter() - start
-    metrics = evaluate(model, test, likelihood, IW_SAMPLES, seed)
-    with torch.no_grad():
-        shown = decoded_mean(model.decoder(encode(model, test[:SHOWN])[0]), likelihood)
+    metrics, shown = evaluate(model, test, likelihood, IW_SAMPLES, seed)
     return {
         "dataset": dataset,
         "config": name,
         "seed": seed,
         "train_s": round(train_s, 2),
         "metrics": metrics,
-        "recon_grid": shown.numpy(),
+        "recon_grid": shown[:SHOWN].numpy(),
     }
 
 
@@ -229,7 +227,7 @@ def gradient_check(train: torch.Tensor, likelihood: str) -> dict[str, float]:
 def environment(workers: int, epochs: int, seeds, wall_s: float, load_before) -> dict:
     """Where and with what the run was made, for the document to quote."""
     root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=root,
+    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=root, check=True,
                             capture_output=True, text=True).stdout.strip()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -318,11 +316,11 @@ def print_report(cache: dict) -> None:
               f"cos(mean-over-pixels, sum) = {check['cosine_mean_vs_sum']:.4f}")
     stats = summarize(cache)
     cols = ("neg_elbo", "iw_ll", "recon", "kl", "active_units", "recon_spread")
-    for ds in DATASETS:
+    for ds, likelihood in DATASETS.items():
         rows = [(c, stats[(ds, c)]) for c in CONFIGS if (ds, c) in stats]
         if not rows:
             continue
-        print(f"\n{ds} ({DATASETS[ds]}); test digits, nats per digit, mean ± std over seeds; "
+        print(f"\n{ds} ({likelihood}); test digits, nats per digit, mean ± std over seeds; "
               f"data spread {cache['data_spread'][ds]:.3f}")
         print("| config | " + " | ".join(cols) + " |")
         print("|---" * (len(cols) + 1) + "|")
@@ -361,9 +359,9 @@ def plot(cache: dict, grids: dict[str, np.ndarray], out: Path) -> None:
     seed_points: dict[str, list[dict]] = {}
     for r in cache["runs"]:
         seed_points.setdefault(r["dataset"], []).append(r["metrics"])
-    others = [("mean-over-pixels", dict(marker="X", color="C3", s=130), "mean over pixels"),
-              ("warm-up", dict(marker="D", color="C2", s=45), "KL warm-up (β 0→1)")]
-    others += [(n, dict(marker=m, color="C1", s=45), f"free bits λ={CONFIGS[n].free_bits:g} (β=1)")
+    others = [("mean-over-pixels", {"marker": "X", "color": "C3", "s": 130}, "mean over pixels"),
+              ("warm-up", {"marker": "D", "color": "C2", "s": 45}, "KL warm-up (β 0→1)")]
+    others += [(n, {"marker": m, "color": "C1", "s": 45}, f"free bits λ={CONFIGS[n].free_bits:g} (β=1)")
                for n, m in zip([n for n in CONFIGS if CONFIGS[n].free_bits], ("^", ">", "v"))]
 
     # The rate-distortion plane: every model is a point (KL, recon); -ELBO = recon + KL is
