@@ -294,12 +294,13 @@ def run_study(out: Path, configs, seeds, datasets, epochs: int, workers: int) ->
 
 
 def summarize(cache: dict) -> dict[tuple[str, str], dict[str, tuple[float, float]]]:
-    """(dataset, config) -> metric -> (mean, standard deviation over seeds)."""
+    """(dataset, config) -> metric -> (mean, sample standard deviation over seeds)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in cache["runs"]:
         groups.setdefault((r["dataset"], r["config"]), []).append(r["metrics"])
     return {
-        key: {m: (float(np.mean([v[m] for v in vals])), float(np.std([v[m] for v in vals]))) for m in vals[0]}
+        key: {m: (float(np.mean([v[m] for v in vals])), float(np.std([v[m] for v in vals], ddof=len(vals) > 1)))
+              for m in vals[0]}
         for key, vals in groups.items()
     }
 
@@ -315,17 +316,40 @@ def print_report(cache: dict) -> None:
               f"max|D g_mean - g_beta=D| / max|g_beta=D| = {check['rel_diff_D_times_mean_vs_beta_D']:.1e}, "
               f"cos(mean-over-pixels, sum) = {check['cosine_mean_vs_sum']:.4f}")
     stats = summarize(cache)
-    cols = ("neg_elbo", "iw_ll", "recon", "kl", "active_units", "recon_spread")
     for ds, likelihood in DATASETS.items():
         rows = [(c, stats[(ds, c)]) for c in CONFIGS if (ds, c) in stats]
         if not rows:
             continue
-        print(f"\n{ds} ({likelihood}); test digits, nats per digit, mean ± std over seeds; "
-              f"data spread {cache['data_spread'][ds]:.3f}")
-        print("| config | " + " | ".join(cols) + " |")
-        print("|---" * (len(cols) + 1) + "|")
+        print(f"\n{ds} ({likelihood}): held-out digits, nats per digit, mean ± std over seeds; "
+              f"the test digits' own spread is {cache['data_spread'][ds]:.3f}")
+        print("| training loss | " + " | ".join(header for header, *_ in COLUMNS) + " |")
+        print("|---" + "|--:" * len(COLUMNS) + "|")
         for name, s in rows:
-            print(f"| {name} | " + " | ".join(f"{s[c][0]:.2f} ± {s[c][1]:.2f}" for c in cols) + " |")
+            cells = (f"{sign * s[key][0]:{fmt}} ± {s[key][1]:{fmt}}" for _, key, sign, fmt in COLUMNS)
+            print(f"| {label(name)} | " + " | ".join(cells) + " |")
+
+
+# The report's columns: header, metric, sign (the IW bound is printed as an NLL, like the
+# others, so that lower is better in every nats column), format.
+COLUMNS = (
+    ("-ELBO at β = 1", "neg_elbo", 1, ".2f"),
+    (f"-log p(x), IW k = {IW_SAMPLES}", "iw_ll", -1, ".2f"),
+    ("recon NLL", "recon", 1, ".2f"),
+    ("KL", "kl", 1, ".2f"),
+    ("active units", "active_units", 1, ".1f"),
+    ("recon spread", "recon_spread", 1, ".3f"),
+)
+
+
+def label(name: str) -> str:
+    config = CONFIGS[name]
+    if config.mean_over_pixels:
+        return "mean over pixels"
+    if config.warmup:
+        return "KL warm-up, β 0 → 1"
+    if config.free_bits:
+        return f"free bits λ = {config.free_bits:g}"
+    return "sum, β = 1" if name == SUM else f"β = {config.beta:g}"
 
 
 def _beta_path(stats, ds):
