@@ -116,7 +116,7 @@ tail -n 3 "$OUT/tests.log" 2>/dev/null | tee -a "$OUT/steps.txt"
 # ---- benchmarks --------------------------------------------------------------------------------
 # First the headline, vae_loss in every mode at all three sizes in float32 and bfloat16; then
 # the whole-call cases (host overhead on 1x1 tensors, and one training step of the
-# pytorch/examples VAE: most of their time is torch.compile's); then the three parts in
+# pytorch/examples VAE: most of their time is torch.compile's); then the parts and the cases with options in
 # fwd+bwd, float32, without the second compiled formula (each compile costs seconds). Each
 # pass stops starting cases 30 s before its limit.
 common=(--rep-ms 50 --warmup-ms 10 --no-progress)
