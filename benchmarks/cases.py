@@ -11,6 +11,11 @@ Providers
                    for ``gaussian_nll`` (sigma = 1) the summed squared error over 2 plus the
                    constant, over B; for ``continuous_bernoulli_nll``
                    ``-ContinuousBernoulli(logits=...).log_prob(x).sum() / B``.
+                   For ``gaussian_kl_free_bits`` (a learned per-latent prior, free bits of
+                   ``FREE_BITS`` nats): the per-element KL to the prior written out, its batch
+                   mean clamped at the free bits and summed. For ``vae_loss_gaussian`` and
+                   ``vae_loss_continuous_bernoulli`` (``vae_loss`` with that likelihood):
+                   the likelihood's eager form above plus the pytorch/examples KL.
 ``eager-keras``    the Keras example's formula: the mean per-pixel BCE times the pixel count,
                    plus the mean over rows of the per-row KL.
 ``compile``        ``eager`` under ``torch.compile(dynamic=False)``; compile time is kept out of
@@ -63,7 +68,19 @@ import torch.nn.functional as F
 import vaekern
 from vaekern import reference
 
-OPS = ("vae_loss", "bernoulli_nll", "gaussian_nll", "continuous_bernoulli_nll", "gaussian_kl", "reparameterize")
+OPS = (
+    "vae_loss", "vae_loss_gaussian", "vae_loss_continuous_bernoulli", "bernoulli_nll", "gaussian_nll",
+    "continuous_bernoulli_nll", "gaussian_kl", "gaussian_kl_free_bits", "reparameterize",
+)  # fmt: skip
+# gaussian_kl_free_bits: gaussian_kl with a learned prior (one mean and log-variance per
+# latent) and these free bits, in nats per latent element.
+FREE_BITS = 0.1
+# Cases that call a vaekern function with options: case name -> (function name, options).
+VARIANTS = {
+    "vae_loss_gaussian": ("vae_loss", {"likelihood": "gaussian"}),
+    "vae_loss_continuous_bernoulli": ("vae_loss", {"likelihood": "continuous_bernoulli"}),
+    "gaussian_kl_free_bits": ("gaussian_kl", {"free_bits": FREE_BITS}),
+}
 MODES = ("fwd", "bwd", "fwd+bwd")
 PROVIDERS = ("eager", "eager-keras", "compile", "compile-keras", "reference", "triton", "cuda", "cpu")
 VAEKERN_PROVIDERS = ("reference", "triton", "cuda", "cpu")
@@ -138,13 +155,16 @@ def floor_bytes(case: Case) -> int:
     latent = b * z * e  # one latent-sized tensor: mu, logvar, z or one of their gradients
     fwd = case.mode in ("fwd", "nograd")
     match case.op:
-        case "vae_loss":
+        case "vae_loss" | "vae_loss_gaussian" | "vae_loss_continuous_bernoulli":
             return image_in + 2 * latent + (0 if fwd else image_grad + 2 * latent)
         case "bernoulli_nll" | "gaussian_nll" | "continuous_bernoulli_nll":
             # A fixed log_scale (the benchmarks' 0.0) is a scalar: no bytes.
             return image_in + (0 if fwd else image_grad)
         case "gaussian_kl":
             return 2 * latent + (0 if fwd else 2 * latent)
+        case "gaussian_kl_free_bits":
+            prior = 2 * z * e  # the prior's mean and log-variance, or their gradients
+            return 2 * latent + prior + (0 if fwd else 2 * latent + prior)
         case "reparameterize":
             # fwd: read mu, logvar, write z (the noise is drawn in the kernel).
             # bwd: read grad_z, logvar (noise regenerated), write grad_mu, grad_logvar.
@@ -197,6 +217,20 @@ def _keras_gaussian_kl(mu, logvar):
     return (-0.5 * torch.sum(1 + logvar - mu.square() - logvar.exp(), dim=-1)).mean()
 
 
+def _eager_gaussian_kl_free_bits(mu, logvar, prior_mu, prior_logvar):
+    # KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) per element, then IAF's free bits.
+    kl = 0.5 * (prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) / prior_logvar.exp() - 1)
+    return kl.mean(dim=0).clamp(min=FREE_BITS).sum()
+
+
+def _eager_vae_loss_gaussian(recon, target, mu, logvar):
+    return _eager_gaussian_nll(recon, target) + _examples_gaussian_kl(mu, logvar)
+
+
+def _eager_vae_loss_continuous_bernoulli(recon, target, mu, logvar):
+    return _eager_continuous_bernoulli_nll(recon, target) + _examples_gaussian_kl(mu, logvar)
+
+
 def _examples_reparameterize(mu, logvar):
     std = torch.exp(0.5 * logvar)
     eps = torch.randn_like(std)
@@ -205,11 +239,14 @@ def _examples_reparameterize(mu, logvar):
 
 _EAGER = {
     "vae_loss": (_examples_vae_loss, _keras_vae_loss),
+    "vae_loss_gaussian": (_eager_vae_loss_gaussian, None),
+    "vae_loss_continuous_bernoulli": (_eager_vae_loss_continuous_bernoulli, None),
     "bernoulli_nll": (_examples_bernoulli_nll, _keras_bernoulli_nll),
     # No pytorch/examples or Keras formula: one eager form each.
     "gaussian_nll": (_eager_gaussian_nll, None),
     "continuous_bernoulli_nll": (_eager_continuous_bernoulli_nll, None),
     "gaussian_kl": (_examples_gaussian_kl, _keras_gaussian_kl),
+    "gaussian_kl_free_bits": (_eager_gaussian_kl_free_bits, None),
     # Keras samples exactly as pytorch/examples does: there is no second formula.
     "reparameterize": (_examples_reparameterize, None),
 }
@@ -249,7 +286,8 @@ def forward_fn(provider: str, op: str, compile_backend: str = "inductor"):
     every timing; the smoke tests may ask for ``"aot_eager"`` (see conftest.py).
     """
     if provider in VAEKERN_PROVIDERS:
-        return functools.partial(getattr(vaekern, op), backend=provider)
+        name, options = VARIANTS.get(op, (op, {}))
+        return functools.partial(getattr(vaekern, name), backend=provider, **options)
     fn = _EAGER[op][provider.endswith("-keras")]
     if provider.startswith("compile"):
         _limit_recompiles()
@@ -262,18 +300,24 @@ def forward_fn(provider: str, op: str, compile_backend: str = "inductor"):
 
 ARGS = {
     "vae_loss": ("recon", "target", "mu", "logvar"),
+    "vae_loss_gaussian": ("recon", "target", "mu", "logvar"),
+    "vae_loss_continuous_bernoulli": ("recon", "target", "mu", "logvar"),
     "bernoulli_nll": ("recon", "target"),
     "gaussian_nll": ("recon", "target"),
     "continuous_bernoulli_nll": ("recon", "target"),
     "gaussian_kl": ("mu", "logvar"),
+    "gaussian_kl_free_bits": ("mu", "logvar", "prior_mu", "prior_logvar"),
     "reparameterize": ("mu", "logvar"),
 }
 DIFF_ARGS = {
     "vae_loss": ("recon", "mu", "logvar"),
+    "vae_loss_gaussian": ("recon", "mu", "logvar"),
+    "vae_loss_continuous_bernoulli": ("recon", "mu", "logvar"),
     "bernoulli_nll": ("recon",),
     "gaussian_nll": ("recon",),
     "continuous_bernoulli_nll": ("recon",),
     "gaussian_kl": ("mu", "logvar"),
+    "gaussian_kl_free_bits": ("mu", "logvar", "prior_mu", "prior_logvar"),
     "reparameterize": ("mu", "logvar"),
 }
 
@@ -298,6 +342,9 @@ def make_inputs(case: Case) -> dict[str, torch.Tensor]:
         out["target"] = (torch.rand(b, d, device=dev) < 0.5).to(case.target_dtype)
     out["mu"] = torch.randn(b, z, device=dev, dtype=case.dtype)
     out["logvar"] = 0.5 * torch.randn(b, z, device=dev, dtype=case.dtype)
+    if "prior_mu" in ARGS[case.op]:
+        out["prior_mu"] = 0.5 * torch.randn(z, device=dev, dtype=case.dtype)
+        out["prior_logvar"] = 0.5 * torch.randn(z, device=dev, dtype=case.dtype)
     if case.op == "reparameterize" and case.mode not in ("fwd", "nograd"):
         out["grad_z"] = torch.randn(b, z, device=dev, dtype=case.dtype)
     for name in DIFF_ARGS[case.op]:
@@ -377,17 +424,11 @@ def check(
             if not bool(torch.isfinite(eps).all()):
                 return math.inf
             return max(abs(eps.mean().item()), abs(eps.std().item() - 1.0))
-        match case.op:
-            case "vae_loss":
-                ref = reference.vae_loss_ref(*(inputs[a] for a in ARGS["vae_loss"]))[0]
-            case "bernoulli_nll":
-                ref = reference.bernoulli_nll_ref(inputs["recon"], inputs["target"])
-            case "gaussian_nll":
-                ref = reference.gaussian_nll_ref(inputs["recon"], inputs["target"])
-            case "continuous_bernoulli_nll":
-                ref = reference.continuous_bernoulli_nll_ref(inputs["recon"], inputs["target"])
-            case "gaussian_kl":
-                ref = reference.gaussian_kl_ref(inputs["mu"], inputs["logvar"])
+        name, options = VARIANTS.get(case.op, (case.op, {}))
+        args = [inputs[a] for a in ARGS[case.op]]
+        ref = getattr(reference, f"{name}_ref")(*args, **options)
+        if name == "vae_loss":
+            ref = ref[0]
         got = out.double().item()
         return abs(got - ref.item()) / max(abs(ref.item()), 1e-30)
 

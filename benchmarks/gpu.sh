@@ -116,7 +116,7 @@ tail -n 3 "$OUT/tests.log" 2>/dev/null | tee -a "$OUT/steps.txt"
 # ---- benchmarks --------------------------------------------------------------------------------
 # First the headline, vae_loss in every mode at all three sizes in float32 and bfloat16; then
 # the whole-call cases (host overhead on 1x1 tensors, and one training step of the
-# pytorch/examples VAE: most of their time is torch.compile's); then the three parts in
+# pytorch/examples VAE: most of their time is torch.compile's); then the parts and the cases with options in
 # fwd+bwd, float32, without the second compiled formula (each compile costs seconds). Each
 # pass stops starting cases 30 s before its limit.
 common=(--rep-ms 50 --warmup-ms 10 --no-progress)
@@ -127,7 +127,7 @@ limit=$(( $(left) / 2 )); (( limit > 120 )) && limit=120
 step bench_steps "$limit" $PY -m benchmarks --ops overhead,e2e --min-run-time 0.5 \
     --max-seconds $(( limit - 30 )) --out "$OUT/bench_steps" "${common[@]}"
 limit=$(( $(left) - 5 ))
-step bench_parts "$limit" $PY -m benchmarks --ops bernoulli_nll,gaussian_kl,reparameterize \
+step bench_parts "$limit" $PY -m benchmarks --ops bernoulli_nll,gaussian_kl,reparameterize,vae_loss_gaussian,vae_loss_continuous_bernoulli,gaussian_kl_free_bits \
     --dtypes float32 --modes fwd+bwd --providers eager,eager-keras,compile,reference,triton,cuda \
     --max-seconds $(( limit - 30 )) --out "$OUT/bench_parts" "${common[@]}"
 

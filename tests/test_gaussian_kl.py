@@ -366,3 +366,21 @@ def test_prior_and_free_bits_compile_fullgraph(backend, device):
     c[0].backward()
     for a, b in zip(eager_in, comp_in):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_prior_under_torch_func(backend, device):
+    """torch.func.grad with respect to a learned prior, and per-sample gradients (vmap) of
+    the posterior under a per-sample prior, as the reference gives them."""
+    from torch.func import grad, vmap
+
+    mu, logvar = latents((4, 3), torch.float64, device)
+    pm, plv = _prior((3,), torch.float64, device, 0.5), _prior((4, 3), torch.float64, device, 0.3)
+
+    def kl(b, mu, logvar, pm, plv):
+        return vaekern.gaussian_kl(mu, logvar, pm, plv, backend=b) * 3
+
+    for argnums in (3, 4):
+        torch.testing.assert_close(grad(kl, argnums)(backend, mu, logvar, pm, plv), grad(kl, argnums)("reference", mu, logvar, pm, plv))
+    per_sample = vmap(grad(lambda b, m, lv, q: kl(b, m[None], lv[None], pm, q[None]), argnums=(1, 3)), in_dims=(None, 0, 0, 0))
+    for got, want in zip(per_sample(backend, mu, logvar, plv), per_sample("reference", mu, logvar, plv)):
+        torch.testing.assert_close(got, want)

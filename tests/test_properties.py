@@ -35,6 +35,7 @@ interpreter's casts in isolation and the compiled code's conversions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -447,6 +448,55 @@ def _kl_grad_scale_base(lv: Input, u: torch.Tensor) -> torch.Tensor:
     scale = torch.ones(lv.base64.shape, dtype=torch.float64)
     lv._view(scale).copy_(_kl_grad_scale(lv, u))
     return scale
+
+
+@st.composite
+def prior_shapes(draw, shape):
+    """A shape that broadcasts to ``shape``: each dim kept or 1, leading dims maybe dropped
+    (per element and learned, per sample, per channel, 0-d)."""
+    dims = [draw(st.sampled_from((n, 1))) for n in shape]
+    return tuple(dims[draw(st.integers(0, len(dims))) :])
+
+
+def test_gaussian_kl_with_prior_and_free_bits(backend, device):
+    """The KL to a drawn diagonal prior (any broadcast form, any layout, its own dtype),
+    with or without free bits, against the oracle: the value and all four gradients. Finite
+    inputs: the extremes of the standard prior are test_gaussian_kl's; here the map to it."""
+    @settings(max_examples=_examples(backend))
+    @given(data=st.data())
+    def check(data):
+        mu_spec, lv_spec = _latent_pair(data, backend)
+        dtype, shape = mu_spec.dtype, mu_spec.shape
+        finite = lambda spec: dataclasses.replace(spec, specials=(), scale=min(spec.scale, 2.0))  # noqa: E731
+        mu_spec, lv_spec = finite(mu_spec), finite(lv_spec)
+        p_dtype = data.draw(st.sampled_from((dtype, torch.float32, torch.float64)), "prior dtype")
+        pm_spec = finite(data.draw(specs(data.draw(prior_shapes(shape), "prior_mu shape") or (1,), p_dtype, "mu"), "prior_mu"))
+        plv_spec = finite(data.draw(specs(data.draw(prior_shapes(shape), "prior_logvar shape") or (1,), p_dtype, "logvar"), "prior_logvar"))
+        reduction = data.draw(st.sampled_from(REDUCTIONS), "reduction")
+        free_bits = 0.0 if reduction == "none" else data.draw(st.sampled_from((0.0, 0.05, 0.5, 2.0)), "free_bits")
+        u = data.draw(upstreams(reduction, shape[0]), "upstream")
+        ins = [Input(s, device, True) for s in (mu_spec, lv_spec, pm_spec, plv_spec)]
+
+        out = vaekern.gaussian_kl(*(i.view for i in ins), free_bits=free_bits, reduction=reduction, backend=backend)
+        want = reference.gaussian_kl_ref(*(i.view64 for i in ins), free_bits=free_bits, reduction=reduction)
+        assert out.dtype == _loss_dtype(dtype, p_dtype), f"loss dtype {out.dtype}"
+        # The map to the standard prior rounds (mu - p) * exp(-q / 2) and logvar - q once in
+        # the loss dtype: the error is an ulp of the terms, (var + (mu - p)^2) / prior var.
+        terms = reference._kl_elements(*(i.view64.detach() for i in ins))
+        ratio = (torch.exp(ins[1].view64.detach() - ins[3].view64.detach()) + 2 * terms.abs()).max().item()
+        tol = _tol(LOSS_TOL, dtype, p_dtype)
+        assert_matches("kl", out, want, tol, scale=max(1.0, ratio) * (shape[0] if reduction == "sum" else 1))
+        out.backward(u.to(out.dtype).to(device))
+        want.backward(u)
+        for name, i in zip(("mu", "logvar", "prior_mu", "prior_logvar"), ins):
+            assert i.base.grad.dtype == i.spec.dtype, f"{name}.grad dtype {i.base.grad.dtype}"
+            # A prior's gradient sums the elements it broadcasts over.
+            fan = math.prod(shape) // max(1, math.prod(i.spec.shape))
+            scale = max(1.0, u.abs().max().item()) * max(1.0, ratio) * fan
+            assert_matches(f"{name}.grad", i.base.grad, i.base64.grad, _tol(GRAD_TOL, i.spec.dtype, dtype), scale=scale)
+            i.assert_unchanged(name)
+
+    check()
 
 
 def test_reparameterize_given_eps(backend, device):

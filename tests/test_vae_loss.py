@@ -667,3 +667,20 @@ def test_prior_and_free_bits_gradcheck_and_compile(backend, device):
         (c * 3).backward()
         for a, b in zip(eager_in, comp_in):
             torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_compile_traces_no_cached_constant():
+    """Under torch.compile (and CUDA-graph capture) the Bernoulli's unused log_scale is made
+    in the graph, as beta is, not taken from the eager cache of constant tensors: Dynamo
+    warns that it cannot trace through that cache, and a captured graph must not read a
+    tensor the cache may drop. The API layer makes it for every backend: checked on cpu."""
+    import warnings
+
+    backend, device = "cpu", torch.device("cpu")
+    torch._dynamo.reset()
+    recon, t = logits((4, 6), torch.float32, device), target((4, 6), "float", device)
+    mu, logvar = latents((4, 2), torch.float32, device)
+    fn = torch.compile(lambda r, m, lv: vaekern.vae_loss(r, t, m, lv, beta=0.5, backend=backend), fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lru_cache.*")
+        torch.testing.assert_close(fn(recon, mu, logvar), vaekern.vae_loss(recon, t, mu, logvar, beta=0.5, backend=backend))

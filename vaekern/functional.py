@@ -283,8 +283,6 @@ def _log_scale(log_scale, input: Tensor, target: Tensor, dtype: torch.dtype) -> 
         raise TypeError(f'log_scale must be a float, a tensor or "optimal", got {type(log_scale).__name__}')
     if not math.isfinite(log_scale):
         raise ValueError(f"log_scale must be finite, got {log_scale}")
-    if torch.compiler.is_compiling() or (input.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return torch.full((), float(log_scale), dtype=dtype, device=input.device)  # see _beta
     return _constant(float(log_scale), dtype, input.device)
 
 
@@ -723,8 +721,15 @@ def _likelihood(likelihood, log_scale, from_logits: bool) -> int:
     return LIKELIHOODS[likelihood]
 
 
-@functools.lru_cache(maxsize=16)
 def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # A float argument as the 0-d tensor the kernels read, made once per value (see
-    # _beta_tensor): only read, never handed to the caller.
+    """A float argument as the 0-d tensor the kernels read: made once per value in eager
+    mode; traced or captured, made in the graph (see _beta)."""
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.full((), value, dtype=dtype, device=device)
+    return _cached_constant(value, dtype, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # Only read, never handed to the caller (see _beta_tensor).
     return torch.full((), value, dtype=dtype, device=device)
