@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 	$(PY) -m vaekern.demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n auto tests benchmarks --benchmark-disable
+	$(PY) -m pytest -q -n auto --durations=25 tests benchmarks --benchmark-disable
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks
