@@ -51,8 +51,11 @@ def test_active_units_with_a_trained_posterior():
         (torch.zeros(3, 2, dtype=torch.int64), 0.01, TypeError, "mu must be a floating tensor"),
         (torch.zeros(1, 4), 0.01, ValueError, "at least 2 data points"),
         (torch.zeros(()), 0.01, ValueError, "at least 2 data points"),
-        (torch.zeros(3, 2), -1.0, ValueError, "threshold must be a float >= 0"),
-        (torch.zeros(3, 2), float("nan"), ValueError, "threshold must be a float >= 0"),
+        (torch.zeros(3, 2), -1.0, ValueError, "threshold must be finite and >= 0"),
+        (torch.zeros(3, 2), float("nan"), ValueError, "threshold must be finite and >= 0"),
+        (torch.zeros(3, 2), "0.1", TypeError, "threshold must be a float"),
+        (torch.zeros(3, 2), True, TypeError, "threshold must be a float"),
+        (torch.zeros(3, 2).to_sparse(), 0.01, TypeError, "mu must be a dense"),
     ],
 )
 def test_bad_arguments_are_named(mu, threshold, error, match):

@@ -384,3 +384,19 @@ def test_prior_under_torch_func(backend, device):
     per_sample = vmap(grad(lambda b, m, lv, q: kl(b, m[None], lv[None], pm, q[None]), argnums=(1, 3)), in_dims=(None, 0, 0, 0))
     for got, want in zip(per_sample(backend, mu, logvar, plv), per_sample("reference", mu, logvar, plv)):
         torch.testing.assert_close(got, want)
+
+
+def test_empty_batch_sum_is_zero_with_or_without_per_dim(backend, device):
+    """A sum over no rows is 0, and asking for the per-element KL must not change it (the
+    per-element means of no rows are NaN: 0/0)."""
+    mu, logvar = latents((0, 4), torch.float32, device)
+    plain = vaekern.gaussian_kl(mu, logvar, reduction="sum", backend=backend)
+    kl, per_dim = vaekern.gaussian_kl(mu, logvar, reduction="sum", return_per_dim=True, backend=backend)
+    assert plain.item() == 0.0 and kl.item() == 0.0
+    assert per_dim.shape == (4,) and per_dim.isnan().all()
+
+
+def test_free_bits_too_large_for_a_float_is_named(backend, device):
+    mu, logvar = latents((2, 3), torch.float32, device)
+    with pytest.raises(ValueError, match="free_bits"):
+        vaekern.gaussian_kl(mu, logvar, free_bits=10**400, backend=backend)

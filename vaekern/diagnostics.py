@@ -32,11 +32,15 @@ def active_units(mu: Tensor, threshold: float = 0.01) -> Tensor:
     """
     if not isinstance(mu, Tensor):
         raise TypeError(f"mu must be a torch.Tensor, got {type(mu).__name__}")
+    if mu.layout != torch.strided:
+        raise TypeError(f"mu must be a dense (strided) tensor, got layout {mu.layout}")
     if not mu.is_floating_point():
         raise TypeError(f"mu must be a floating tensor, got {mu.dtype}")
     if mu.dim() < 1 or mu.shape[0] < 2:
         raise ValueError(f"mu must hold at least 2 data points along dim 0, got shape {tuple(mu.shape)}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
-        raise ValueError(f"threshold must be a float >= 0, got {threshold!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
+    if not 0 <= threshold < float("inf"):  # NaN fails too
+        raise ValueError(f"threshold must be finite and >= 0, got {threshold!r}")
     with torch.no_grad():
         return mu.double().var(dim=0, correction=0) > threshold

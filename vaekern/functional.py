@@ -360,10 +360,12 @@ def gaussian_kl(
             ``sum_j max(lambda, kl_j)``, ``kl_j`` the batch mean of element j's KL, and an
             element whose batch mean is below lambda gets no gradient (Kingma et al. 2016).
             A batch quantity: ``"mean"`` gives that sum, ``"sum"`` B times it, and
-            ``"none"`` is refused. 0 is the plain KL.
+            ``"none"`` is refused. 0 is the plain KL. A Python float: under torch.compile
+            a new value recompiles once.
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
         return_per_dim: also return the batch-mean KL of every latent element (the true
-            KL, whatever free_bits), shaped like ``mu.shape[1:]``, from the same pass.
+            KL, whatever free_bits), shaped like ``mu.shape[1:]``: from the same pass for
+            ``"mean"`` and ``"sum"``; ``"none"``'s rows take a second launch.
         backend: as for :func:`bernoulli_nll`.
 
     Returns:
@@ -431,7 +433,10 @@ def _prior(name: str, prior, mu: Tensor) -> Tensor | None:
 def _free_bits(free_bits, red: int) -> float:
     if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)):
         raise TypeError(f"free_bits must be a float (nats per latent element), got {type(free_bits).__name__}")
-    value = float(free_bits)
+    try:
+        value = float(free_bits)
+    except OverflowError:
+        raise ValueError("free_bits is beyond the range of float64 (about 1.8e308)") from None
     if not value >= 0.0 or value == float("inf"):  # NaN fails the first comparison
         raise ValueError(f"free_bits must be finite and >= 0, got {value}")
     if value > 0.0 and red == REDUCTIONS["none"]:
@@ -482,11 +487,11 @@ def _free_bits_kl(kernels, mu: Tensor, logvar: Tensor, free_bits: float, red: in
     if free_bits > 0.0:
         # where, not maximum: the gradient passes at equality, and a NaN stays NaN.
         kl = torch.where(per_dim < free_bits, free_bits, per_dim).sum()
-    elif red == REDUCTIONS["none"]:
-        kl = _gaussian_kl(kernels, mu, logvar, red)
-    else:
-        kl = per_dim.sum()
-    return (kl * B if red == REDUCTIONS["sum"] else kl), per_dim
+        return (kl * B if red == REDUCTIONS["sum"] else kl), per_dim
+    if red == REDUCTIONS["none"]:  # the rows are not in the column pass: a second launch
+        return _gaussian_kl(kernels, mu, logvar, red), per_dim
+    # The sum from the sums, not B * the means: over an empty batch the means are 0/0.
+    return (sums.sum() if red == REDUCTIONS["sum"] else per_dim.sum()), per_dim
 
 
 def reparameterize(
@@ -667,8 +672,17 @@ def vae_loss(
     dtype = _kl_dtype(recon, mu, prior_mu, prior_logvar)
     beta_t = _beta(beta, dtype, device)
     lik = _likelihood(likelihood, log_scale, from_logits)
-    ls = _log_scale(log_scale, recon, target, dtype) if lik == LIKELIHOODS["gaussian"] else _constant(0.0, dtype, device)
     kernels = resolve(backend, device)
+    if kernels is not None and free_bits > 0.0:
+        # The free-bits term needs every latent element's batch mean before any row's loss:
+        # the likelihood's fused op and the KL's, two launches each way. With beta = 0 a KL
+        # beyond the latents' precision (inf) makes the loss NaN here, where the fused path
+        # forms the KL in float64 (README, Numerical conventions).
+        rec = _recon_nll(recon, target, lik, log_scale, from_logits, reduction, backend).to(dtype)
+        kl = _free_bits_kl(kernels, *_standardized(mu, logvar, prior_mu, prior_logvar), free_bits, red)[0].to(dtype)
+        loss = rec + beta_t * kl
+        return VAELossParts(loss, rec, kl) if return_parts else loss
+    ls = _log_scale(log_scale, recon, target, dtype) if lik == LIKELIHOODS["gaussian"] else _constant(0.0, dtype, device)
     if kernels is None:
         parts = reference.vae_loss_ref(
             recon, target, mu, logvar, beta=beta_t, likelihood=likelihood, log_scale=log_scale,
@@ -676,12 +690,6 @@ def vae_loss(
             free_bits=free_bits,
         )  # fmt: skip
         loss, rec, kl = (p.to(dtype) for p in parts)
-    elif free_bits > 0.0:
-        # The free-bits term needs every latent element's batch mean before any row's loss:
-        # the likelihood's fused op and the KL's, two launches each way.
-        rec = _recon_nll(recon, target, lik, log_scale, from_logits, reduction, backend).to(dtype)
-        kl = _free_bits_kl(kernels, *_standardized(mu, logvar, prior_mu, prior_logvar), free_bits, red)[0].to(dtype)
-        loss = rec + beta_t * kl
     else:
         mu, logvar = _standardized(mu, logvar, prior_mu, prior_logvar)
         args = (recon, target, mu, logvar, beta_t, ls, lik, from_logits, red)
