@@ -10,5 +10,12 @@ constexpr double kLogvarMax = 60.0;
 constexpr double kBceLogMin = -100.0;
 // Bernoulli NLL from probabilities: the gradient is (p - t) / max(p(1-p), kBceGradEps).
 constexpr double kBceGradEps = 1e-12;
+// Continuous Bernoulli: its log normalizer L(eta) takes the series in eta^2 below |eta| = the
+// threshold of the math type, the direct form above (the float one has no reference
+// counterpart, the reference being float64: the test ties it to Triton's).
+constexpr double kCbSeriesMaxFloat = 0.5;
+constexpr double kCbSeriesMaxDouble = 1e-2;
+// Gaussian NLL: its normalizing constant per element, 0.5 * log(2 pi), correctly rounded.
+constexpr double kHalfLog2Pi = 0.91893853320467274178;
 
 }  // namespace vaekern

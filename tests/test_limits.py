@@ -1,8 +1,11 @@
 """The numeric limits of the losses: defined once per language, and equal everywhere.
 
 The reference (vaekern/reference.py) defines them for Python: LOGVAR_MAX, the clamp of the
-KL's logvar; BCE_LOG_MIN, the clamp of the Bernoulli NLL's logs of probabilities; and
-BCE_GRAD_EPS, the floor of p*(1-p) in the probability gradient. C++ defines them once, in
+KL's logvar; BCE_LOG_MIN, the clamp of the Bernoulli NLL's logs of probabilities;
+BCE_GRAD_EPS, the floor of p*(1-p) in the probability gradient; CB_SERIES_MAX, below which
+the continuous Bernoulli's log normalizer is a series (float64 math; the float32 threshold
+has no reference counterpart and is tied across C++ and Triton); and HALF_LOG_2PI, the
+Gaussian NLL's constant. C++ defines them once, in
 csrc/conventions.h (included by csrc/cpu and csrc/cuda), and Triton in
 vaekern/_triton/_common.py. These tests tie each of them to the reference, and the
 reference's BCE limits to aten's F.binary_cross_entropy, whose behaviour they copy.
@@ -24,14 +27,23 @@ CSRC = ROOT / "csrc"
 HEADER = CSRC / "conventions.h"
 
 # C++ name -> the reference's name.
-CPP_NAMES = {"kLogvarMax": "LOGVAR_MAX", "kBceLogMin": "BCE_LOG_MIN", "kBceGradEps": "BCE_GRAD_EPS"}
-TRITON_NAMES = ("LOGVAR_MAX", "BCE_LOG_MIN", "BCE_GRAD_EPS")
+CPP_NAMES = {
+    "kLogvarMax": "LOGVAR_MAX", "kBceLogMin": "BCE_LOG_MIN", "kBceGradEps": "BCE_GRAD_EPS",
+    "kCbSeriesMaxDouble": "CB_SERIES_MAX", "kHalfLog2Pi": "HALF_LOG_2PI",
+}  # fmt: skip
+# Triton's name -> the reference's name.
+TRITON_NAMES = {
+    "LOGVAR_MAX": "LOGVAR_MAX", "BCE_LOG_MIN": "BCE_LOG_MIN", "BCE_GRAD_EPS": "BCE_GRAD_EPS",
+    "CB_SERIES_MAX_F64": "CB_SERIES_MAX", "HALF_LOG_2PI": "HALF_LOG_2PI",
+}  # fmt: skip
+# Limits of float32 math, which the float64 reference does not have: C++ name -> Triton's.
+FLOAT_ONLY = {"kCbSeriesMaxFloat": "CB_SERIES_MAX_F32"}
 
 _CONSTANT = re.compile(r"constexpr\s+double\s+(\w+)\s*=\s*([^;]+);")
 _COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
 # The limits' values as C++ literals (60, 60.0, -100, -100.0f, 1e-12, ...), not part of
 # another number or name.
-_LITERAL = re.compile(r"(?<![\w.])(?:60|-\s*100|1e-12)(?:\.0*)?f?(?![\w.])")
+_LITERAL = re.compile(r"(?<![\w.])(?:60|-\s*100|1e-12|0\.9189\d*)(?:\.0*)?f?(?![\w.])")
 
 
 def cpp_constants() -> dict[str, float]:
@@ -41,7 +53,7 @@ def cpp_constants() -> dict[str, float]:
 
 def test_cpp_limits_equal_the_reference():
     constants = cpp_constants()
-    assert set(constants) == set(CPP_NAMES), f"{HEADER.name} defines {sorted(constants)}"
+    assert set(constants) == set(CPP_NAMES) | set(FLOAT_ONLY), f"{HEADER.name} defines {sorted(constants)}"
     for cpp_name, ref_name in CPP_NAMES.items():
         assert constants[cpp_name] == getattr(reference, ref_name), (cpp_name, ref_name)
 
@@ -63,10 +75,13 @@ def test_triton_limits_equal_the_reference():
     from vaekern._triton import _common
 
     # A missing name is a failure, not a skip: the Triton kernels must name their limits.
-    missing = [name for name in TRITON_NAMES if not hasattr(_common, name)]
+    missing = [name for name in (*TRITON_NAMES, *FLOAT_ONLY.values()) if not hasattr(_common, name)]
     assert not missing, f"vaekern._triton._common does not define {missing}"
-    for name in TRITON_NAMES:
-        assert getattr(_common, name) == getattr(reference, name), name
+    for name, ref_name in TRITON_NAMES.items():
+        assert getattr(_common, name) == getattr(reference, ref_name), name
+    constants = cpp_constants()
+    for cpp_name, name in FLOAT_ONLY.items():
+        assert constants[cpp_name] == getattr(_common, name), (cpp_name, name)
 
 
 def test_op_layer_limit_equals_the_reference():

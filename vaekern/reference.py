@@ -68,6 +68,8 @@ __all__ = [
     "LOGVAR_MAX",
     "BCE_LOG_MIN",
     "BCE_GRAD_EPS",
+    "CB_SERIES_MAX",
+    "HALF_LOG_2PI",
     "bernoulli_nll_ref",
     "continuous_bernoulli_nll_ref",
     "gaussian_kl_ref",
@@ -137,7 +139,8 @@ def _through(f: Tensor) -> Tensor:
     return f - f.detach()
 
 
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+# 0.5 * log(2 pi), correctly rounded: 0.5 * math.log(2 * math.pi) is one ulp below it.
+HALF_LOG_2PI = 0.91893853320467274178
 
 
 def gaussian_nll_ref(
@@ -155,12 +158,12 @@ def gaussian_nll_ref(
 
 # |eta| below which L(eta) comes from its series: above it the closed form loses about
 # 6/eta^2 ulps, below it the series (to eta^6) is exact in float64.
-_CB_SERIES_MAX = 1e-2
+CB_SERIES_MAX = 1e-2
 
 
 def _cb_log_norm(eta: Tensor) -> Tensor:
     """L(eta) = -log(eta / tanh(eta / 2)), float64, differentiable by autograd."""
-    small = eta.abs() < _CB_SERIES_MAX
+    small = eta.abs() < CB_SERIES_MAX
     e2 = torch.where(small, eta, 0.0) ** 2  # each branch reads a harmless value where unused
     series = -math.log(2) + e2 * (-1 / 12 + e2 * (7 / 1440 + e2 * (-31 / 90720)))
     a = torch.where(small, 1.0, eta.abs())

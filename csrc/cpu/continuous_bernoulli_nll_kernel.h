@@ -40,12 +40,13 @@
 #include "cpu/bernoulli_nll_kernel.h"
 #include "cpu/kernel_utils.h"
 #include "cpu/vec_math.h"
+#include "conventions.h"
 
 namespace vaekern::cpu::CPU_CAPABILITY {
 
 // Below this |eta| the log normalizer is its series: by the arithmetic type (see above).
 template <typename A>
-constexpr A kCbSeriesMax = std::is_same_v<A, double> ? A(1e-2) : A(0.5);
+constexpr A kCbSeriesMax = static_cast<A>(std::is_same_v<A, double> ? kCbSeriesMaxDouble : kCbSeriesMaxFloat);
 
 // L(eta) and L'(eta) (l, dl), given a = |eta|, tanh(a/2) and 1/sinh(eta) (signed).
 template <typename A>

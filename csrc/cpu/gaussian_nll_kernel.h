@@ -18,11 +18,10 @@
 
 #include "cpu/kernel_utils.h"
 #include "cpu/vec_math.h"
+#include "conventions.h"
 
 namespace vaekern::cpu::CPU_CAPABILITY {
 
-// 0.5 * log(2 pi): the Gaussian's normalizing constant per element.
-constexpr double kHalfLog2Pi = 0.91893853320467274178;
 
 struct GaussianNll {
   static constexpr bool kColumnParam = true;

@@ -36,9 +36,9 @@ namespace cuda {
 template <typename acc_t>
 struct CbSeriesMax;
 template <>
-struct CbSeriesMax<float> { static constexpr float value = 0.5f; };
+struct CbSeriesMax<float> { static constexpr float value = static_cast<float>(kCbSeriesMaxFloat); };
 template <>
-struct CbSeriesMax<double> { static constexpr double value = 1e-2; };
+struct CbSeriesMax<double> { static constexpr double value = kCbSeriesMaxDouble; };
 
 constexpr double kLog2 = 0.69314718055994530942;
 

@@ -10,12 +10,11 @@
 #pragma once
 
 #include "common.cuh"
+#include "conventions.h"
 
 namespace vaekern {
 namespace cuda {
 
-// 0.5 * log(2 pi): the Gaussian's normalizer per element, so the loss is a true NLL in nats.
-constexpr double kHalfLog2Pi = 0.91893853320467274178;
 
 struct GaussianNll {
   static constexpr bool kColumnParam = true;  // log_scale[d]

@@ -115,9 +115,11 @@ CB_SERIES_MAX_F32 = 0.5
 CB_SERIES_MAX_F64 = 1e-2
 _CB_SERIES_MAX_F32 = tl.constexpr(CB_SERIES_MAX_F32)
 _CB_SERIES_MAX_F64 = tl.constexpr(CB_SERIES_MAX_F64)
+# The Gaussian NLL's normalizing constant per element, 0.5 * log(2 pi), correctly rounded.
+HALF_LOG_2PI = 0.91893853320467274178
+_HALF_LOG_2PI = tl.constexpr(HALF_LOG_2PI)
 # Constants of the math, as constexprs for tl.full in the math's dtype.
 _LOG2 = tl.constexpr(0.69314718055994530942)
-_HALF_LOG_2PI = tl.constexpr(0.91893853320467274178)  # the Gaussian NLL's 0.5 * log(2 pi)
 
 
 # ---- element math: helpers --------------------------------------------------------------
