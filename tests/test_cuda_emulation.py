@@ -320,8 +320,14 @@ def test_cuda_kernels_give_the_same_bits_in_any_schedule(schedule):
 
     def outputs():
         for x, t, mu, lv, r in inputs:
+            # The Gaussian with one log_scale per column, and through vae_loss with one for all.
+            per_column = torch.linspace(-0.5, 0.5, x.shape[1])
             yield from ops.vae_loss(x, t, mu, lv, beta, beta.new_zeros(()), 0, True, r, True)
+            yield from ops.vae_loss(x, t, mu, lv, beta, torch.full((), 0.3), 1, True, r, True)
+            yield from ops.vae_loss(x, t, mu, lv, beta, beta.new_zeros(()), 2, True, r, True)
             yield from ops.bernoulli_nll(torch.sigmoid(x), t, False, r, True)
+            yield from ops.gaussian_nll(x, t, per_column, r, True)
+            yield from ops.continuous_bernoulli_nll(x, t, True, r, True)
             yield ops.gaussian_kl(mu, lv, r)
             yield ops.reparameterize(mu, lv, None, seed)
 
