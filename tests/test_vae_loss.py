@@ -657,7 +657,7 @@ def test_prior_and_free_bits_gradcheck_and_compile(backend, device):
     torch._dynamo.reset()
     t = t.float()
     for free_bits in (0.0, 0.1):
-        step = lambda *a: fn(*a, free_bits=free_bits)  # noqa: E731
+        step = lambda *a, free_bits=free_bits: fn(*a, free_bits=free_bits)  # noqa: E731
         compiled = torch.compile(step, fullgraph=True, dynamic=False)
         eager_in = [leaf(x.float()) for x in inputs]
         comp_in = [leaf(x.float()) for x in inputs]
