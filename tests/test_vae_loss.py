@@ -684,3 +684,9 @@ def test_compile_traces_no_cached_constant():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*lru_cache.*")
         torch.testing.assert_close(fn(recon, mu, logvar), vaekern.vae_loss(recon, t, mu, logvar, beta=0.5, backend=backend))
+
+
+def test_module_arguments_keep_their_positions():
+    """free_bits came last: a module built with positional arguments means what it did."""
+    module = vaekern.nn.VAELoss(0.5, "bernoulli", 0.0, True, "sum", True, "reference")
+    assert (module.reduction, module.return_parts, module.backend, module.free_bits) == ("sum", True, "reference", 0.0)

@@ -21,10 +21,11 @@ class VAELoss(nn.Module):
             register it on the model, not here).
         from_logits: whether the reconstruction holds logits (the Bernoullis).
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
-        free_bits: the KL term's free bits in nats per latent element, as for
-            ``vaekern.gaussian_kl`` (0: none).
         return_parts: return ``VAELossParts(loss, recon, kl)``.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
+        free_bits: the KL term's free bits in nats per latent element, as for
+            ``vaekern.gaussian_kl`` (0: none). Last, so that the arguments before it keep
+            their positions.
 
     ``forward(recon, target, mu, logvar, prior_mu=None, prior_logvar=None)``: the prior
     is an argument of the call, since it is usually computed (a hierarchical VAE's
@@ -38,9 +39,9 @@ class VAELoss(nn.Module):
         log_scale: float | str | Tensor = 0.0,
         from_logits: bool = True,
         reduction: str = "mean",
-        free_bits: float = 0.0,
         return_parts: bool = False,
         backend: str = "auto",
+        free_bits: float = 0.0,
     ) -> None:
         super().__init__()
         # Checked here too, so that a bad setting fails where it is made; beta's range in
