@@ -101,6 +101,22 @@ def leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().clone().requires_grad_(True)
 
 
+def assert_compiled_matches_eager(fn, inputs) -> None:
+    """torch.compile(fn, fullgraph=True) (no graph break) gives fn's outputs, and the same
+    gradients of 3 x its output (its first, if it returns several) for fresh leaves of
+    ``inputs``."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    eager_in, comp_in = [leaf(x) for x in inputs], [leaf(x) for x in inputs]
+    e, c = fn(*eager_in), compiled(*comp_in)
+    torch.testing.assert_close(e, c)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    (first(e) * 3).backward()
+    (first(c) * 3).backward()
+    for a, b in zip(eager_in, comp_in):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 class ReferenceKernels:
     """The kernel ops' interface (the schemas of vaekern._ops), computed by vaekern.reference
     in float64 under plain autograd: the oracle for tests that call kernels directly."""

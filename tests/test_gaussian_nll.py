@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 from conftest import DTYPES, REDUCTIONS
-from helpers import assert_grad_close, assert_loss_close, kernels_of, leaf, noncontiguous, upstream
+from helpers import (
+    assert_compiled_matches_eager,
+    assert_grad_close,
+    assert_loss_close,
+    kernels_of,
+    leaf,
+    noncontiguous,
+    upstream,
+)
 
 import vaekern
 from vaekern.reference import gaussian_nll_ref
@@ -183,21 +191,13 @@ def test_opcheck(backend, device):
 
 
 def test_compile_fullgraph(backend, device):
-    torch._dynamo.reset()
     x, t = _data((6, 2, 5), torch.float32, device)
     ls = torch.randn(2, 1, device=device) * 0.3
 
     def step(x, s):
         return vaekern.gaussian_nll(x, t, s, backend=backend) + vaekern.gaussian_nll(x, t, "optimal", backend=backend)
 
-    compiled = torch.compile(step, fullgraph=True, dynamic=False)
-    eager_in, comp_in = (leaf(x), leaf(ls)), (leaf(x), leaf(ls))
-    e, c = step(*eager_in), compiled(*comp_in)
-    torch.testing.assert_close(e, c)
-    (e * 3).backward()
-    (c * 3).backward()
-    for a, b in zip(eager_in, comp_in):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_matches_eager(step, (x, ls))
 
 
 def test_torch_func_per_sample_gradients(backend, device):

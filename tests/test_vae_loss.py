@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import DTYPES, REDUCTIONS, SHAPES
 from helpers import (
     INTERPRETER_F64_TO_BF16,
+    assert_compiled_matches_eager,
     assert_grad_close,
     assert_loss_close,
     kernels_of,
@@ -546,17 +547,8 @@ def test_likelihood_gradcheck_opcheck_and_compile(backend, device, likelihood):
             torch.library.opcheck(ops.vae_loss, (*args, code, True, reduction, True))
     if backend not in ("reference", "cpu"):
         return  # the traced path is the op layer's, shared by every namespace: compiled once here
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
-    eager_in = [leaf(x.float()) for x in (recon, mu, logvar, ls)]
-    comp_in = [leaf(x.float()) for x in (recon, mu, logvar, ls)]
     t = t.float()
-    e, c = fn(*eager_in), compiled(*comp_in)
-    torch.testing.assert_close(e, c)
-    (e * 3).backward()
-    (c * 3).backward()
-    for a, b in zip(eager_in, comp_in):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_matches_eager(fn, [x.float() for x in (recon, mu, logvar, ls)])
 
 
 # --- Priors and free bits (issue 14) ----------------------------------------------------
@@ -654,19 +646,10 @@ def test_prior_and_free_bits_gradcheck_and_compile(backend, device):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
     if backend not in ("reference", "cpu"):
         return  # PyTorch ops around the op layer's kernels: compiled once here
-    torch._dynamo.reset()
     t = t.float()
     for free_bits in (0.0, 0.1):
         step = lambda *a, free_bits=free_bits: fn(*a, free_bits=free_bits)  # noqa: E731
-        compiled = torch.compile(step, fullgraph=True, dynamic=False)
-        eager_in = [leaf(x.float()) for x in inputs]
-        comp_in = [leaf(x.float()) for x in inputs]
-        e, c = step(*eager_in), compiled(*comp_in)
-        torch.testing.assert_close(e, c)
-        (e * 3).backward()
-        (c * 3).backward()
-        for a, b in zip(eager_in, comp_in):
-            torch.testing.assert_close(a.grad, b.grad)
+        assert_compiled_matches_eager(step, [x.float() for x in inputs])
 
 
 def test_compile_traces_no_cached_constant():

@@ -193,15 +193,26 @@ def bernoulli_nll(
     if kernels is None:
         rows = reference.bernoulli_nll_ref(input, target, from_logits=from_logits, reduction=reduction)
         return rows.to(acc_dtype(input))
-    match _path(kernels, "bernoulli_nll", input):
+    return _likelihood_nll(kernels, "bernoulli_nll", BernoulliNLLFunction, input, target, from_logits, red)
+
+
+def _likelihood_nll(kernels, op: str, function, input: Tensor, target: Tensor, param, red: int) -> Tensor:
+    """A likelihood op's loss through its kernel op ``op``, by the call path ``_path`` picks.
+
+    ``param`` is the likelihood's own argument (from_logits, or the Gaussian's log_scale
+    tensor, differentiated where it requires grad) and ``function`` its eager
+    ``torch.autograd.Function`` (vaekern._ops)."""
+    kernel = getattr(kernels, op)
+    differentiable = (input, param) if isinstance(param, Tensor) else (input,)
+    match _path(kernels, op, *differentiable):
         case "op":
-            return kernels.bernoulli_nll(input, target, from_logits, red, _needs_grad(input))[0]
+            return kernel(input, target, param, red, _needs_grad(input))[0]
         case "function":
-            return BernoulliNLLFunction.apply(kernels, input, target, from_logits, red)
+            return function.apply(kernels, input, target, param, red)
         case "transform":
-            return kernels.transforms["bernoulli_nll"].apply(input, target, from_logits, red, True)[0]
+            return kernels.transforms[op].apply(input, target, param, red, True)[0]
     with below_autograd():
-        return kernels.bernoulli_nll(input, target, from_logits, red, False)[0]
+        return kernel(input, target, param, red, False)[0]
 
 
 def continuous_bernoulli_nll(
@@ -239,15 +250,9 @@ def continuous_bernoulli_nll(
     if kernels is None:
         rows = reference.continuous_bernoulli_nll_ref(input, target, from_logits=from_logits, reduction=reduction)
         return rows.to(acc_dtype(input))
-    match _path(kernels, "continuous_bernoulli_nll", input):
-        case "op":
-            return kernels.continuous_bernoulli_nll(input, target, from_logits, red, _needs_grad(input))[0]
-        case "function":
-            return ContinuousBernoulliNLLFunction.apply(kernels, input, target, from_logits, red)
-        case "transform":
-            return kernels.transforms["continuous_bernoulli_nll"].apply(input, target, from_logits, red, True)[0]
-    with below_autograd():
-        return kernels.continuous_bernoulli_nll(input, target, from_logits, red, False)[0]
+    return _likelihood_nll(
+        kernels, "continuous_bernoulli_nll", ContinuousBernoulliNLLFunction, input, target, from_logits, red
+    )
 
 
 def _log_scale(log_scale, input: Tensor, target: Tensor, dtype: torch.dtype) -> Tensor:
@@ -321,15 +326,7 @@ def gaussian_nll(
     kernels = resolve(backend, device)
     if kernels is None:
         return reference.gaussian_nll_ref(input, target, log_scale, reduction=reduction).to(dtype)
-    match _path(kernels, "gaussian_nll", input, ls):
-        case "op":
-            return kernels.gaussian_nll(input, target, ls, red, _needs_grad(input))[0]
-        case "function":
-            return GaussianNLLFunction.apply(kernels, input, target, ls, red)
-        case "transform":
-            return kernels.transforms["gaussian_nll"].apply(input, target, ls, red, True)[0]
-    with below_autograd():
-        return kernels.gaussian_nll(input, target, ls, red, False)[0]
+    return _likelihood_nll(kernels, "gaussian_nll", GaussianNLLFunction, input, target, ls, red)
 
 
 def gaussian_kl(
