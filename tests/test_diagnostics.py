@@ -25,10 +25,12 @@ def test_active_units_counts_the_units_whose_mean_moves_with_the_data():
 
 
 def test_active_units_is_the_population_variance_over_dim_0():
+    """Over 2 points (0, p) the population variance is p^2/4 and the unbiased one p^2/2: a
+    threshold between them tells the two apart."""
     mu = torch.tensor([[0.0, 1.0], [0.2, 1.0]], dtype=torch.float16).reshape(2, 1, 2)
-    # Population variance of (0, 0.2) is 0.01 exactly in float64 terms of the float16 values.
-    var = mu.double().var(dim=0, correction=0)
-    assert active_units(mu, threshold=0.0099).tolist() == (var > 0.0099).tolist() == [[True, False]]
+    p = mu[1, 0, 0].double().item()  # 0.2 as float16 holds it
+    assert active_units(mu, threshold=0.9 * p * p / 4).tolist() == [[True, False]]
+    assert active_units(mu, threshold=1.1 * p * p / 4).tolist() == [[False, False]]
     assert active_units(mu).shape == (1, 2)
 
 
