@@ -185,3 +185,35 @@ def test_eps_that_requires_grad_is_refused(backend):
         vaekern.reparameterize(m, lv, eps=eps, backend=backend)
     vaekern.reparameterize(m, lv, eps=eps.detach(), backend=backend).sum().backward()
     assert m.grad is not None and eps.grad is None
+
+
+# Each public op on its first differentiable input: (name, call of (x, r, t, m, lv)), x in place of the input that
+# carries the tangent.
+DUAL_CALLS = [
+    ("bernoulli_nll", lambda x, r, t, m, lv, b: vaekern.bernoulli_nll(x, t, backend=b), "r"),
+    ("continuous_bernoulli_nll", lambda x, r, t, m, lv, b: vaekern.continuous_bernoulli_nll(x, t, backend=b), "r"),
+    ("gaussian_nll", lambda x, r, t, m, lv, b: vaekern.gaussian_nll(x, t, 0.3, backend=b), "r"),
+    ("gaussian_kl", lambda x, r, t, m, lv, b: vaekern.gaussian_kl(x, lv, backend=b), "m"),
+    ("reparameterize", lambda x, r, t, m, lv, b: vaekern.reparameterize(x, lv, eps=torch.randn_like(m), backend=b), "m"),
+    ("vae_loss", lambda x, r, t, m, lv, b: vaekern.vae_loss(r, t, m, x, backend=b), "lv"),
+    ("vae_loss recon", lambda x, r, t, m, lv, b: vaekern.vae_loss(x, t, m, lv, backend=b), "r"),
+]
+
+
+@pytest.mark.parametrize("call,arg", [c[1:] for c in DUAL_CALLS], ids=[c[0] for c in DUAL_CALLS])
+def test_forward_mode_ad_is_refused_by_name_not_dropped(backend, device, call, arg):
+    """Dual tensors (torch.autograd.forward_ad) that need no reverse-mode gradient: the
+    fused kernels have no forward-mode formula, so they raise, where they once returned a
+    result without a tangent. The reference differentiates them."""
+    import torch.autograd.forward_ad as fwAD
+
+    r, t, m, lv = (x.to(device) for x in _inputs())
+    primal = {"r": r, "m": m, "lv": lv}[arg]
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(primal, torch.ones_like(primal))
+        if backend != "reference":
+            with pytest.raises(NotImplementedError, match="forward-mode"):
+                call(dual, r, t, m, lv, backend)
+            return
+        tangent = fwAD.unpack_dual(call(dual, r, t, m, lv, backend)).tangent
+    assert tangent is not None and torch.isfinite(tangent).all()

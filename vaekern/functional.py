@@ -16,6 +16,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from vaekern import reference
@@ -133,27 +134,44 @@ def _path(kernels, op: str, *differentiable: Tensor) -> str:
     """How kernel op ``op`` is called: "op", "function", "transform" or "kernel".
 
     * "op": the registered op with its own autograd: while torch.compile traces (its
-      formula then scales out of place), and in eager mode where that autograd is C++
-      (the extension's, csrc/autograd.cpp, for the ops in ``kernels.native_autograd``) and
-      a gradient is needed;
+      formula then scales out of place), and in eager mode where that autograd is C++ (the
+      extension's, csrc/autograd.cpp, for the ops in ``kernels.native_autograd``), which
+      runs the kernel alone when no gradient is needed;
     * "function": the lean ``torch.autograd.Function`` of vaekern._ops, when a gradient is
       needed in eager mode and the op's autograd is Python (Triton's kernels);
     * "transform": under a torch.func transform (``grad``, ``vjp``, ``jacrev``, ``vmap``,
       and ``jvp``, which it refuses) unless grad mode is off: the op's Function for
       functorch (``kernels.transforms``), out of place; functorch accepts neither the C++
       autograd nor the eager Functions;
-    * "kernel": the kernel alone, below autograd, when no gradient is needed: 2 us less
-      than the C++ autograd's pass-through on 1x1 tensors, 7 us less than the Python one.
+    * "kernel": the Python-autograd kernel alone, below autograd, when no gradient is
+      needed: 7 us less than the Python autograd's pass-through on 1x1 tensors.
+
+    Dual tensors of ``torch.autograd.forward_ad`` raise: no kernel has a forward-mode
+    formula, and every path here would drop the tangent.
     """
+    if _forward_ad._current_level >= 0:
+        _refuse_dual(op, differentiable)
     if torch.compiler.is_compiling():
         return "op"
-    if torch.is_grad_enabled() and torch._C._are_functorch_transforms_active():
-        return "transform"  # with no input requiring grad too: jvp's tangents need none
     if torch.is_grad_enabled():
+        if torch._C._are_functorch_transforms_active():
+            return "transform"  # with no input requiring grad too: jvp's tangents need none
+        if op in kernels.native_autograd:
+            return "op"
         for t in differentiable:
             if t.requires_grad:
-                return "op" if op in kernels.native_autograd else "function"
-    return "kernel"
+                return "function"
+        return "kernel"
+    return "op" if op in kernels.native_autograd else "kernel"
+
+
+def _refuse_dual(op: str, tensors: tuple[Tensor, ...]) -> None:
+    for t in tensors:
+        if _forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"vaekern.{op}: forward-mode AD (dual tensors of torch.autograd.forward_ad) is not supported: "
+                'the fused kernels have no forward-mode formula. Use reverse mode or backend="reference".'
+            )
 
 
 def _needs_grad(x: Tensor) -> bool:
