@@ -20,6 +20,10 @@ Providers
                    plus the mean over rows of the per-row KL.
 ``compile``        ``eager`` under ``torch.compile(dynamic=False)``; compile time is kept out of
 ``compile-keras``  the timings (the first calls are warm-up) and reported separately.
+``floor``          the overhead case only: one ATen op with C++ autograd over the same three
+                   inputs, ``torch.addcmul(recon, mu, logvar)`` (1x1, so its output is a
+                   scalar). No call of a loss over these tensors can take less host time;
+                   it computes another value, so it is not checked.
 ``reference``, ``triton``, ``cuda``, ``cpu``
                    ``vaekern.<op>(..., backend=name)``, where ``vaekern.available_backends``
                    lists it for the device. ``triton`` runs only on a real GPU, never in
@@ -101,7 +105,8 @@ CHECK_NOISE_TOL = 0.15
 OVERHEAD = "overhead"
 OVERHEAD_SIZE = "1x1:1"
 OVERHEAD_MODES = ("fwd+bwd", "nograd")
-OVERHEAD_PROVIDERS = ("eager", "compile", *VAEKERN_PROVIDERS)
+FLOOR = "floor"
+OVERHEAD_PROVIDERS = ("eager", "compile", FLOOR, *VAEKERN_PROVIDERS)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -258,6 +263,8 @@ def triton_interpreted() -> bool:
 
 def skip_reason(provider: str, op: str, device: torch.device) -> str | None:
     """None if ``provider`` applies to ``op`` on ``device``, else why it does not."""
+    if provider == FLOOR:
+        return None if op == "vae_loss" else "the floor provider belongs to the overhead case"
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     if provider.endswith("-keras") and _EAGER[op][1] is None:
@@ -278,6 +285,11 @@ def _limit_recompiles() -> None:
             setattr(cfg, name, max(getattr(cfg, name), 256))
 
 
+def _floor(recon, target, mu, logvar):
+    # One differentiable ATen op over vae_loss's three differentiable inputs (the floor provider).
+    return torch.addcmul(recon, mu, logvar)
+
+
 @functools.cache
 def forward_fn(provider: str, op: str, compile_backend: str = "inductor"):
     """The forward of ``op`` for ``provider``: a callable taking the op's tensors.
@@ -285,6 +297,8 @@ def forward_fn(provider: str, op: str, compile_backend: str = "inductor"):
     ``compile_backend`` is torch.compile's backend for the compile providers: Inductor for
     every timing; the smoke tests may ask for ``"aot_eager"`` (see conftest.py).
     """
+    if provider == FLOOR:
+        return _floor
     if provider in VAEKERN_PROVIDERS:
         name, options = VARIANTS.get(op, (op, {}))
         return functools.partial(getattr(vaekern, name), backend=provider, **options)
@@ -408,10 +422,13 @@ class Step:
 
 def check(
     case: Case, provider: str, inputs: dict[str, torch.Tensor], compile_backend: str = "inductor"
-) -> float:
+) -> float | None:
     """The error of one forward against the float64 reference: relative for the losses, the
     distance from N(0, 1) of the implied noise for ``reparameterize``. NaN or inf when the
-    provider's result is not finite (an fp16 sum that overflows, say)."""
+    provider's result is not finite (an fp16 sum that overflows, say); None for the floor
+    provider, which computes another value."""
+    if provider == FLOOR:
+        return None
     # Grad mode as in the timed calls: torch.compile recompiles when it changes, and vaekern
     # takes another path (no gradient computed in the forward) under no_grad.
     with torch.set_grad_enabled(case.mode != "nograd"):
