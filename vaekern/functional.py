@@ -273,15 +273,22 @@ def continuous_bernoulli_nll(
     )
 
 
-def _log_scale(log_scale, input: Tensor, target: Tensor, dtype: torch.dtype) -> Tensor:
+def _log_scale(log_scale, input: Tensor, target: Tensor, dtype: torch.dtype, red: int) -> Tensor:
     """``gaussian_nll``'s log_scale as the kernels take it: a tensor in the loss dtype, 0-d
-    or one value per column of the flattened row, differentiable where the user's is (and,
-    for ``"optimal"``, through the batch's mean squared error)."""
+    or one value per column of the flattened row, differentiable where the user's is.
+
+    ``"optimal"`` is 0.5 * log(s), s the batch's mean squared error. Under reduction
+    ``red`` "mean" or "sum" the rows weigh alike, and s minimizes their loss over sigma:
+    d loss / d s = sum_b (D - S_b / s) / (2 s) = 0 at s = sum_b S_b / (B D) (S_b: row b's
+    squared error). So the path through s adds nothing to the gradient (the envelope
+    theorem), and it is left out: the backward is the kernel's alone, with no pass over
+    the image. Under "none" the upstream weights the rows apart, and the path is kept."""
     if isinstance(log_scale, str):
         if log_scale != "optimal":
             raise ValueError(f'log_scale must be a float, a tensor or "optimal", got {log_scale!r}')
-        r = input.to(dtype) - target.to(dtype)
-        return 0.5 * torch.log((r * r).mean())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and red == REDUCTIONS["none"]):
+            r = input.to(dtype) - target.to(dtype)
+            return 0.5 * torch.log((r * r).mean())
     if isinstance(log_scale, Tensor):
         if not log_scale.is_floating_point():
             raise TypeError(f"log_scale must be a floating tensor, got {log_scale.dtype}")
@@ -340,7 +347,7 @@ def gaussian_nll(
     device = _same_device(("input", input), ("target", target))
     red = _reduction(reduction)
     dtype = acc_dtype(input)
-    ls = _log_scale(log_scale, input, target, dtype)  # also the checks, with their named errors
+    ls = _log_scale(log_scale, input, target, dtype, red)  # also the checks, with their named errors
     kernels = resolve(backend, device)
     if kernels is None:
         return reference.gaussian_nll_ref(input, target, log_scale, reduction=reduction).to(dtype)
@@ -711,7 +718,7 @@ def vae_loss(
         loss = rec + beta_t * kl
         return VAELossParts(loss, rec, kl) if return_parts else loss
     if lik == LIKELIHOODS["gaussian"]:
-        ls = _log_scale(log_scale, recon, target, dtype)
+        ls = _log_scale(log_scale, recon, target, dtype, red)
     else:  # read by no Bernoulli: a 0-d placeholder of the schema
         ls = torch.zeros((), dtype=dtype, device=device) if in_graph else _cached_constant(0.0, dtype, device)
     if kernels is None:
