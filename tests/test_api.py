@@ -197,6 +197,8 @@ DUAL_CALLS = [
     ("reparameterize", lambda x, r, t, m, lv, b: vaekern.reparameterize(x, lv, eps=torch.randn_like(m), backend=b), "m"),
     ("vae_loss", lambda x, r, t, m, lv, b: vaekern.vae_loss(r, t, m, x, backend=b), "lv"),
     ("vae_loss recon", lambda x, r, t, m, lv, b: vaekern.vae_loss(x, t, m, lv, backend=b), "r"),
+    ("vae_loss beta", lambda x, r, t, m, lv, b: vaekern.vae_loss(r, t, m, lv, beta=x, backend=b), "beta"),
+    ("reparameterize eps", lambda x, r, t, m, lv, b: vaekern.reparameterize(m, lv, eps=x, backend=b), "eps"),
 ]
 
 
@@ -208,7 +210,7 @@ def test_forward_mode_ad_is_refused_by_name_not_dropped(backend, device, call, a
     import torch.autograd.forward_ad as fwAD
 
     r, t, m, lv = (x.to(device) for x in _inputs())
-    primal = {"r": r, "m": m, "lv": lv}[arg]
+    primal = {"r": r, "m": m, "lv": lv, "beta": torch.tensor(0.5, device=device), "eps": torch.randn_like(m)}[arg]
     with fwAD.dual_level():
         dual = fwAD.make_dual(primal, torch.ones_like(primal))
         if backend != "reference":

@@ -130,7 +130,7 @@ def _plainly_valid(recon, target, mu, logvar) -> bool:
         return False
 
 
-def _path(kernels, op: str, *differentiable: Tensor) -> str:
+def _path(kernels, op: str, *differentiable: Tensor | None) -> str:
     """How kernel op ``op`` is called: "op", "function", "transform" or "kernel".
 
     * "op": the registered op with its own autograd: while torch.compile traces (its
@@ -146,8 +146,10 @@ def _path(kernels, op: str, *differentiable: Tensor) -> str:
     * "kernel": the Python-autograd kernel alone, below autograd, when no gradient is
       needed: 7 us less than the Python autograd's pass-through on 1x1 tensors.
 
-    Dual tensors of ``torch.autograd.forward_ad`` raise: no kernel has a forward-mode
-    formula, and every path here would drop the tangent.
+    ``differentiable``: the tensors that a gradient could reach, and the other tensor
+    arguments that a tangent could (beta, eps; None where absent). Dual tensors of
+    ``torch.autograd.forward_ad`` among them raise: no kernel has a forward-mode formula,
+    and every path here would drop the tangent.
     """
     if _forward_ad._current_level >= 0:
         _refuse_dual(op, differentiable)
@@ -159,7 +161,7 @@ def _path(kernels, op: str, *differentiable: Tensor) -> str:
         if op in kernels.native_autograd:
             return "op"
         for t in differentiable:
-            if t.requires_grad:
+            if t is not None and t.requires_grad:
                 return "function"
         return "kernel"
     return "op" if op in kernels.native_autograd else "kernel"
@@ -167,7 +169,7 @@ def _path(kernels, op: str, *differentiable: Tensor) -> str:
 
 def _refuse_dual(op: str, tensors: tuple[Tensor, ...]) -> None:
     for t in tensors:
-        if _forward_ad.unpack_dual(t).tangent is not None:
+        if t is not None and _forward_ad.unpack_dual(t).tangent is not None:
             raise NotImplementedError(
                 f"vaekern.{op}: forward-mode AD (dual tensors of torch.autograd.forward_ad) is not supported: "
                 'the fused kernels have no forward-mode formula. Use reverse mode or backend="reference".'
@@ -567,7 +569,7 @@ def reparameterize(
             seed = torch.randint(_SEED_HIGH, (1,), device=device, dtype=torch.int64, generator=generator)
     if kernels is None:
         return reference.reparameterize_ref(mu, logvar, eps).to(mu.dtype).contiguous()
-    match _path(kernels, "reparameterize", mu, logvar):
+    match _path(kernels, "reparameterize", mu, logvar, eps):  # eps: for its tangent (it takes no gradient)
         case "op":
             return kernels.reparameterize(mu, logvar, eps, seed)
         case "function":
@@ -732,7 +734,7 @@ def vae_loss(
         if not plain_kl:
             mu, logvar = _standardized(mu, logvar, prior_mu, prior_logvar)
         args = (recon, target, mu, logvar, beta_t, ls, lik, from_logits, red)
-        match _path(kernels, "vae_loss", recon, mu, logvar, ls):
+        match _path(kernels, "vae_loss", recon, mu, logvar, ls, beta_t):  # beta_t: for its tangent
             case "op":
                 loss, rec, kl, _ = kernels.vae_loss(*args, _needs_grad(recon))
             case "function":
