@@ -187,31 +187,43 @@ def test_eps_that_requires_grad_is_refused(backend):
     assert m.grad is not None and eps.grad is None
 
 
-# Each public op on its first differentiable input: (name, call of (x, r, t, m, lv)), x in place of the input that
-# carries the tangent.
+# (name, call, the argument that carries the tangent): each call takes (x, r, t, m, lv, backend),
+# x being that argument's dual tensor. Every tensor argument of every public op that a tangent
+# could reach, as an input or as a parameter (beta, eps, target, log_scale, the priors).
 DUAL_CALLS = [
     ("bernoulli_nll", lambda x, r, t, m, lv, b: vaekern.bernoulli_nll(x, t, backend=b), "r"),
+    ("bernoulli_nll target", lambda x, r, t, m, lv, b: vaekern.bernoulli_nll(r, x, backend=b), "t"),
     ("continuous_bernoulli_nll", lambda x, r, t, m, lv, b: vaekern.continuous_bernoulli_nll(x, t, backend=b), "r"),
     ("gaussian_nll", lambda x, r, t, m, lv, b: vaekern.gaussian_nll(x, t, 0.3, backend=b), "r"),
+    ("gaussian_nll log_scale", lambda x, r, t, m, lv, b: vaekern.gaussian_nll(r, t, x, backend=b), "scalar"),
     ("gaussian_kl", lambda x, r, t, m, lv, b: vaekern.gaussian_kl(x, lv, backend=b), "m"),
+    ("gaussian_kl prior_mu", lambda x, r, t, m, lv, b: vaekern.gaussian_kl(m, lv, x[0], backend=b), "m"),
     ("reparameterize", lambda x, r, t, m, lv, b: vaekern.reparameterize(x, lv, eps=torch.randn_like(m), backend=b), "m"),
+    ("reparameterize eps", lambda x, r, t, m, lv, b: vaekern.reparameterize(m, lv, eps=x, backend=b), "eps"),
     ("vae_loss", lambda x, r, t, m, lv, b: vaekern.vae_loss(r, t, m, x, backend=b), "lv"),
     ("vae_loss recon", lambda x, r, t, m, lv, b: vaekern.vae_loss(x, t, m, lv, backend=b), "r"),
-    ("vae_loss beta", lambda x, r, t, m, lv, b: vaekern.vae_loss(r, t, m, lv, beta=x, backend=b), "beta"),
-    ("reparameterize eps", lambda x, r, t, m, lv, b: vaekern.reparameterize(m, lv, eps=x, backend=b), "eps"),
+    ("vae_loss target", lambda x, r, t, m, lv, b: vaekern.vae_loss(r, x, m, lv, backend=b), "t"),
+    ("vae_loss beta", lambda x, r, t, m, lv, b: vaekern.vae_loss(r, t, m, lv, beta=x, backend=b), "scalar"),
+    (
+        "vae_loss log_scale",
+        lambda x, r, t, m, lv, b: vaekern.vae_loss(r, t, m, lv, likelihood="gaussian", log_scale=x, backend=b),
+        "scalar",
+    ),
 ]
 
 
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("call,arg", [c[1:] for c in DUAL_CALLS], ids=[c[0] for c in DUAL_CALLS])
-def test_forward_mode_ad_is_refused_by_name_not_dropped(backend, device, call, arg):
-    """Dual tensors (torch.autograd.forward_ad) that need no reverse-mode gradient: the
-    fused kernels have no forward-mode formula, so they raise, where they once returned a
-    result without a tangent. The reference differentiates them."""
+def test_forward_mode_ad_is_refused_by_name_not_dropped(backend, device, call, arg, grad_mode):
+    """Dual tensors (torch.autograd.forward_ad) that need no reverse-mode gradient, with grad
+    mode on and off (off, the C++ autograd kernels call the kernel directly): the fused
+    kernels have no forward-mode formula, so they raise, where they once returned a result
+    without a tangent. The reference differentiates them."""
     import torch.autograd.forward_ad as fwAD
 
     r, t, m, lv = (x.to(device) for x in _inputs())
-    primal = {"r": r, "m": m, "lv": lv, "beta": torch.tensor(0.5, device=device), "eps": torch.randn_like(m)}[arg]
-    with fwAD.dual_level():
+    primal = {"r": r, "t": t, "m": m, "lv": lv, "scalar": torch.tensor(0.5, device=device), "eps": torch.randn_like(m)}[arg]
+    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
         dual = fwAD.make_dual(primal, torch.ones_like(primal))
         if backend != "reference":
             with pytest.raises(NotImplementedError, match="forward-mode"):
@@ -219,3 +231,18 @@ def test_forward_mode_ad_is_refused_by_name_not_dropped(backend, device, call, a
             return
         tangent = fwAD.unpack_dual(call(dual, r, t, m, lv, backend)).tangent
     assert tangent is not None and torch.isfinite(tangent).all()
+
+
+def test_direct_op_call_with_a_dual_tensor_raises():
+    """The extension's ops called directly (torch.ops.vaekern): a dual input goes through the
+    C++ autograd Function, which refuses it, also where no graph is built."""
+    import torch.autograd.forward_ad as fwAD
+
+    if "cpu" not in vaekern.available_backends("cpu"):
+        pytest.skip("the extension is not built")
+    r, t, m, lv = _inputs()
+    with fwAD.dual_level(), torch.no_grad():
+        with pytest.raises(RuntimeError, match="jvp"):
+            torch.ops.vaekern.gaussian_kl(fwAD.make_dual(m, torch.ones_like(m)), lv, 1)
+        with pytest.raises(RuntimeError, match="jvp"):
+            torch.ops.vaekern.bernoulli_nll(fwAD.make_dual(r, torch.ones_like(r)), t, True, 1, False)

@@ -151,6 +151,8 @@ def _path(kernels, op: str, *differentiable: Tensor | None) -> str:
     ``torch.autograd.forward_ad`` among them raise: no kernel has a forward-mode formula,
     and every path here would drop the tangent.
     """
+    # The level is -1 outside every forward_ad.dual_level(): one attribute read on the
+    # common call, where unpacking each tensor would cost a microsecond.
     if _forward_ad._current_level >= 0:
         _refuse_dual(op, differentiable)
     if torch.compiler.is_compiling():
@@ -167,7 +169,8 @@ def _path(kernels, op: str, *differentiable: Tensor | None) -> str:
     return "op" if op in kernels.native_autograd else "kernel"
 
 
-def _refuse_dual(op: str, tensors: tuple[Tensor, ...]) -> None:
+def _refuse_dual(op: str, tensors: tuple[Tensor | None, ...]) -> None:
+    """Raise if any of ``tensors`` is a dual tensor: ``op``'s kernels would drop its tangent."""
     for t in tensors:
         if t is not None and _forward_ad.unpack_dual(t).tangent is not None:
             raise NotImplementedError(
@@ -223,7 +226,8 @@ def _likelihood_nll(kernels, op: str, function, input: Tensor, target: Tensor, p
     tensor, differentiated where it requires grad) and ``function`` its eager
     ``torch.autograd.Function`` (vaekern._ops)."""
     kernel = getattr(kernels, op)
-    differentiable = (input, param) if isinstance(param, Tensor) else (input,)
+    # target takes no gradient (refused), but a tangent could reach it.
+    differentiable = (input, target, param) if isinstance(param, Tensor) else (input, target)
     match _path(kernels, op, *differentiable):
         case "op":
             return kernel(input, target, param, red, _needs_grad(input))[0]
@@ -289,7 +293,9 @@ def _log_scale(log_scale, input: Tensor, target: Tensor, dtype: torch.dtype, red
         if log_scale != "optimal":
             raise ValueError(f'log_scale must be a float, a tensor or "optimal", got {log_scale!r}')
         with torch.set_grad_enabled(torch.is_grad_enabled() and red == REDUCTIONS["none"]):
-            # Two passes over the image (the squared errors, then their mean; r * r took three).
+            # Two passes over the image (the squared errors, then their mean; r * r took
+            # three), plus a conversion where input or target is not in the loss dtype; the
+            # squared errors are an image-sized temporary.
             return 0.5 * torch.log(torch.nn.functional.mse_loss(input.to(dtype), target.to(dtype)))
     if isinstance(log_scale, Tensor):
         if not log_scale.is_floating_point():
@@ -336,8 +342,10 @@ def gaussian_nll(
             ``input.shape[1:]`` (0-d for one scale, ``(C, 1, 1)`` per channel, a row's shape
             per feature), learned when it requires grad (its gradient is summed over the
             dims it broadcasts over); or ``"optimal"``, the sigma-VAE's analytic optimum:
-            sigma^2 is the batch's mean squared error, on the device, with the gradient
-            flowing through it (the mean-reduced loss is then D/2 * (log(2 pi mse) + 1)).
+            sigma^2 is the batch's mean squared error, on the device, and the gradient is
+            the total one, through sigma^2 too (the mean-reduced loss is then
+            D/2 * (log(2 pi mse) + 1), and its gradient that closed form's); under "mean"
+            and "sum" that path adds nothing and is left out (``_log_scale``).
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
         backend: as for :func:`bernoulli_nll`.
 
@@ -734,7 +742,7 @@ def vae_loss(
         if not plain_kl:
             mu, logvar = _standardized(mu, logvar, prior_mu, prior_logvar)
         args = (recon, target, mu, logvar, beta_t, ls, lik, from_logits, red)
-        match _path(kernels, "vae_loss", recon, mu, logvar, ls, beta_t):  # beta_t: for its tangent
+        match _path(kernels, "vae_loss", recon, mu, logvar, ls, target, beta_t):  # target, beta_t: for a tangent
             case "op":
                 loss, rec, kl, _ = kernels.vae_loss(*args, _needs_grad(recon))
             case "function":
