@@ -43,7 +43,7 @@
 #include <optional>
 #include <tuple>
 
-#include "conventions.h"  // kLogvarMax
+#include "conventions.h"  // kLogvarMax, kHalfLog2Pi
 
 namespace vaekern::autograd {
 namespace {
@@ -161,11 +161,20 @@ Tensor scaled_rows(int64_t likelihood, const Tensor& saved, const Tensor& scale,
 }
 
 // d(grad_out . reduced Gaussian NLL)/d(log_scale), in ATen ops autograd can differentiate;
-// as vaekern/_ops/gaussian_nll.py's log_scale_grad (log_scale 0-d or one per column).
+// as vaekern/_ops/gaussian_nll.py's log_scale_grad (log_scale 0-d or one per column), whose
+// header derives the 0-d form: from the reduced NLL `loss` alone, with no pass over input
+// and target.
 Tensor log_scale_grad(const Tensor& grad_out, const Tensor& input, const Tensor& target, const Tensor& log_scale,
-                      int64_t reduction) {
+                      int64_t reduction, const Tensor& loss) {
   const c10::SymInt batch = input.sym_size(0);
   const c10::ScalarType acc = log_scale.scalar_type();
+  if (log_scale.dim() == 0) {
+    if (batch == 0) return at::zeros_like(log_scale);  // no rows, no gradient (mean's loss is 0/0)
+    c10::SymInt count = reduction == 2 ? batch : c10::SymInt(1);  // D per row (none, mean), B * D summed
+    for (int64_t d = 1; d < input.dim(); ++d) count = count * input.sym_size(d);
+    const Tensor per_unit = (log_scale + kHalfLog2Pi) * 2 + 1;
+    return (grad_out.to(acc) * (per_unit.mul(c10::Scalar(count)) - loss.to(acc) * 2)).sum();
+  }
   Tensor w = per_row((reduction == 1 ? grad_out.div(c10::Scalar(batch)) : grad_out).to(acc), batch, 2);
   Tensor r = (input.to(acc) - target.to(acc)).reshape_symint({batch, c10::SymInt(-1)});
   Tensor per_column = (w * (1 - r * r * at::exp(log_scale * -2))).sum(0);
@@ -355,7 +364,7 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
                                                         from_logits, reduction, compute_grad);
     Tensor shown = keep_saved_grad(ctx, grad, from_logits, reduction, compute_grad);
     ctx->saved_data["likelihood"] = likelihood;
-    ctx->save_for_backward({recon, target, mu, logvar, beta, log_scale});
+    ctx->save_for_backward({recon, target, mu, logvar, beta, log_scale, rec});
     return {loss, rec, kl, shown};
   }
 
@@ -375,13 +384,13 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     const Tensor &grad_loss = grads[0], &grad_recon_term = grads[1], &grad_kl_term = grads[2];
     auto saved = ctx->get_saved_variables();
     const Tensor &recon = saved[0], &target = saved[1], &mu = saved[2], &logvar = saved[3], &beta = saved[4],
-                 &log_scale = saved[5];
+                 &log_scale = saved[5], &rec = saved[6];
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const int64_t likelihood = ctx->saved_data["likelihood"].toInt();
     const bool from_logits = ctx->saved_data["from_logits"].toBool();
     variable_list out(10);
     // A learned Gaussian log_scale: its formula, before the saved gradient is scaled.
-    if (ctx->needs_input_grad(5)) out[5] = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction);
+    if (ctx->needs_input_grad(5)) out[5] = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction, rec);
     if (at::GradMode::is_enabled()) {  // create_graph=True, recon needs no gradient: the KL's, differentiable
       std::tie(out[2], out[3]) = differentiable_kl_grads(grad_loss * beta + grad_kl_term, mu, logvar, reduction);
       return out;

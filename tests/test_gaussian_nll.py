@@ -272,3 +272,39 @@ def test_optimal_scale_adds_no_pass_over_the_image_to_the_backward(backend, devi
     for out in outs:
         names = _graph(out)
         assert not [n for n in names if any(op in n for op in ("MseLoss", "Sub", "Mean", "Mul", "Log", "Pow"))], names
+
+
+class _ImageSizedOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops outside vaekern's namespaces (one per backend) that take or make an
+    image-sized tensor, views (no pass over memory) aside."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        if not func.namespace.startswith("vaekern") and not func.is_view and any(t.numel() >= self.numel for t in tensors):
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_learned_scalar_scale_backward_makes_no_pass_over_the_image(backend, device, reduction):
+    """A learned 0-d log_scale (the sigma-VAE's learned sigma): its gradient comes from the
+    loss the kernel already summed, sum_b w_b (D (1 + 2 (s + log(2 pi) / 2)) - 2 nll_b),
+    not from another pass over input and target (which took about 5x a fixed scale's step).
+    test_matches_reference and test_gradcheck check the value."""
+    if backend == "reference":
+        pytest.skip("the oracle differentiates the loss by plain autograd")
+    x, t = _data((4, 30), torch.float32, device)
+    mu, logvar = torch.randn(4, 3, device=device), torch.randn(4, 3, device=device)
+    ls = leaf(torch.tensor(0.2, device=device))
+    for out in (
+        vaekern.gaussian_nll(leaf(x), t, ls, reduction=reduction, backend=backend),
+        vaekern.vae_loss(leaf(x), t, mu, logvar, likelihood="gaussian", log_scale=ls, reduction=reduction, backend=backend),
+    ):
+        with _ImageSizedOps(x.numel()) as mode:
+            out.backward(upstream(out))
+        assert not mode.ops, mode.ops

@@ -84,11 +84,14 @@ def test_triton_limits_equal_the_reference():
         assert constants[cpp_name] == getattr(_common, name), (cpp_name, name)
 
 
-def test_op_layer_limit_equals_the_reference():
-    """The op layer's differentiable KL gradient (double backward) clamps where the kernels do."""
+def test_op_layer_limits_equal_the_reference():
+    """The op layer's differentiable KL gradient (double backward) clamps where the kernels
+    do, and a learned scale's gradient (gaussian_nll.log_scale_grad) takes the NLL's own
+    constant out of the loss."""
     from vaekern._ops import _common
 
     assert _common.LOGVAR_MAX == reference.LOGVAR_MAX
+    assert _common.HALF_LOG_2PI == reference.HALF_LOG_2PI
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

@@ -369,6 +369,25 @@ def test_backward_adopts_the_forward_gradient_in_place(backend, device):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_double_backward_through_a_learned_scale(backend, device, reduction):
+    """A learned 0-d log_scale's gradient comes from the saved recon term (gaussian_nll's
+    log_scale_grad), which autograd differentiates again: second order through log_scale
+    and the latents, with recon needing no gradient, on every backend."""
+    x = torch.randn(3, 7, dtype=torch.float64)
+    t = (x + torch.randn(3, 7, dtype=torch.float64) * 0.5).to(device)
+    mu, logvar = latents((3, 4), torch.float64, device)
+    scale = torch.tensor(0.3, dtype=torch.float64, device=device)
+
+    def fn(s, m, lv):
+        return vaekern.vae_loss(
+            x.to(device), t, m, lv, likelihood="gaussian", log_scale=s, reduction=reduction, return_parts=True,
+            backend=backend,
+        )  # fmt: skip
+
+    assert torch.autograd.gradgradcheck(fn, (leaf(scale), leaf(mu), leaf(logvar)), fast_mode=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_double_backward_through_the_latents(backend, device, reduction):
     """Issue 16, item 9: with recon needing no gradient, double backward (create_graph=True)
     goes through the KL part on every backend: eagerly (vaekern.vae_loss) and through the

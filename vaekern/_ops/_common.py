@@ -18,6 +18,8 @@ from torch import Tensor
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 # ``likelihood`` of vae_loss as the kernels take it.
 LIKELIHOODS = {"bernoulli": 0, "gaussian": 1, "continuous_bernoulli": 2}
+# The Gaussian NLL's constant, 0.5 * log(2 pi), correctly rounded (tests/test_limits.py).
+HALF_LOG_2PI = 0.91893853320467274178
 
 
 def acc_dtype(*tensors: Tensor) -> torch.dtype:

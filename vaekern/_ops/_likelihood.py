@@ -32,8 +32,8 @@ Autograd, two paths over the same kernels:
 
 A tensor param that requires grad (the Gaussian's learned ``log_scale``) gets its
 gradient from the likelihood's ``param_grad`` formula, in differentiable PyTorch ops, on
-every path: it reads input and target once more (an image-sized pass that only a learned
-scale costs). Double backward through the input raises: the saved gradient has no graph.
+every path, given the op's loss (saved too): from that alone for one scale, with one more
+pass over input and target for a scale per column. Double backward through the input raises: the saved gradient has no graph.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ from vaekern._ops._common import (
     take_saved_grad,
 )
 
-# (grad_out, input, target, param, reduction) -> d(grad_out . reduced loss)/d(param)
-ParamGrad = Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]
+# (grad_out, input, target, param, reduction, the op's loss) -> d(grad_out . reduced loss)/d(param)
+ParamGrad = Callable[[Tensor, Tensor, Tensor, Tensor, int, Tensor], Tensor]
 
 
 class LikelihoodOp:
@@ -89,7 +89,7 @@ class LikelihoodOp:
         ctx.set_materialize_grads(False)
         ctx.reduction = reduction
         if isinstance(param, Tensor):
-            ctx.save_for_backward(input, target, output[1], param)
+            ctx.save_for_backward(input, target, output[1], param, output[0])
         else:
             ctx.param = param
             ctx.save_for_backward(input, target, output[1])
@@ -99,7 +99,7 @@ class LikelihoodOp:
         if grad_out is None:
             return None, None, None, None, None
         input, target, grad, *saved_param = ctx.saved_tensors
-        param = saved_param[0] if saved_param else ctx.param
+        param, loss = saved_param if saved_param else (ctx.param, None)
         g_input = g_param = None
         if ctx.needs_input_grad[0]:
             if grad.numel() != input.numel():  # the forward was asked for no gradient
@@ -110,7 +110,7 @@ class LikelihoodOp:
                 input, target, param, ctx.reduction,
             )  # fmt: skip
         if self.param_grad is not None and ctx.needs_input_grad[2]:
-            g_param = self.param_grad(grad_out, input, target, param, ctx.reduction)
+            g_param = self.param_grad(grad_out, input, target, param, ctx.reduction, loss)
         return g_input, None, g_param, None, None
 
     def register(self, lib: torch.library.Library, kernels) -> None:
@@ -132,7 +132,7 @@ class LikelihoodOp:
             ctx.kernels, ctx.reduction, ctx.saved_grad = kernels, reduction, grad
             ctx.set_materialize_grads(False)
             if isinstance(param, Tensor):
-                ctx.save_for_backward(input, target, param)
+                ctx.save_for_backward(input, target, param, loss)
             else:
                 ctx.param = param
                 ctx.save_for_backward(input, target)
@@ -143,7 +143,7 @@ class LikelihoodOp:
                 return None, None, None, None, None
             no_double_backward(op.name)
             input, target, *saved_param = ctx.saved_tensors
-            param = saved_param[0] if saved_param else ctx.param
+            param, loss = saved_param if saved_param else (ctx.param, None)
             g_input = g_param = None
             if ctx.needs_input_grad[1]:
                 g_input = take_saved_grad(ctx)
@@ -151,7 +151,7 @@ class LikelihoodOp:
                     g_input = getattr(ctx.kernels, op.name)(input, target, param, ctx.reduction, True)[1]
                 getattr(ctx.kernels, op.backward_name)(g_input, grad_out, input, target, param, ctx.reduction)
             if op.param_grad is not None and ctx.needs_input_grad[3]:
-                g_param = op.param_grad(grad_out, input, target, param, ctx.reduction)
+                g_param = op.param_grad(grad_out, input, target, param, ctx.reduction, loss)
             return None, g_input, None, g_param, None
 
         return type(

@@ -99,7 +99,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[3])
     ctx.set_materialize_grads(False)
     ctx.args = (likelihood, from_logits, reduction)
-    ctx.save_for_backward(recon, target, mu, logvar, beta, log_scale, output[3])
+    ctx.save_for_backward(recon, target, mu, logvar, beta, log_scale, output[3], output[1])
 
 
 def _traced_backward(kernels, ctx, grad_loss, grad_recon_term, grad_kl_term, _):
@@ -108,7 +108,7 @@ def _traced_backward(kernels, ctx, grad_loss, grad_recon_term, grad_kl_term, _):
     if grads is None:
         return (None,) * 10
     grad_loss, grad_recon_term, grad_kl_term = grads
-    recon, target, mu, logvar, beta, log_scale, grad = ctx.saved_tensors
+    recon, target, mu, logvar, beta, log_scale, grad, rec = ctx.saved_tensors
     likelihood, from_logits, reduction = ctx.args
     g_recon = g_scale = None
     if ctx.needs_input_grad[0]:
@@ -121,7 +121,7 @@ def _traced_backward(kernels, ctx, grad_loss, grad_recon_term, grad_kl_term, _):
             recon, target, param, reduction,
         )  # fmt: skip
     if ctx.needs_input_grad[5]:
-        g_scale = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction)
+        g_scale = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction, rec)
     g_mu, g_lv = kl_grads(kernels, grad_loss * beta + grad_kl_term, mu, logvar, reduction)
     return g_recon, None, g_mu, g_lv, None, g_scale, None, None, None, None
 
@@ -137,7 +137,7 @@ class VAELossFunction(torch.autograd.Function):
             loss, rec, kl, grad = kernels.vae_loss(recon, target, mu, logvar, beta, log_scale, *args, recon.requires_grad)
         ctx.set_materialize_grads(False)
         ctx.kernels, ctx.args, ctx.saved_grad = kernels, args, grad
-        ctx.save_for_backward(recon, target, mu, logvar, beta, log_scale)
+        ctx.save_for_backward(recon, target, mu, logvar, beta, log_scale, rec)
         return loss, rec, kl
 
     @staticmethod
@@ -145,12 +145,12 @@ class VAELossFunction(torch.autograd.Function):
         grads = _materialized((grad_loss, grad_recon_term, grad_kl_term))
         if grads is None:
             return (None,) * 10
-        recon, target, mu, logvar, beta, log_scale = ctx.saved_tensors
+        recon, target, mu, logvar, beta, log_scale, rec = ctx.saved_tensors
         likelihood, from_logits, reduction = ctx.args
         grad_loss, grad_recon_term, grad_kl_term = grads
         g_scale = None
         if ctx.needs_input_grad[6]:
-            g_scale = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction)
+            g_scale = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction, rec)
         if torch.is_grad_enabled():  # create_graph=True: through the latents (and log_scale) only
             if ctx.needs_input_grad[1]:
                 no_double_backward("vae_loss")
