@@ -13,7 +13,8 @@ Providers
                    ``-ContinuousBernoulli(logits=...).log_prob(x).sum() / B``.
                    For ``gaussian_nll_optimal`` (``log_scale="optimal"``) the sigma-VAE's
                    code: log sigma = log sqrt(mse), then the Gaussian NLL written out, summed,
-                   over B. For ``gaussian_kl_free_bits`` (a learned per-latent prior, free bits of
+                   over B; for ``gaussian_nll_learned`` (a learned 0-d log_scale) the same
+                   NLL with that log sigma. For ``gaussian_kl_free_bits`` (a learned per-latent prior, free bits of
                    ``FREE_BITS`` nats): the per-element KL to the prior written out, its batch
                    mean clamped at the free bits and summed. For ``vae_loss_gaussian`` and
                    ``vae_loss_continuous_bernoulli`` (``vae_loss`` with that likelihood):
@@ -76,7 +77,7 @@ from vaekern import reference
 
 OPS = (
     "vae_loss", "vae_loss_gaussian", "vae_loss_continuous_bernoulli", "bernoulli_nll", "gaussian_nll",
-    "gaussian_nll_optimal", "continuous_bernoulli_nll", "gaussian_kl", "gaussian_kl_free_bits", "reparameterize",
+    "gaussian_nll_optimal", "gaussian_nll_learned", "continuous_bernoulli_nll", "gaussian_kl", "gaussian_kl_free_bits", "reparameterize",
 )  # fmt: skip
 # gaussian_kl_free_bits: gaussian_kl with a learned prior (one mean and log-variance per
 # latent) and these free bits, in nats per latent element.
@@ -86,6 +87,7 @@ VARIANTS = {
     "vae_loss_gaussian": ("vae_loss", {"likelihood": "gaussian"}),
     "vae_loss_continuous_bernoulli": ("vae_loss", {"likelihood": "continuous_bernoulli"}),
     "gaussian_nll_optimal": ("gaussian_nll", {"log_scale": "optimal"}),
+    "gaussian_nll_learned": ("gaussian_nll", {}),
     "gaussian_kl_free_bits": ("gaussian_kl", {"free_bits": FREE_BITS}),
 }
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -165,7 +167,8 @@ def floor_bytes(case: Case) -> int:
     match case.op:
         case "vae_loss" | "vae_loss_gaussian" | "vae_loss_continuous_bernoulli":
             return image_in + 2 * latent + (0 if fwd else image_grad + 2 * latent)
-        case "bernoulli_nll" | "gaussian_nll" | "gaussian_nll_optimal" | "continuous_bernoulli_nll":
+        case "bernoulli_nll" | "gaussian_nll" | "gaussian_nll_optimal" | "gaussian_nll_learned" \
+                | "continuous_bernoulli_nll":
             # A fixed log_scale (the benchmarks' 0.0) is a scalar: no bytes. For "optimal"
             # this is a lower bound only: the mse is needed before any element's gradient,
             # and vaekern reads the image twice (README, gaussian_nll).
@@ -223,6 +226,13 @@ def _eager_gaussian_nll_optimal(recon, target):
     return nll.sum() / recon.shape[0]
 
 
+def _eager_gaussian_nll_learned(recon, target, log_scale):
+    # A learned sigma as the sigma-VAE's code writes the NLL, over B.
+    x = target.to(recon.dtype)
+    nll = 0.5 * torch.pow((x - recon) / log_scale.exp(), 2) + log_scale + 0.5 * math.log(2 * math.pi)
+    return nll.sum() / recon.shape[0]
+
+
 def _eager_continuous_bernoulli_nll(recon, target):
     # torch.distributions, as a user reaching for the continuous Bernoulli writes it.
     return -torch.distributions.ContinuousBernoulli(logits=recon).log_prob(target.to(recon.dtype)).sum() / recon.shape[0]
@@ -264,6 +274,7 @@ _EAGER = {
     # No pytorch/examples or Keras formula: one eager form each.
     "gaussian_nll": (_eager_gaussian_nll, None),
     "gaussian_nll_optimal": (_eager_gaussian_nll_optimal, None),
+    "gaussian_nll_learned": (_eager_gaussian_nll_learned, None),
     "continuous_bernoulli_nll": (_eager_continuous_bernoulli_nll, None),
     "gaussian_kl": (_examples_gaussian_kl, _keras_gaussian_kl),
     "gaussian_kl_free_bits": (_eager_gaussian_kl_free_bits, None),
@@ -334,6 +345,7 @@ ARGS = {
     "bernoulli_nll": ("recon", "target"),
     "gaussian_nll": ("recon", "target"),
     "gaussian_nll_optimal": ("recon", "target"),
+    "gaussian_nll_learned": ("recon", "target", "log_scale"),
     "continuous_bernoulli_nll": ("recon", "target"),
     "gaussian_kl": ("mu", "logvar"),
     "gaussian_kl_free_bits": ("mu", "logvar", "prior_mu", "prior_logvar"),
@@ -346,6 +358,7 @@ DIFF_ARGS = {
     "bernoulli_nll": ("recon",),
     "gaussian_nll": ("recon",),
     "gaussian_nll_optimal": ("recon",),
+    "gaussian_nll_learned": ("recon", "log_scale"),
     "continuous_bernoulli_nll": ("recon",),
     "gaussian_kl": ("mu", "logvar"),
     "gaussian_kl_free_bits": ("mu", "logvar", "prior_mu", "prior_logvar"),
@@ -373,6 +386,8 @@ def make_inputs(case: Case) -> dict[str, torch.Tensor]:
         out["target"] = (torch.rand(b, d, device=dev) < 0.5).to(case.target_dtype)
     out["mu"] = torch.randn(b, z, device=dev, dtype=case.dtype)
     out["logvar"] = 0.5 * torch.randn(b, z, device=dev, dtype=case.dtype)
+    if "log_scale" in ARGS[case.op]:  # a learned sigma near the residuals' (about 1.4)
+        out["log_scale"] = torch.full((), 0.3, device=dev, dtype=case.dtype)
     if "prior_mu" in ARGS[case.op]:
         out["prior_mu"] = 0.5 * torch.randn(z, device=dev, dtype=case.dtype)
         out["prior_logvar"] = 0.5 * torch.randn(z, device=dev, dtype=case.dtype)
