@@ -11,7 +11,8 @@
 //
 // Math and saved tensors: as in vaekern/_ops/<op>.py, whose headers state them.
 //
-// * bernoulli_nll, vae_loss: forward also returns the reconstruction gradient for an
+// * the likelihood ops (bernoulli_nll, continuous_bernoulli_nll, gaussian_nll), vae_loss:
+//   forward also returns the reconstruction gradient for an
 //   upstream gradient of 1 (folded 1/B for "mean"). The first backward takes it (so a
 //   second one, retain_graph=True, recomputes it) and scales it per row by the upstream
 //   gradient: in place, with the kernels' skip of rows scaled by exactly 1, so a plain
@@ -22,10 +23,9 @@
 //   bits) is recomputed by the backward kernel from the saved input and target. Double
 //   backward through the reconstruction raises: the saved gradient has no graph. vae_loss
 //   whose recon needs no gradient supports it: the latents' gradient is then the KL's, in
-//   differentiable ATen ops (differentiable_kl_grads). vae_loss's likelihood picks the
-//   backward kernel of the out-of-place path (scale_likelihood_rows), and a learned
-//   Gaussian log_scale gets its formula (log_scale_grad). The other likelihood ops
-//   (gaussian_nll, continuous_bernoulli_nll) have Python autograd only (vaekern/_ops).
+//   differentiable ATen ops (differentiable_kl_grads). The likelihood picks the backward
+//   kernel (scale_likelihood_rows), and a learned Gaussian log_scale gets its formula
+//   (log_scale_grad).
 // * gaussian_kl, reparameterize: backward calls the backward kernel, or, when it must
 //   build a graph (create_graph=True), the same formula in differentiable ATen ops.
 // * Every op: a call that builds no graph (no_grad, or no input requiring grad) calls the
@@ -42,6 +42,7 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "conventions.h"  // kLogvarMax, kHalfLog2Pi
 
@@ -61,6 +62,7 @@ using ReparameterizeSig = Tensor(const Tensor&, const Tensor&, const std::option
 using ReparameterizeBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                              const std::optional<Tensor>&,
                                                              const std::optional<Tensor>&);
+using GaussianNLLSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, bool);
 using ScaleGaussianRowsSig = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t);
 using VAELossSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                               const Tensor&, const Tensor&, const Tensor&, int64_t,
@@ -82,6 +84,8 @@ c10::TypedOperatorHandle<Sig> find(const char* name) {
     return op;                                                 \
   }
 VAEKERN_KERNEL(bernoulli_nll_kernel, BernoulliNLLSig, "vaekern::bernoulli_nll")
+VAEKERN_KERNEL(continuous_bernoulli_nll_kernel, BernoulliNLLSig, "vaekern::continuous_bernoulli_nll")
+VAEKERN_KERNEL(gaussian_nll_kernel, GaussianNLLSig, "vaekern::gaussian_nll")
 VAEKERN_KERNEL(bernoulli_nll_backward_kernel, ScaleRowsSig, "vaekern::bernoulli_nll_backward_")
 VAEKERN_KERNEL(continuous_bernoulli_nll_backward_kernel, ScaleRowsSig, "vaekern::continuous_bernoulli_nll_backward_")
 VAEKERN_KERNEL(gaussian_nll_backward_kernel, ScaleGaussianRowsSig, "vaekern::gaussian_nll_backward_")
@@ -218,46 +222,87 @@ bool builds_graph(std::initializer_list<const Tensor*> inputs) {
   return false;
 }
 
-// ---- bernoulli_nll -------------------------------------------------------------------------
-struct BernoulliNLLFunction : public torch::autograd::Function<BernoulliNLLFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, bool from_logits,
+// ---- the likelihood ops: bernoulli_nll, continuous_bernoulli_nll, gaussian_nll -----------
+// One Function for the three: they differ in their kernels and in their own argument,
+// Param: the Bernoullis' `bool from_logits`, or the Gaussian's `Tensor log_scale`, learned
+// where it requires grad (log_scale_grad, from the saved loss for a 0-d one).
+template <int64_t kLikelihood, class Param>
+struct LikelihoodFunction : public torch::autograd::Function<LikelihoodFunction<kLikelihood, Param>> {
+  static constexpr bool kTensorParam = std::is_same_v<Param, Tensor>;
+  static constexpr const char* kName = kLikelihood == kGaussian                ? "gaussian_nll"
+                                       : kLikelihood == kContinuousBernoulli ? "continuous_bernoulli_nll"
+                                                                             : "bernoulli_nll";
+
+  static std::tuple<Tensor, Tensor> kernel(const Tensor& input, const Tensor& target, const Param& param,
+                                           int64_t reduction, bool compute_grad) {
+    if constexpr (kTensorParam) return gaussian_nll_kernel().call(input, target, param, reduction, compute_grad);
+    else if constexpr (kLikelihood == kContinuousBernoulli)
+      return continuous_bernoulli_nll_kernel().call(input, target, param, reduction, compute_grad);
+    else return bernoulli_nll_kernel().call(input, target, param, reduction, compute_grad);
+  }
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, const Param& param,
                                int64_t reduction, bool compute_grad) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [loss, grad] =
-        bernoulli_nll_kernel().call(input, target, from_logits, reduction, compute_grad);
-    Tensor shown = keep_saved_grad(ctx, grad, from_logits, reduction, compute_grad);
-    ctx->save_for_backward({input, target});
-    return {loss, shown};
+    auto [loss, grad] = kernel(input, target, param, reduction, compute_grad);
+    if constexpr (kTensorParam) {
+      Tensor shown = keep_saved_grad(ctx, grad, /*from_logits=*/true, reduction, compute_grad);
+      ctx->save_for_backward({input, target, param, loss});
+      return {loss, shown};
+    } else {
+      Tensor shown = keep_saved_grad(ctx, grad, param, reduction, compute_grad);
+      ctx->save_for_backward({input, target});
+      return {loss, shown};
+    }
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    no_double_backward("bernoulli_nll");
+    no_double_backward(kName);
+    variable_list out(5);
     const Tensor& grad_out = grads[0];
-    if (!grad_out.defined() || !ctx->needs_input_grad(0)) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    if (!grad_out.defined()) return out;
     auto saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &target = saved[1];
-    const bool from_logits = ctx->saved_data["from_logits"].toBool();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    Param param;
+    if constexpr (kTensorParam) param = saved[2];
+    else param = ctx->saved_data["from_logits"].toBool();
+    if constexpr (kTensorParam) {
+      if (ctx->needs_input_grad(2)) out[2] = log_scale_grad(grad_out, input, target, param, reduction, saved[3]);
+    }
+    if (!ctx->needs_input_grad(0)) return out;
     Tensor grad = take_saved_grad(ctx);
     if (!grad.defined() || !ctx->saved_data["grad_computed"].toBool()) {  // a second backward, or none computed
-      grad = std::get<1>(bernoulli_nll_kernel().call(input, target, from_logits, reduction, true));
+      grad = std::get<1>(kernel(input, target, param, reduction, true));
     }
+    const Tensor log_scale = kTensorParam ? saved[2] : Tensor();
+    bool from_logits = false;
+    if constexpr (!kTensorParam) from_logits = param;
     if (scale_in_place(grad, grad_out)) {
-      bernoulli_nll_backward_kernel().call(grad, grad_out, input, target, from_logits, reduction);
+      scale_likelihood_rows(kLikelihood, grad, grad_out, input, target, log_scale, from_logits, reduction);
     } else {
-      grad = scaled_rows(kBernoulli, grad, grad_out, input, target, Tensor(), from_logits, reduction);
+      grad = scaled_rows(kLikelihood, grad, grad_out, input, target, log_scale, from_logits, reduction);
     }
-    return {grad, Tensor(), Tensor(), Tensor(), Tensor()};
+    out[0] = grad;
+    return out;
   }
 };
 
-std::tuple<Tensor, Tensor> bernoulli_nll_autograd(const Tensor& input, const Tensor& target, bool from_logits,
-                                                  int64_t reduction, bool compute_grad) {
-  if (!builds_graph({&input, &target})) {
+// Param as the schema's C++ signature passes it: a bool by value, a Tensor by reference.
+template <class Param>
+using ParamArg = std::conditional_t<std::is_same_v<Param, Tensor>, const Tensor&, bool>;
+
+template <int64_t kLikelihood, class Param>
+std::tuple<Tensor, Tensor> likelihood_autograd(const Tensor& input, const Tensor& target, ParamArg<Param> param,
+                                               int64_t reduction, bool compute_grad) {
+  using F = LikelihoodFunction<kLikelihood, Param>;
+  const Tensor* tensor_param = nullptr;
+  if constexpr (F::kTensorParam) tensor_param = &param;
+  if (!builds_graph({&input, &target, tensor_param})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return bernoulli_nll_kernel().call(input, target, from_logits, reduction, compute_grad);
+    return F::kernel(input, target, param, reduction, compute_grad);
   }
-  auto out = BernoulliNLLFunction::apply(input, target, from_logits, reduction, compute_grad);
+  auto out = F::apply(input, target, param, reduction, compute_grad);
   return {out[0], out[1]};
 }
 
@@ -434,7 +479,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_autograd(const Tensor& recon
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vaekern, Autograd, m) {
-  m.impl("bernoulli_nll", &bernoulli_nll_autograd);
+  m.impl("bernoulli_nll", &likelihood_autograd<kBernoulli, bool>);
+  m.impl("continuous_bernoulli_nll", &likelihood_autograd<kContinuousBernoulli, bool>);
+  m.impl("gaussian_nll", &likelihood_autograd<kGaussian, Tensor>);
   m.impl("gaussian_kl", &gaussian_kl_autograd);
   m.impl("reparameterize", &reparameterize_autograd);
   m.impl("vae_loss", &vae_loss_autograd);
