@@ -246,7 +246,7 @@ struct LikelihoodFunction : public torch::autograd::Function<LikelihoodFunction<
     at::AutoDispatchBelowADInplaceOrView below;
     auto [loss, grad] = kernel(input, target, param, reduction, compute_grad);
     if constexpr (kTensorParam) {
-      Tensor shown = keep_saved_grad(ctx, grad, /*from_logits=*/true, reduction, compute_grad);
+      Tensor shown = keep_saved_grad(ctx, grad, /*from_logits=*/false, reduction, compute_grad);  // unread
       ctx->save_for_backward({input, target, param, loss});
       return {loss, shown};
     } else {
@@ -264,20 +264,20 @@ struct LikelihoodFunction : public torch::autograd::Function<LikelihoodFunction<
     auto saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &target = saved[1];
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const Tensor log_scale = kTensorParam ? saved[2] : Tensor();                        // the Gaussian's
+    const bool from_logits = !kTensorParam && ctx->saved_data["from_logits"].toBool();  // the Bernoullis'
     Param param;
-    if constexpr (kTensorParam) param = saved[2];
-    else param = ctx->saved_data["from_logits"].toBool();
     if constexpr (kTensorParam) {
-      if (ctx->needs_input_grad(2)) out[2] = log_scale_grad(grad_out, input, target, param, reduction, saved[3]);
+      param = log_scale;
+      if (ctx->needs_input_grad(2)) out[2] = log_scale_grad(grad_out, input, target, log_scale, reduction, saved[3]);
+    } else {
+      param = from_logits;
     }
     if (!ctx->needs_input_grad(0)) return out;
     Tensor grad = take_saved_grad(ctx);
     if (!grad.defined() || !ctx->saved_data["grad_computed"].toBool()) {  // a second backward, or none computed
       grad = std::get<1>(kernel(input, target, param, reduction, true));
     }
-    const Tensor log_scale = kTensorParam ? saved[2] : Tensor();
-    bool from_logits = false;
-    if constexpr (!kTensorParam) from_logits = param;
     if (scale_in_place(grad, grad_out)) {
       scale_likelihood_rows(kLikelihood, grad, grad_out, input, target, log_scale, from_logits, reduction);
     } else {
