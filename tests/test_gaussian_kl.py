@@ -249,6 +249,37 @@ def test_free_bits_match_the_formula(backend, device, reduction, with_prior):
     assert (got_in[0].grad[:, [1, 2, 4]] != 0).all()
 
 
+@pytest.mark.parametrize("reduction", ("mean", "sum"))
+def test_free_bits_as_a_tensor_are_the_float_and_anneal_in_place(backend, device, reduction):
+    """A 0-d tensor free_bits (on the latents' device) gives the float's loss and gradients;
+    changed in place, it moves the loss without a recompile under torch.compile (a float is
+    a constant of the compiled graph). Not inspected (no sync): a NaN threshold gives NaN."""
+    mu, logvar = _collapsing_latents(device)
+    lam = torch.tensor(0.1, device=device)
+    pm = _prior((5,), torch.float64, device, 0.05)
+    for got_lam in (lam, lam.double(), lam.half()):
+        got_in, want_in = [leaf(mu), leaf(logvar), leaf(pm)], [leaf(mu), leaf(logvar), leaf(pm)]
+        got = vaekern.gaussian_kl(*got_in, free_bits=got_lam, reduction=reduction, backend=backend)
+        want = vaekern.gaussian_kl(*want_in, free_bits=got_lam.item(), reduction=reduction, backend=backend)
+        torch.testing.assert_close(got, want)
+        got.backward(torch.tensor(1.5, dtype=got.dtype, device=device))
+        want.backward(torch.tensor(1.5, dtype=want.dtype, device=device))
+        for a, b in zip(got_in, want_in):
+            torch.testing.assert_close(a.grad, b.grad)
+    assert torch.isnan(vaekern.gaussian_kl(mu, logvar, free_bits=torch.tensor(float("nan"), device=device), backend=backend))
+    if backend not in ("reference", "cpu"):
+        return  # the compile check needs one fused backend: cpu's
+    fn = torch.compile(lambda m, lv, fb: vaekern.gaussian_kl(m, lv, free_bits=fb, reduction=reduction, backend=backend), fullgraph=True)
+    schedule = torch.zeros((), device=device)
+    fn(mu, logvar, schedule)  # the compile (for this test's reduction: a recompile of the lambda)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for value in (0.0, 0.1, 0.5):
+            schedule.fill_(value)
+            torch.testing.assert_close(
+                fn(mu, logvar, schedule), vaekern.gaussian_kl(mu, logvar, free_bits=value, reduction=reduction, backend=backend)
+            )
+
+
 def test_free_bits_below_every_element_is_the_plain_kl(backend, device):
     mu, logvar = latents((4, 6), torch.float64, device)
     for reduction in ("mean", "sum"):
@@ -324,7 +355,10 @@ def test_extreme_variance_ratio_is_straight_through(backend, device):
         (dict(free_bits=-0.1), ValueError, "free_bits must be finite and >= 0"),
         (dict(free_bits=float("nan")), ValueError, "free_bits must be finite"),
         (dict(free_bits=True), TypeError, "free_bits must be a float"),
-        (dict(free_bits=torch.tensor(0.1)), TypeError, "free_bits must be a float"),
+        (dict(free_bits=torch.tensor([0.1])), TypeError, "free_bits must be a float or a 0-d floating tensor"),
+        (dict(free_bits=torch.tensor(1)), TypeError, "free_bits must be a float or a 0-d floating tensor"),
+        (dict(free_bits=torch.tensor(0.1, requires_grad=True)), ValueError, "free_bits must not require grad"),
+        (dict(free_bits=torch.tensor(0.0), reduction="none"), ValueError, "a tensor free_bits needs reduction='mean' or 'sum'"),
         (dict(prior_mu=torch.zeros(3)), ValueError, r"prior_mu of shape \(3,\) does not broadcast to mu's shape \(4, 5\)"),
         (dict(prior_logvar=torch.zeros(2, 4, 5)), ValueError, "prior_logvar of shape .* does not broadcast"),
         (dict(prior_mu=torch.zeros(5, dtype=torch.int64)), TypeError, "prior_mu must be a floating tensor"),

@@ -625,6 +625,36 @@ def test_free_bits_kl_part_is_the_term_in_the_loss(backend, device):
     assert parts.kl > plain  # two elements lifted to the free bits
 
 
+def test_free_bits_as_a_tensor_in_the_loss_and_the_module(backend, device):
+    """vae_loss and nn.VAELoss take a 0-d tensor free_bits (annealed in place without a
+    recompile, see test_gaussian_kl): the float's loss and gradients; the module keeps it
+    as a buffer that moves with it and keeps its dtype when the model is cast."""
+    recon, t = logits((6, 8), torch.float64, device), target((6, 8), "float", device, torch.float64)
+    mu, logvar, pm, plv = _kl_family_latents(device, torch.float64)
+    lam = torch.tensor(0.1, device=device)
+    got_in, want_in = [leaf(x) for x in (recon, mu, logvar)], [leaf(x) for x in (recon, mu, logvar)]
+    got = vaekern.vae_loss(*got_in[:1], t, *got_in[1:], beta=0.5, prior_mu=pm, prior_logvar=plv, free_bits=lam, backend=backend)
+    want = vaekern.vae_loss(*want_in[:1], t, *want_in[1:], beta=0.5, prior_mu=pm, prior_logvar=plv, free_bits=0.1, backend=backend)
+    torch.testing.assert_close(got, want)
+    got.backward(torch.tensor(2.0, dtype=got.dtype, device=device))
+    want.backward(torch.tensor(2.0, dtype=want.dtype, device=device))
+    for a, b in zip(got_in, want_in):
+        torch.testing.assert_close(a.grad, b.grad)
+    module = vaekern.nn.VAELoss(beta=0.5, free_bits=lam.clone(), backend=backend)
+    assert "free_bits" in dict(module.named_buffers()) and "free_bits=0.1" in repr(module)
+    torch.testing.assert_close(module(recon, t, mu, logvar, pm, plv), want)
+    module.free_bits.fill_(0.0)  # annealed in place: the plain KL
+    torch.testing.assert_close(module(recon, t, mu, logvar, pm, plv), vaekern.vae_loss(recon, t, mu, logvar, beta=0.5, prior_mu=pm, prior_logvar=plv, backend=backend))
+    assert module.half().free_bits.dtype == torch.float32
+    with pytest.raises(ValueError, match="a tensor free_bits needs reduction"):
+        vaekern.vae_loss(recon, t, mu, logvar, free_bits=lam, reduction="none", backend=backend)
+    with pytest.raises(ValueError, match="a tensor free_bits needs reduction"):
+        vaekern.nn.VAELoss(free_bits=lam, reduction="none")
+    if device.type == "cpu":
+        with pytest.raises(ValueError, match="free_bits is on meta but the latents are on cpu"):
+            vaekern.vae_loss(recon, t, mu, logvar, free_bits=torch.tensor(0.1, device="meta"), backend=backend)
+
+
 def test_prior_and_free_bits_arguments_are_named(backend, device):
     recon, t = logits((3, 7), torch.float32, device), target((3, 7), "float", device)
     mu, logvar = latents((3, 2), torch.float32, device)

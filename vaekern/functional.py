@@ -370,7 +370,7 @@ def gaussian_kl(
     prior_mu: Tensor | None = None,
     prior_logvar: Tensor | None = None,
     *,
-    free_bits: float = 0.0,
+    free_bits: float | Tensor = 0.0,
     reduction: str = "mean",
     return_per_dim: bool = False,
     backend: str = "auto",
@@ -392,8 +392,10 @@ def gaussian_kl(
             ``sum_j max(lambda, kl_j)``, ``kl_j`` the batch mean of element j's KL, and an
             element whose batch mean is below lambda gets no gradient (Kingma et al. 2016).
             A batch quantity: ``"mean"`` gives that sum, ``"sum"`` B times it, and
-            ``"none"`` is refused. 0 is the plain KL. A Python float: under torch.compile
-            a new value recompiles once.
+            ``"none"`` is refused. 0 is the plain KL. A float, or a 0-d floating tensor
+            on the latents' device, to anneal lambda in place without recompiling under
+            torch.compile (as beta). A tensor is not inspected (a device sync): NaN gives
+            NaN, a negative one is the plain KL.
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
         return_per_dim: also return the batch-mean KL of every latent element (the true
             KL, whatever free_bits), shaped like ``mu.shape[1:]``: from the same pass for
@@ -409,7 +411,7 @@ def gaussian_kl(
     prior_mu = _prior("prior_mu", prior_mu, mu)
     prior_logvar = _prior("prior_logvar", prior_logvar, mu)
     red = _reduction(reduction)
-    free_bits = _free_bits(free_bits, red)
+    free_bits = _free_bits(free_bits, red, device)
     return_per_dim = _flag("return_per_dim", return_per_dim)
     kernels = resolve(backend, device)
     if kernels is None:
@@ -421,7 +423,7 @@ def gaussian_kl(
             return kl, reference.gaussian_kl_per_dim_ref(mu, logvar, prior_mu, prior_logvar).to(dtype)
         return kl
     mu, logvar = _standardized(mu, logvar, prior_mu, prior_logvar)
-    if free_bits == 0.0 and not return_per_dim:
+    if not _binds(free_bits) and not return_per_dim:
         return _gaussian_kl(kernels, mu, logvar, red)
     kl, per_dim = _free_bits_kl(kernels, mu, logvar, free_bits, red)
     return (kl, per_dim) if return_per_dim else kl
@@ -462,9 +464,28 @@ def _prior(name: str, prior, mu: Tensor) -> Tensor | None:
     return prior
 
 
-def _free_bits(free_bits, red: int) -> float:
+def _free_bits(free_bits, red: int, device: torch.device | None = None) -> float | Tensor:
+    """free_bits as given, checked: a float, or a 0-d tensor on ``device`` (not inspected:
+    that would need a device sync; where it is checked, ``device`` is None)."""
+    if isinstance(free_bits, Tensor):
+        if free_bits.dim() != 0 or not free_bits.is_floating_point():
+            raise TypeError(
+                f"free_bits must be a float or a 0-d floating tensor, got shape {tuple(free_bits.shape)} {free_bits.dtype}"
+            )
+        if device is not None and free_bits.device != device:
+            raise ValueError(f"free_bits is on {free_bits.device} but the latents are on {device}")
+        if free_bits.requires_grad:
+            raise ValueError("free_bits must not require grad: the free-bits term does not differentiate it")
+        if red == REDUCTIONS["none"]:
+            raise ValueError(
+                "a tensor free_bits needs reduction='mean' or 'sum': free bits compare each latent element's KL, "
+                "averaged over the batch, with the threshold, and a tensor's value is not read on the host"
+            )
+        return free_bits
     if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)):
-        raise TypeError(f"free_bits must be a float (nats per latent element), got {type(free_bits).__name__}")
+        raise TypeError(
+            f"free_bits must be a float or a 0-d floating tensor (nats per latent element), got {type(free_bits).__name__}"
+        )
     try:
         value = float(free_bits)
     except OverflowError:
@@ -477,6 +498,12 @@ def _free_bits(free_bits, red: int) -> float:
             "averaged over the batch, with the threshold, so there is no per-sample value to return"
         )
     return value
+
+
+def _binds(free_bits: float | Tensor) -> bool:
+    """Whether the free-bits term replaces the plain KL: a float above 0, or any tensor
+    (its value is not read on the host)."""
+    return isinstance(free_bits, Tensor) or free_bits > 0.0
 
 
 def _kl_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -506,7 +533,7 @@ def _standardized(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_log
     return m, lv
 
 
-def _free_bits_kl(kernels, mu: Tensor, logvar: Tensor, free_bits: float, red: int) -> tuple[Tensor, Tensor]:
+def _free_bits_kl(kernels, mu: Tensor, logvar: Tensor, free_bits: float | Tensor, red: int) -> tuple[Tensor, Tensor]:
     """(the KL term, the batch-mean KL per latent element) of standardized latents.
 
     The per-element batch sums are the kernels' per-row KL of the transposed latents, one
@@ -516,9 +543,12 @@ def _free_bits_kl(kernels, mu: Tensor, logvar: Tensor, free_bits: float, red: in
     cols = math.prod(mu.shape[1:])
     sums = _gaussian_kl(kernels, mu.reshape(B, cols).t(), logvar.reshape(B, cols).t(), REDUCTIONS["none"])
     per_dim = (sums / B).reshape(mu.shape[1:])
-    if free_bits > 0.0:
+    if _binds(free_bits):
         # where, not maximum: the gradient passes at equality, and a NaN stays NaN.
-        kl = torch.where(per_dim < free_bits, free_bits, per_dim).sum()
+        kl = torch.where(per_dim < free_bits, free_bits, per_dim)
+        if isinstance(free_bits, Tensor):  # a NaN threshold too (a float one is refused)
+            kl = torch.where(free_bits.isnan(), free_bits, kl)
+        kl = kl.sum()
         return (kl * B if red == REDUCTIONS["sum"] else kl), per_dim
     if red == REDUCTIONS["none"]:  # the rows are not in the column pass: a second launch
         return _gaussian_kl(kernels, mu, logvar, red), per_dim
@@ -657,7 +687,7 @@ def vae_loss(
     reduction: str = "mean",
     prior_mu: Tensor | None = None,
     prior_logvar: Tensor | None = None,
-    free_bits: float = 0.0,
+    free_bits: float | Tensor = 0.0,
     return_parts: bool = False,
     backend: str = "auto",
 ) -> Tensor | VAELossParts:
@@ -712,13 +742,13 @@ def vae_loss(
     else:
         prior_mu = _prior("prior_mu", prior_mu, mu)
         prior_logvar = _prior("prior_logvar", prior_logvar, mu)
-        free_bits = _free_bits(free_bits, red)
+        free_bits = _free_bits(free_bits, red, device)
         dtype = _kl_dtype(recon, mu, prior_mu, prior_logvar)
     in_graph = _in_graph(device)
     beta_t = _beta(beta, dtype, device, in_graph)
     lik = _likelihood(likelihood, log_scale, from_logits)
     kernels = resolve(backend, device)
-    if kernels is not None and not plain_kl and free_bits > 0.0:
+    if kernels is not None and not plain_kl and _binds(free_bits):
         # The free-bits term needs every latent element's batch mean before any row's loss:
         # the likelihood's fused op and the KL's, two launches each way. With beta = 0 a KL
         # beyond the latents' precision (inf) makes the loss NaN here, where the fused path

@@ -38,7 +38,8 @@ Conventions shared by every backend (the kernels implement exactly these):
   KL, the KL term is ``sum_j max(free_bits, kl_j)`` for ``reduction="mean"`` (B times it
   for ``"sum"``); an element whose batch mean is below free_bits gets no gradient (at
   equality it does: ``where(kl_j < free_bits, free_bits, kl_j)``, which also keeps a NaN).
-  ``free_bits=0`` is the plain KL. It is a batch quantity: there is no per-row form.
+  ``free_bits=0`` is the plain KL. It is a batch quantity: there is no per-row form. A 0-d
+  tensor free_bits is read as float64, and a NaN one gives NaN.
 * Reparameterization: ``z = mu + exp(logvar / 2) * eps``; exact, no clamp (it cannot
   overflow float32 for logvar below 177).
 * Gaussian NLL with log-scale ``s`` (sigma = exp(s)): ``0.5 * (x - t)^2 * exp(-2s) + s +
@@ -224,17 +225,21 @@ def gaussian_kl_ref(
     prior_mu: Tensor | None = None,
     prior_logvar: Tensor | None = None,
     *,
-    free_bits: float = 0.0,
+    free_bits: float | Tensor = 0.0,
     reduction: str = "mean",
 ) -> Tensor:
     """KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))), summed over every dim but
     the first; with free_bits > 0, the free-bits term (mean or sum only)."""
     kl = _kl_elements(mu, logvar, prior_mu, prior_logvar).expand(mu.shape)
-    if free_bits > 0:
+    if isinstance(free_bits, Tensor) or free_bits > 0:
         if reduction == "none":
             raise ValueError("free bits are a batch quantity: reduction='none' has no free-bits form")
         per_dim = kl.mean(dim=0)
-        term = torch.where(per_dim < free_bits, free_bits, per_dim).sum()
+        lam = free_bits.double() if isinstance(free_bits, Tensor) else free_bits
+        term = torch.where(per_dim < lam, lam, per_dim)
+        if isinstance(free_bits, Tensor):  # a NaN threshold gives NaN
+            term = torch.where(lam.isnan(), lam, term)
+        term = term.sum()
         return term * mu.shape[0] if reduction == "sum" else term
     return reduce_rows(_row_sum(kl), reduction)
 
@@ -264,7 +269,7 @@ def vae_loss_ref(
     reduction: str = "mean",
     prior_mu: Tensor | None = None,
     prior_logvar: Tensor | None = None,
-    free_bits: float = 0.0,
+    free_bits: float | Tensor = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Negative ELBO: (recon + beta * kl, recon, kl), each reduced over the batch; kl is
     the free-bits term when free_bits > 0."""
