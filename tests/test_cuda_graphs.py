@@ -38,7 +38,7 @@ class Scenario:
 
 def _vae(**options):
     def loss(backend, x):
-        priors = {k: x[k] for k in ("prior_mu", "prior_logvar") if k in x}
+        priors = {k: x[k] for k in ("prior_mu", "prior_logvar", "free_bits") if k in x}
         ls = {"log_scale": x["log_scale"]} if "log_scale" in x else {}
         # Probabilities for from_logits=False: the inputs are drawn around 0.
         recon = x["recon"] if options.get("from_logits", True) else torch.sigmoid(x["recon"])
@@ -91,6 +91,10 @@ SCENARIOS = {
         learned=("recon", "mu", "logvar", "prior_mu", "prior_logvar"),
         extra={"prior_mu": (B, Z), "prior_logvar": (Z,)},
     ),
+    "annealed free bits": Scenario(
+        _vae(), learned=("recon", "mu", "logvar", "prior_mu"),
+        extra={"prior_mu": (Z,), "free_bits": ()},
+    ),  # fmt: skip
     "kl free bits per dim": Scenario(
         _kl(free_bits=0.3), learned=("mu", "logvar", "prior_mu", "prior_logvar"),
         extra={"prior_mu": (Z,), "prior_logvar": ()},
