@@ -14,7 +14,7 @@ Providers
                    For ``gaussian_nll_optimal`` (``log_scale="optimal"``) the sigma-VAE's
                    code: log sigma = log sqrt(mse), then the Gaussian NLL written out, summed,
                    over B; for ``gaussian_nll_learned`` (a learned 0-d log_scale) the same
-                   NLL with that log sigma. For ``gaussian_kl_free_bits`` (a learned per-latent prior, free bits of
+                   NLL with the learned log sigma. For ``gaussian_kl_free_bits`` (a learned per-latent prior, free bits of
                    ``FREE_BITS`` nats): the per-element KL to the prior written out, its batch
                    mean clamped at the free bits and summed. For ``vae_loss_gaussian`` and
                    ``vae_loss_continuous_bernoulli`` (``vae_loss`` with that likelihood):

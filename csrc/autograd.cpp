@@ -23,9 +23,10 @@
 //   bits) is recomputed by the backward kernel from the saved input and target. Double
 //   backward through the reconstruction raises: the saved gradient has no graph. vae_loss
 //   whose recon needs no gradient supports it: the latents' gradient is then the KL's, in
-//   differentiable ATen ops (differentiable_kl_grads). The likelihood picks the backward
-//   kernel (scale_likelihood_rows), and a learned Gaussian log_scale gets its formula
-//   (log_scale_grad).
+//   differentiable ATen ops (differentiable_kl_grads); so does gaussian_nll through a learned
+//   log_scale. The likelihood picks the backward kernel (scale_likelihood_rows), and a
+//   learned Gaussian log_scale gets its formula (log_scale_grad), which for a 0-d one reads
+//   the saved loss (the recon term in vae_loss): saved only then (loss_read_by_backward).
 // * gaussian_kl, reparameterize: backward calls the backward kernel, or, when it must
 //   build a graph (create_graph=True), the same formula in differentiable ATen ops.
 // * Every op: a call that builds no graph (no_grad, or no input requiring grad) calls the
@@ -182,7 +183,15 @@ Tensor log_scale_grad(const Tensor& grad_out, const Tensor& input, const Tensor&
   Tensor w = per_row((reduction == 1 ? grad_out.div(c10::Scalar(batch)) : grad_out).to(acc), batch, 2);
   Tensor r = (input.to(acc) - target.to(acc)).reshape_symint({batch, c10::SymInt(-1)});
   Tensor per_column = (w * (1 - r * r * at::exp(log_scale * -2))).sum(0);
-  return log_scale.dim() == 0 ? per_column.sum() : per_column;
+  return per_column;
+}
+
+// The loss output to save for backward: only where backward reads it, for a learned 0-d
+// Gaussian log_scale's gradient (log_scale_grad). A saved output makes an in-place change
+// to it an error at backward (loss += c), as for any op that saves its result, so nothing
+// else saves it; as vaekern/_ops/_common.py's loss_read_by_backward.
+Tensor loss_read_by_backward(const Tensor& log_scale, const Tensor& loss) {
+  return log_scale.defined() && log_scale.dim() == 0 && log_scale.requires_grad() ? loss : Tensor();
 }
 
 // Keeps the forward's reconstruction gradient in ctx for the first backward, with what a
@@ -247,7 +256,7 @@ struct LikelihoodFunction : public torch::autograd::Function<LikelihoodFunction<
     auto [loss, grad] = kernel(input, target, param, reduction, compute_grad);
     if constexpr (kTensorParam) {
       Tensor shown = keep_saved_grad(ctx, grad, /*from_logits=*/false, reduction, compute_grad);  // unread
-      ctx->save_for_backward({input, target, param, loss});
+      ctx->save_for_backward({input, target, param, loss_read_by_backward(param, loss)});
       return {loss, shown};
     } else {
       Tensor shown = keep_saved_grad(ctx, grad, param, reduction, compute_grad);
@@ -257,7 +266,7 @@ struct LikelihoodFunction : public torch::autograd::Function<LikelihoodFunction<
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    no_double_backward(kName);
+    if (ctx->needs_input_grad(0)) no_double_backward(kName);  // through log_scale alone it works
     variable_list out(5);
     const Tensor& grad_out = grads[0];
     if (!grad_out.defined()) return out;
@@ -409,7 +418,8 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
                                                         from_logits, reduction, compute_grad);
     Tensor shown = keep_saved_grad(ctx, grad, from_logits, reduction, compute_grad);
     ctx->saved_data["likelihood"] = likelihood;
-    ctx->save_for_backward({recon, target, mu, logvar, beta, log_scale, rec});
+    ctx->save_for_backward(
+        {recon, target, mu, logvar, beta, log_scale, likelihood == kGaussian ? loss_read_by_backward(log_scale, rec) : Tensor()});
     return {loss, rec, kl, shown};
   }
 

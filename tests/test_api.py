@@ -246,3 +246,8 @@ def test_direct_op_call_with_a_dual_tensor_raises():
             torch.ops.vaekern.gaussian_kl(fwAD.make_dual(m, torch.ones_like(m)), lv, 1)
         with pytest.raises(RuntimeError, match="jvp"):
             torch.ops.vaekern.bernoulli_nll(fwAD.make_dual(r, torch.ones_like(r)), t, True, 1, False)
+        with pytest.raises(RuntimeError, match="jvp"):
+            torch.ops.vaekern.continuous_bernoulli_nll(fwAD.make_dual(r, torch.ones_like(r)), t, True, 1, False)
+        scale = torch.tensor(0.3)
+        with pytest.raises(RuntimeError, match="jvp"):
+            torch.ops.vaekern.gaussian_nll(r, t, fwAD.make_dual(scale, torch.ones_like(scale)), 1, False)

@@ -57,6 +57,17 @@ def _weighted_rows(**options):
     return loss
 
 
+def _nll(name: str, **options):
+    # A likelihood op alone, its rows weighed apart; a learned log_scale where x has one.
+    def loss(backend, x):
+        recon = x["recon"] if options.get("from_logits", True) else torch.sigmoid(x["recon"])
+        args = (x["log_scale"],) if "log_scale" in x else ()
+        rows = getattr(vaekern, name)(recon, x["target"], *args, reduction="none", **options, backend=backend)
+        return (rows * torch.linspace(0.5, 2.0, rows.shape[0], device=rows.device, dtype=rows.dtype)).sum()
+
+    return loss
+
+
 def _kl(**options):
     def loss(backend, x):
         kl, per_dim = vaekern.gaussian_kl(
@@ -81,6 +92,11 @@ SCENARIOS = {
         _vae(likelihood="gaussian", reduction="sum"),
         learned=("recon", "mu", "logvar", "log_scale"),
         extra={"log_scale": (3, 1, 1)},
+    ),
+    "bernoulli_nll": Scenario(_nll("bernoulli_nll"), learned=("recon",)),
+    "continuous_bernoulli_nll probs": Scenario(_nll("continuous_bernoulli_nll", from_logits=False), learned=("recon",)),
+    "gaussian_nll learned scale": Scenario(
+        _nll("gaussian_nll"), learned=("recon", "log_scale"), extra={"log_scale": ()}
     ),
     "learned prior": Scenario(
         _vae(), learned=("recon", "mu", "logvar", "prior_mu", "prior_logvar"),
@@ -117,10 +133,11 @@ def _inputs(scenario: Scenario, device) -> dict[str, torch.Tensor]:
 
 
 def _refill(x: dict[str, torch.Tensor], gen: torch.Generator) -> None:
-    """New values in the same tensors: targets in [0, 1], everything else near 0."""
+    """New values in the same tensors: targets and free bits in [0, 1], the rest near 0."""
     with torch.no_grad():
         for k, t in x.items():
-            values = torch.rand(t.shape, generator=gen) if k == "target" else torch.randn(t.shape, generator=gen) * 0.5
+            uniform = k in ("target", "free_bits")
+            values = torch.rand(t.shape, generator=gen) if uniform else torch.randn(t.shape, generator=gen) * 0.5
             t.copy_(values)
 
 

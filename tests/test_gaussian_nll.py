@@ -194,11 +194,25 @@ def test_opcheck(backend, device):
 def test_compile_fullgraph(backend, device):
     x, t = _data((6, 2, 5), torch.float32, device)
     ls = torch.randn(2, 1, device=device) * 0.3
+    one = torch.tensor(0.2, device=device)  # a learned 0-d scale: its gradient from the saved loss
 
-    def step(x, s):
-        return vaekern.gaussian_nll(x, t, s, backend=backend) + vaekern.gaussian_nll(x, t, "optimal", backend=backend)
+    def step(x, s, s0):
+        return (
+            vaekern.gaussian_nll(x, t, s, backend=backend)
+            + vaekern.gaussian_nll(x, t, "optimal", backend=backend)
+            + vaekern.gaussian_nll(x, t, s0, reduction="none", backend=backend).sum()
+        )
 
-    assert_compiled_matches_eager(step, (x, ls))
+    assert_compiled_matches_eager(step, (x, ls, one))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_double_backward_through_a_learned_scale(backend, device, reduction):
+    """Second order through a learned 0-d log_scale, with the input needing no gradient:
+    its gradient comes from the saved loss, which autograd differentiates again."""
+    x, t = _data((3, 7), torch.float64, device)
+    fn = lambda s: vaekern.gaussian_nll(x, t, s, reduction=reduction, backend=backend)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (leaf(torch.tensor(0.3, dtype=torch.float64, device=device)),), fast_mode=True)
 
 
 def test_torch_func_per_sample_gradients(backend, device):
@@ -308,3 +322,25 @@ def test_learned_scalar_scale_backward_makes_no_pass_over_the_image(backend, dev
         with _ImageSizedOps(x.numel()) as mode:
             out.backward(upstream(out))
         assert not mode.ops, mode.ops
+
+
+def test_loss_changed_in_place_still_backpropagates(backend, device):
+    """A loss output is saved for backward only where it is read, for a learned 0-d scale's
+    gradient: elsewhere, changing the returned loss in place (``loss += c``, ``rows *= mask``)
+    leaves backward working, as on the reference."""
+    x, t = _data((4, 6), torch.float32, device)
+    mu, logvar = torch.randn(4, 3, device=device), torch.randn(4, 3, device=device)
+    calls = [
+        lambda xa: vaekern.gaussian_nll(xa, t, 0.2, backend=backend),
+        lambda xa: vaekern.gaussian_nll(xa, t, torch.tensor(0.2, device=device), reduction="none", backend=backend),
+        lambda xa: vaekern.bernoulli_nll(xa, t.sigmoid(), backend=backend),
+        lambda xa: vaekern.continuous_bernoulli_nll(xa, t.sigmoid(), reduction="none", backend=backend),
+        lambda xa: vaekern.vae_loss(xa, t, mu, logvar, likelihood="gaussian", log_scale=-0.1, return_parts=True, backend=backend).recon,
+        lambda xa: vaekern.vae_loss(xa, t.sigmoid(), mu, logvar, return_parts=True, backend=backend).recon,
+    ]
+    for call in calls:
+        xa = leaf(x)
+        out = call(xa)
+        out *= 2.0
+        out.sum().backward()
+        assert torch.isfinite(xa.grad).all()

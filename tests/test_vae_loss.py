@@ -561,9 +561,12 @@ def test_likelihood_gradcheck_opcheck_and_compile(backend, device, likelihood):
         r32, t32 = recon.float(), t.float()
         s32 = ls.detach().float().expand(2, 4).reshape(-1) if likelihood == "gaussian" else torch.zeros((), device=device)
         beta = torch.tensor(0.7, device=device)
+        # For the Gaussian also a learned 0-d scale, whose gradient comes from the saved recon term.
+        scales = (s32, torch.tensor(0.3, device=device)) if likelihood == "gaussian" else (s32,)
         for reduction in (0, 1):
-            args = (leaf(r32), t32, leaf(mu.float()), leaf(logvar.float()), beta, leaf(s32) if likelihood == "gaussian" else s32)
-            torch.library.opcheck(ops.vae_loss, (*args, code, True, reduction, True))
+            for s in scales:
+                args = (leaf(r32), t32, leaf(mu.float()), leaf(logvar.float()), beta, leaf(s) if likelihood == "gaussian" else s)
+                torch.library.opcheck(ops.vae_loss, (*args, code, True, reduction, True))
     if backend not in ("reference", "cpu"):
         return  # the traced path is the op layer's, shared by every namespace: compiled once here
     t = t.float()

@@ -22,6 +22,16 @@ LIKELIHOODS = {"bernoulli": 0, "gaussian": 1, "continuous_bernoulli": 2}
 HALF_LOG_2PI = 0.91893853320467274178
 
 
+def loss_read_by_backward(log_scale: Tensor | None, loss: Tensor) -> Tensor | None:
+    """The loss output to save for backward: only where backward reads it, for a learned
+    0-d Gaussian log_scale's gradient (``gaussian_nll.log_scale_grad``). A saved output
+    makes an in-place change to it an error at backward (``loss += c``), as for any op
+    that saves its result, so nothing else saves it."""
+    if log_scale is not None and log_scale.dim() == 0 and log_scale.requires_grad:
+        return loss
+    return None
+
+
 def acc_dtype(*tensors: Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32: the dtype of losses and partials.
 

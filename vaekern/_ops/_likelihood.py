@@ -32,8 +32,9 @@ Autograd, two paths over the same kernels:
 
 A tensor param that requires grad (the Gaussian's learned ``log_scale``) gets its
 gradient from the likelihood's ``param_grad`` formula, in differentiable PyTorch ops, on
-every path, given the op's loss (saved too): from that alone for one scale, with one more
-pass over input and target for a scale per column. Double backward through the input raises: the saved gradient has no graph.
+every path: for one learned scale from the op's loss alone (saved only then:
+``loss_read_by_backward``), for a scale per column with one more pass over input and
+target. Second order through the scale works where the input needs no gradient. Double backward through the input raises: the saved gradient has no graph.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from vaekern._ops._common import (
     first_order_only,
     grad_like,
     loss_like,
+    loss_read_by_backward,
     no_double_backward,
     register_op,
     scaled_rows,
@@ -89,7 +91,7 @@ class LikelihoodOp:
         ctx.set_materialize_grads(False)
         ctx.reduction = reduction
         if isinstance(param, Tensor):
-            ctx.save_for_backward(input, target, output[1], param, output[0])
+            ctx.save_for_backward(input, target, output[1], param, loss_read_by_backward(param, output[0]))
         else:
             ctx.param = param
             ctx.save_for_backward(input, target, output[1])
@@ -132,7 +134,7 @@ class LikelihoodOp:
             ctx.kernels, ctx.reduction, ctx.saved_grad = kernels, reduction, grad
             ctx.set_materialize_grads(False)
             if isinstance(param, Tensor):
-                ctx.save_for_backward(input, target, param, loss)
+                ctx.save_for_backward(input, target, param, loss_read_by_backward(param, loss))
             else:
                 ctx.param = param
                 ctx.save_for_backward(input, target)
@@ -141,7 +143,8 @@ class LikelihoodOp:
         def backward(ctx, grad_out):
             if grad_out is None:
                 return None, None, None, None, None
-            no_double_backward(op.name)
+            if ctx.needs_input_grad[1]:
+                no_double_backward(op.name)
             input, target, *saved_param = ctx.saved_tensors
             param, loss = saved_param if saved_param else (ctx.param, None)
             g_input = g_param = None

@@ -24,7 +24,9 @@ Kernels:
   returns the latents' gradients, in one launch.
 
 Autograd, as in the likelihood ops: eager (:class:`VAELossFunction`) scales the forward's
-gradient in place; traced (registered) scales the saved output out of place. Outputs that
+gradient in place; traced (registered) scales the saved output out of place. The recon
+term is saved too where a learned 0-d Gaussian log_scale's gradient reads it
+(``_rec_read``), and only then: a saved output cannot be changed in place. Outputs that
 took no part in the loss get a zero upstream gradient. Double backward
 (``create_graph=True``) works where recon needs no gradient: the latents' gradient is then
 ``gaussian_kl``'s differentiable form (``kl_grads``); through recon it raises, since the
@@ -43,6 +45,7 @@ from vaekern._ops._common import (
     below_autograd,
     first_order_only,
     grad_like,
+    loss_read_by_backward,
     kl_grads,
     loss_like,
     no_double_backward,
@@ -83,6 +86,11 @@ def vae_loss_backward_fake(
     )
 
 
+def _rec_read(likelihood: int, log_scale: Tensor, rec: Tensor) -> Tensor | None:
+    """The recon term to save: read by a learned 0-d Gaussian log_scale's gradient only."""
+    return loss_read_by_backward(log_scale, rec) if likelihood == GAUSSIAN else None
+
+
 def _materialized(grads):
     """The three upstream gradients, a None (an output outside the loss) made zero; None if all are."""
     present = next((g for g in grads if g is not None), None)
@@ -99,7 +107,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[3])
     ctx.set_materialize_grads(False)
     ctx.args = (likelihood, from_logits, reduction)
-    ctx.save_for_backward(recon, target, mu, logvar, beta, log_scale, output[3], output[1])
+    ctx.save_for_backward(recon, target, mu, logvar, beta, log_scale, output[3], _rec_read(likelihood, log_scale, output[1]))
 
 
 def _traced_backward(kernels, ctx, grad_loss, grad_recon_term, grad_kl_term, _):
@@ -137,7 +145,7 @@ class VAELossFunction(torch.autograd.Function):
             loss, rec, kl, grad = kernels.vae_loss(recon, target, mu, logvar, beta, log_scale, *args, recon.requires_grad)
         ctx.set_materialize_grads(False)
         ctx.kernels, ctx.args, ctx.saved_grad = kernels, args, grad
-        ctx.save_for_backward(recon, target, mu, logvar, beta, log_scale, rec)
+        ctx.save_for_backward(recon, target, mu, logvar, beta, log_scale, _rec_read(likelihood, log_scale, rec))
         return loss, rec, kl
 
     @staticmethod
