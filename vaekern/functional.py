@@ -147,7 +147,7 @@ def _path(kernels, op: str, *differentiable: Tensor | None) -> str:
       needed: 7 us less than the Python autograd's pass-through on 1x1 tensors.
 
     ``differentiable``: the tensors that a gradient could reach, and the other tensor
-    arguments that a tangent could (beta, eps; None where absent). Dual tensors of
+    arguments that a tangent could (target, beta, eps; None where absent). Dual tensors of
     ``torch.autograd.forward_ad`` among them raise: no kernel has a forward-mode formula,
     and every path here would drop the tangent.
     """
