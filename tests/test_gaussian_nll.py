@@ -286,6 +286,9 @@ def test_optimal_scale_adds_no_pass_over_the_image_to_the_backward(backend, devi
     for out in outs:
         names = _graph(out)
         assert not [n for n in names if any(op in n for op in ("MseLoss", "Sub", "Mean", "Mul", "Log", "Pow"))], names
+        with _ImageSizedOps(x.numel()) as mode:  # and none runs: the ops, not only the graph's names
+            out.backward(upstream(out))
+        assert not mode.ops, mode.ops
 
 
 class _ImageSizedOps(torch.utils._python_dispatch.TorchDispatchMode):
