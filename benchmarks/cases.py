@@ -220,10 +220,8 @@ def _eager_gaussian_nll(recon, target):
 def _eager_gaussian_nll_optimal(recon, target):
     # The sigma-VAE (orybkin/sigma-vae-pytorch) with its optimal sigma, its soft clip left
     # out (idle at these residuals), over B.
-    x = target.to(recon.dtype)
-    log_sigma = ((x - recon) ** 2).mean().sqrt().log()
-    nll = 0.5 * torch.pow((x - recon) / log_sigma.exp(), 2) + log_sigma + 0.5 * math.log(2 * math.pi)
-    return nll.sum() / recon.shape[0]
+    log_sigma = ((target.to(recon.dtype) - recon) ** 2).mean().sqrt().log()
+    return _eager_gaussian_nll_learned(recon, target, log_sigma)
 
 
 def _eager_gaussian_nll_learned(recon, target, log_scale):

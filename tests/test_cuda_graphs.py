@@ -101,7 +101,7 @@ SCENARIOS = {
     "learned prior": Scenario(
         _vae(), learned=("recon", "mu", "logvar", "prior_mu", "prior_logvar"),
         extra={"prior_mu": (Z,), "prior_logvar": (Z,)},
-    ),  # fmt: skip
+    ),
     "prior and free bits": Scenario(
         _vae(free_bits=0.2, likelihood="gaussian", log_scale="optimal"),
         learned=("recon", "mu", "logvar", "prior_mu", "prior_logvar"),
@@ -110,11 +110,11 @@ SCENARIOS = {
     "annealed free bits": Scenario(
         _vae(), learned=("recon", "mu", "logvar", "prior_mu"),
         extra={"prior_mu": (Z,), "free_bits": ()},
-    ),  # fmt: skip
+    ),
     "kl free bits per dim": Scenario(
         _kl(free_bits=0.3), learned=("mu", "logvar", "prior_mu", "prior_logvar"),
         extra={"prior_mu": (Z,), "prior_logvar": ()},
-    ),  # fmt: skip
+    ),
 }
 
 

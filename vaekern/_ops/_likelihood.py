@@ -34,7 +34,8 @@ A tensor param that requires grad (the Gaussian's learned ``log_scale``) gets it
 gradient from the likelihood's ``param_grad`` formula, in differentiable PyTorch ops, on
 every path: for one learned scale from the op's loss alone (saved only then:
 ``loss_read_by_backward``), for a scale per column with one more pass over input and
-target. Second order through the scale works where the input needs no gradient. Double backward through the input raises: the saved gradient has no graph.
+target. Second order through the scale works where the input needs no gradient; double
+backward through the input raises: the saved gradient has no graph.
 """
 
 from __future__ import annotations

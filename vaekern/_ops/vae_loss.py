@@ -38,6 +38,7 @@ torch.func: ``transform_function`` over the traced path's formula.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from vaekern._ops._common import (
     LIKELIHOODS,
@@ -45,9 +46,9 @@ from vaekern._ops._common import (
     below_autograd,
     first_order_only,
     grad_like,
-    loss_read_by_backward,
     kl_grads,
     loss_like,
+    loss_read_by_backward,
     no_double_backward,
     register_op,
     scaled_rows,
