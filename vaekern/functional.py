@@ -20,7 +20,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from vaekern import reference
-from vaekern._ops._common import LIKELIHOODS, REDUCTIONS, acc_dtype, below_autograd
+from vaekern._ops._common import LIKELIHOODS, REDUCTIONS, SQUARED_ERROR_LOG_SCALE, acc_dtype, below_autograd
 from vaekern._ops.bernoulli_nll import BernoulliNLLFunction
 from vaekern._ops.continuous_bernoulli_nll import ContinuousBernoulliNLLFunction
 from vaekern._ops.gaussian_kl import GaussianKLFunction
@@ -279,24 +279,14 @@ def continuous_bernoulli_nll(
     )
 
 
-def _log_scale(log_scale, input: Tensor, target: Tensor, dtype: torch.dtype, red: int) -> Tensor:
+def _log_scale(log_scale, input: Tensor, dtype: torch.dtype) -> Tensor | None:
     """``gaussian_nll``'s log_scale as the kernels take it: a tensor in the loss dtype, 0-d
-    or one value per column of the flattened row, differentiable where the user's is.
-
-    ``"optimal"`` is 0.5 * log(s), s the batch's mean squared error. Under reduction
-    ``red`` "mean" or "sum" the rows weigh alike, and s minimizes their loss over sigma:
-    d loss / d s = sum_b (D - S_b / s) / (2 s) = 0 at s = sum_b S_b / (B D) (S_b: row b's
-    squared error). So the path through s adds nothing to the gradient (the envelope
-    theorem), and it is left out: the backward is the kernel's alone, with no pass over
-    the image. Under "none" the upstream weights the rows apart, and the path is kept."""
+    or one value per column of the flattened row, differentiable where the user's is; None
+    for ``"optimal"``, which the kernels do not take (``_optimal_nll``)."""
     if isinstance(log_scale, str):
         if log_scale != "optimal":
             raise ValueError(f'log_scale must be a float, a tensor or "optimal", got {log_scale!r}')
-        with torch.set_grad_enabled(torch.is_grad_enabled() and red == REDUCTIONS["none"]):
-            # Two passes over the image (the squared errors, then their mean; r * r took
-            # three), plus a conversion where input or target is not in the loss dtype; the
-            # squared errors are an image-sized temporary.
-            return 0.5 * torch.log(torch.nn.functional.mse_loss(input.to(dtype), target.to(dtype)))
+        return None
     if isinstance(log_scale, Tensor):
         if not log_scale.is_floating_point():
             raise TypeError(f"log_scale must be a floating tensor, got {log_scale.dtype}")
@@ -344,8 +334,8 @@ def gaussian_nll(
             dims it broadcasts over); or ``"optimal"``, the sigma-VAE's analytic optimum:
             sigma^2 is the batch's mean squared error, on the device, and the gradient is
             the total one, through sigma^2 too (the mean-reduced loss is then
-            D/2 * (log(2 pi mse) + 1), and its gradient that closed form's); under "mean"
-            and "sum" that path adds nothing and is left out (``_log_scale``).
+            D/2 * (log(2 pi mse) + 1), and its gradient that closed form's); still one
+            pass over the image each way (``_optimal_nll``).
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
         backend: as for :func:`bernoulli_nll`.
 
@@ -357,11 +347,41 @@ def gaussian_nll(
     device = _same_device(("input", input), ("target", target))
     red = _reduction(reduction)
     dtype = acc_dtype(input)
-    ls = _log_scale(log_scale, input, target, dtype, red)  # also the checks, with their named errors
+    ls = _log_scale(log_scale, input, dtype)  # also the checks, with their named errors
     kernels = resolve(backend, device)
     if kernels is None:
         return reference.gaussian_nll_ref(input, target, log_scale, reduction=reduction).to(dtype)
+    if ls is None:
+        sq = _likelihood_nll(
+            kernels, "gaussian_nll", GaussianNLLFunction, input, target,
+            _constant(SQUARED_ERROR_LOG_SCALE, dtype, device), REDUCTIONS["none"],
+        )  # fmt: skip
+        return _reduced(_optimal_nll(sq, math.prod(input.shape[1:])), red)
     return _likelihood_nll(kernels, "gaussian_nll", GaussianNLLFunction, input, target, ls, red)
+
+
+def _optimal_nll(sq: Tensor, D: int) -> Tensor:
+    """Each row's Gaussian NLL at the sigma-VAE's optimal sigma, sigma^2 = the batch's mean
+    squared error, from ``sq``: each row's NLL at log_scale ``SQUARED_ERROR_LOG_SCALE``,
+    which is pi * S_b (S_b: row b's squared error; D elements per row).
+
+    With v = 2 pi sigma^2 = 2 mean_b(sq_b) / D, row b's NLL S_b / (2 sigma^2) + D/2 log(2 pi
+    sigma^2) is sq_b / v + D/2 log v. The batch's squared errors are needed before any row's
+    loss, and this way they come from the fused op itself: the image is read once each way
+    (the op's forward, and its backward's row scaling), and the closed form runs on B
+    values, differentiated by autograd through v as well, so the gradient is the total one
+    under every reduction (under mean and sum the path through v sums to 0, the envelope
+    theorem, up to rounding). All on the device: no sync, CUDA-graph safe."""
+    if D == 0:  # rows of no element: their NLL is 0 (the kernels' sum), whatever sigma
+        return sq
+    v = sq.mean() * (2.0 / D)
+    return sq / v + (0.5 * D) * torch.log(v)
+
+
+def _reduced(rows: Tensor, red: int) -> Tensor:
+    if red == REDUCTIONS["none"]:
+        return rows
+    return rows.mean() if red == REDUCTIONS["mean"] else rows.sum()
 
 
 def gaussian_kl(
@@ -758,7 +778,7 @@ def vae_loss(
         loss = rec + beta_t * kl
         return VAELossParts(loss, rec, kl) if return_parts else loss
     if lik == LIKELIHOODS["gaussian"]:
-        ls = _log_scale(log_scale, recon, target, dtype, red)
+        ls = _log_scale(log_scale, recon, dtype)
     else:  # read by no Bernoulli: a 0-d placeholder of the schema
         ls = torch.zeros((), dtype=dtype, device=device) if in_graph else _cached_constant(0.0, dtype, device)
     if kernels is None:
@@ -771,7 +791,10 @@ def vae_loss(
     else:
         if not plain_kl:
             mu, logvar = _standardized(mu, logvar, prior_mu, prior_logvar)
-        args = (recon, target, mu, logvar, beta_t, ls, lik, from_logits, red)
+        optimal = ls is None
+        if optimal:  # the rows' squared errors from the same launch (_optimal_nll)
+            ls = _constant(SQUARED_ERROR_LOG_SCALE, dtype, device)
+        args = (recon, target, mu, logvar, beta_t, ls, lik, from_logits, REDUCTIONS["none"] if optimal else red)
         match _path(kernels, "vae_loss", recon, mu, logvar, ls, target, beta_t):  # target, beta_t: for a tangent
             case "op":
                 loss, rec, kl, _ = kernels.vae_loss(*args, _needs_grad(recon))
@@ -782,6 +805,10 @@ def vae_loss(
             case _:
                 with below_autograd():
                     loss, rec, kl, _ = kernels.vae_loss(*args, False)
+        if optimal:
+            rec = _reduced(_optimal_nll(rec, math.prod(recon.shape[1:])), red)
+            kl = _reduced(kl, red)
+            loss = rec + beta_t * kl
     if return_parts:
         return VAELossParts(loss, rec, kl)
     return loss

@@ -20,6 +20,11 @@ REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 LIKELIHOODS = {"bernoulli": 0, "gaussian": 1, "continuous_bernoulli": 2}
 # The Gaussian NLL's constant, 0.5 * log(2 pi), correctly rounded (tests/test_limits.py).
 HALF_LOG_2PI = 0.91893853320467274178
+# The log_scale at which the Gaussian NLL of an element is pi * (x - t)^2 with no constant:
+# every backend forms s + 0.5 * log(2 pi) in the math dtype, exactly 0 here, so each row's
+# NLL is pi times its squared error, which the optimal scale is made from
+# (functional._optimal_nll; tests/test_gaussian_nll.py ties the exact 0).
+SQUARED_ERROR_LOG_SCALE = -HALF_LOG_2PI
 
 
 def loss_read_by_backward(log_scale: Tensor | None, loss: Tensor) -> Tensor | None:
