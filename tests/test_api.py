@@ -124,6 +124,12 @@ def test_empty_dims(backend):
     assert vaekern.bernoulli_nll(r, t, reduction="none", backend=backend).shape == (0,)
     assert vaekern.bernoulli_nll(r, t, reduction="sum", backend=backend) == 0
     assert vaekern.bernoulli_nll(r, t, backend=backend).isnan()
+    # "optimal" too, though its sigma is then 0/0: no row and no element reads it.
+    assert vaekern.gaussian_nll(r, t, "optimal", reduction="none", backend=backend).shape == (0,)
+    assert vaekern.gaussian_nll(r, t, "optimal", reduction="sum", backend=backend) == 0
+    assert vaekern.gaussian_nll(r, t, "optimal", backend=backend).isnan()
+    assert torch.equal(vaekern.gaussian_nll(torch.empty(3, 0), torch.empty(3, 0), "optimal", reduction="none", backend=backend), torch.zeros(3))
+    assert vaekern.gaussian_nll(torch.empty(3, 0), torch.empty(3, 0), "optimal", backend=backend) == 0
 
 
 # Issue 16, item 8: each of these used to raise an error that named nothing (or nothing at all).

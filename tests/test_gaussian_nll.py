@@ -126,14 +126,20 @@ def test_nan_propagates(backend, device):
     ls = torch.zeros(30, device=device)
     ls[3] = float("nan")
     assert torch.isnan(vaekern.gaussian_nll(x[[0]], t[[0]], ls, backend=backend))
+    # "optimal": one NaN makes the batch's mse, and with it every row, NaN (as the oracle's).
+    xa = leaf(x)
+    out = vaekern.gaussian_nll(xa, t, "optimal", reduction="none", backend=backend)
+    out.sum().backward()
+    assert torch.isnan(out).all() and torch.isnan(xa.grad[1, 17])
 
 
 def test_extreme_values(backend, device):
     """Large residuals and scales: finite wherever float32 holds the value."""
     x = torch.tensor([[1e15, -1e15, 0.0, 3.0], [1e-30, 2.0, -7.0, 1e4]], device=device)
     t = torch.tensor([[0.0, 1e15, 1e-30, 3.0], [0.0, -2.0, 7.0, -1e4]], device=device)
-    for ls in (-5.0, 30.0, 0.0):
-        _check(backend, x, t, ls, reduction="none", dtype=torch.float32)
+    for ls in (-5.0, 30.0, 0.0, "optimal"):
+        for reduction in REDUCTIONS:
+            _check(backend, x, t, ls, reduction=reduction, dtype=torch.float32)
 
 
 def test_float16_gradient_is_scaled_before_it_is_rounded(backend, device):
