@@ -49,7 +49,7 @@ def _vae(**options):
 
 def _weighted_rows(**options):
     # reduction="none" under an upstream gradient that weighs the rows apart: for "optimal"
-    # the path through sigma^2 then counts, and is kept.
+    # the path through sigma^2 then adds to the gradient (under mean it sums to 0).
     def loss(backend, x):
         rows = vaekern.vae_loss(x["recon"], x["target"], x["mu"], x["logvar"], reduction="none", **options, backend=backend)
         return (rows * torch.linspace(0.5, 2.0, rows.shape[0], device=rows.device, dtype=rows.dtype)).sum()

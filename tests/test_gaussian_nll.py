@@ -84,7 +84,7 @@ def test_matches_torch_distributions(backend, device):
 def test_optimal_has_the_closed_form(backend, device):
     """With sigma^2 = the batch's mse, the mean-reduced loss is D/2 * (log(2 pi mse) + 1), and
     its gradient is that closed form's: the total gradient, mse's dependence on the input
-    included (the fused backends leave that path out, as it adds nothing here)."""
+    included (under mean it sums to 0: the mse minimizes the loss over sigma)."""
     x, t = _data((6, 40), torch.float64, device)
     xa = leaf(x)
     out = vaekern.gaussian_nll(xa, t, "optimal", backend=backend)
@@ -272,6 +272,42 @@ def test_squared_error_log_scale_leaves_no_constant(backend, device, dtype):
     assert torch.equal(vaekern.gaussian_nll(x, x, s, reduction="none", backend=backend).cpu(), torch.zeros(3, dtype=torch.float64 if dtype == torch.float64 else torch.float32))
     want = math.pi * ((x.double() - t.double()) ** 2).sum(1)
     torch.testing.assert_close(vaekern.gaussian_nll(x, t, s, reduction="none", backend=backend).double(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_optimal_scale_keeps_float32_precision_where_the_loss_crosses_zero(backend, device, reduction):
+    """A row's NLL at the optimal sigma, S_b / (2 sigma^2) + D/2 log(2 pi sigma^2), is two
+    terms of about D/2 each, of opposite signs where the mse is near 1/(2 pi e) (images in
+    [0, 1] get there): formed in float32 the loss of 4 x 3 x 64 x 64 lost about 3e-3 to
+    their cancellation (review of the one-pass form), more than the float32 row sums
+    themselves carry."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 64, 64, dtype=torch.float64, generator=g)
+    t = x + torch.randn(x.shape, dtype=torch.float64, generator=g) * math.sqrt(1 / (2 * math.pi * math.e))
+    x, t = x.float().to(device), t.float().to(device)
+    _check(backend, x, t, "optimal", reduction=reduction, dtype=torch.float32)
+    mu, logvar = torch.randn(4, 3, device=device), torch.randn(4, 3, device=device)
+    parts = vaekern.vae_loss(x, t, mu, logvar, likelihood="gaussian", log_scale="optimal", reduction=reduction, return_parts=True, backend=backend)
+    assert_loss_close(parts.recon, gaussian_nll_ref(x.double(), t.double(), "optimal", reduction=reduction), torch.float32)
+
+
+def test_optimal_scale_of_a_perfect_or_infinite_batch_is_the_oracles(backend, device):
+    """sigma^2 = 0 (x == t everywhere) or inf (an infinite residual): the oracle's rows are
+    NaN where 0 * inf meets them and inf elsewhere, so its mean and sum are NaN; so are
+    vaekern's, not the closed form's limits -inf and +inf."""
+    x = torch.randn(3, 5, device=device)
+    t_inf = x.clone()
+    t_inf[1, 2] = float("inf")
+    mu, logvar = torch.randn(3, 2, device=device), torch.randn(3, 2, device=device)
+    for t in (x, t_inf):
+        for reduction in REDUCTIONS:
+            want = gaussian_nll_ref(x.double(), t.double(), "optimal", reduction=reduction)
+            assert torch.isnan(want).any()
+            for got in (
+                vaekern.gaussian_nll(x, t, "optimal", reduction=reduction, backend=backend),
+                vaekern.vae_loss(x, t, mu, logvar, likelihood="gaussian", log_scale="optimal", reduction=reduction, return_parts=True, backend=backend).recon,
+            ):
+                torch.testing.assert_close(got.double().cpu(), want.cpu(), equal_nan=True)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
