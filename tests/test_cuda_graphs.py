@@ -9,7 +9,9 @@ reduction before the loss (``log_scale="optimal"``, free bits) and the constants
 (beta, a float log_scale, the Bernoulli's placeholder) are the ones at risk.
 
 The scenarios also run without a graph on the cpu backend, so the checks themselves are
-exercised where there is no GPU; capture and replay need one.
+exercised where there is no GPU, and on every fused backend under a dispatch mode that
+catches any op reading a value on the host (what a capture would refuse, short of the ops
+inside a kernel op); capture and replay need a GPU.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vaekern
 
@@ -187,6 +190,39 @@ def test_scenarios_run_eagerly_on_cpu(name):
     if "cpu" not in vaekern.available_backends("cpu"):
         pytest.skip("vaekern._C is not built")
     _replays(SCENARIOS[name], "cpu", torch.device("cpu"), graphed=False)
+
+
+# The ops that read a tensor's value on the host: each syncs with a GPU, and fails a capture.
+_HOST_READS = {
+    "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::allclose", "aten::nonzero",
+    "aten::masked_select", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
+}  # fmt: skip
+
+
+class _HostReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in _HOST_READS:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_steps_read_no_value_on_the_host(backend, device, name):
+    """What a capture checks on a GPU, checked on every fused backend where there is none: a
+    step (loss and backward) reads no tensor's value on the host: no ``.item()``, no bool
+    of a tensor, no op whose output size depends on values. The ops that a kernel op runs
+    inside itself are not seen here; the kernels take every value as a device pointer."""
+    if backend == "reference":
+        pytest.skip("the oracle is plain PyTorch, for correctness, not for graphs")
+    scenario = SCENARIOS[name]
+    x = _inputs(scenario, device)
+    with _HostReads() as mode:
+        _step(scenario, backend, x)
+    assert not mode.ops, mode.ops
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
