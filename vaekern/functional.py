@@ -356,13 +356,13 @@ def gaussian_nll(
             kernels, "gaussian_nll", GaussianNLLFunction, input, target,
             _constant(SQUARED_ERROR_LOG_SCALE, dtype, device), REDUCTIONS["none"],
         )  # fmt: skip
-        return _reduced(_optimal_rows(sq, math.prod(input.shape[1:])), red).to(dtype)
+        return _optimal_nll(sq, math.prod(input.shape[1:]), red).to(dtype)
     return _likelihood_nll(kernels, "gaussian_nll", GaussianNLLFunction, input, target, ls, red)
 
 
-def _optimal_rows(sq: Tensor, D: int) -> Tensor:
-    """Each row's Gaussian NLL at the sigma-VAE's optimal sigma, sigma^2 = the batch's mean
-    squared error, in float64, from ``sq``: each row's NLL at log_scale
+def _optimal_nll(sq: Tensor, D: int, red: int) -> Tensor:
+    """The Gaussian NLL at the sigma-VAE's optimal sigma, sigma^2 = the batch's mean squared
+    error, reduced by ``red``, in float64, from ``sq``: each row's NLL at log_scale
     ``SQUARED_ERROR_LOG_SCALE``, which is pi * S_b (S_b: row b's squared error; D elements
     per row).
 
@@ -374,20 +374,28 @@ def _optimal_rows(sq: Tensor, D: int) -> Tensor:
     the device: no sync, CUDA-graph safe.
 
     Float64, because the two terms are about D/2 each and cancel where the mse is near
-    1/(2 pi e): in float32 the mean of 4 x 3 x 64 x 64 rows lost 3e-3 there. Not the closed
-    form of the mean, D/2 (1 + log v), which drops the 0/0 of v = 0 (x == t everywhere) and
-    inf/inf of an infinite residual: the oracle's rows are NaN there, and so are these."""
-    sq = sq.to(torch.float64)
+    1/(2 pi e): in float32 the mean of 4 x 3 x 64 x 64 rows lost 3e-3 there. The mean of the
+    rows is m / v + D/2 log v with m = mean_b(sq_b), its first term D/2 (four ops on the B
+    values where the rows take six: host time is the step at small sizes), kept as m / v
+    and not the closed form D/2 (1 + log v): the oracle's rows are NaN where v is 0 (x == t
+    everywhere) or inf (an infinite residual), and so is m / v there."""
     if D == 0:  # rows of no element: their NLL is 0 (the kernels' sum), whatever sigma
-        return sq
-    v = sq.mean() * (2.0 / D)
-    return sq / v + (0.5 * D) * torch.log(v)
+        return _reduced64(sq, red)
+    if red != REDUCTIONS["none"] and sq.shape[0] > 0:
+        m = sq.mean(dtype=torch.float64)
+        v = m * (2.0 / D)
+        nll = m / v + (0.5 * D) * torch.log(v)
+        return nll if red == REDUCTIONS["mean"] else nll * sq.shape[0]
+    rows = sq.to(torch.float64)
+    v = rows.mean() * (2.0 / D)
+    return _reduced64(rows / v + (0.5 * D) * torch.log(v), red)
 
 
-def _reduced(rows: Tensor, red: int) -> Tensor:
+def _reduced64(rows: Tensor, red: int) -> Tensor:
+    """Rows reduced by ``red``, accumulated and returned in float64."""
     if red == REDUCTIONS["none"]:
-        return rows
-    return rows.mean() if red == REDUCTIONS["mean"] else rows.sum()
+        return rows.to(torch.float64)
+    return rows.mean(dtype=torch.float64) if red == REDUCTIONS["mean"] else rows.sum(dtype=torch.float64)
 
 
 def gaussian_kl(
@@ -812,8 +820,7 @@ def vae_loss(
                 with below_autograd():
                     loss, rec, kl, _ = kernels.vae_loss(*args, False)
         if optimal:  # the terms summed and combined in float64, as the kernels' finalize does
-            rec = _reduced(_optimal_rows(rec, math.prod(recon.shape[1:])), red)
-            kl = _reduced(kl.to(torch.float64), red)
+            rec, kl = _optimal_nll(rec, math.prod(recon.shape[1:]), red), _reduced64(kl, red)
             loss, rec, kl = (rec + beta_t * kl).to(dtype), rec.to(dtype), kl.to(dtype)
     if return_parts:
         return VAELossParts(loss, rec, kl)
