@@ -41,7 +41,7 @@ class Scenario:
 
 def _vae(**options):
     def loss(backend, x):
-        priors = {k: x[k] for k in ("prior_mu", "prior_logvar", "free_bits") if k in x}
+        priors = {k: x[k] for k in ("prior_mu", "prior_logvar", "free_bits", "beta") if k in x}
         ls = {"log_scale": x["log_scale"]} if "log_scale" in x else {}
         # Probabilities for from_logits=False: the inputs are drawn around 0.
         recon = x["recon"] if options.get("from_logits", True) else torch.sigmoid(x["recon"])
@@ -88,6 +88,9 @@ SCENARIOS = {
     "gaussian float scale": Scenario(_vae(likelihood="gaussian", log_scale=-0.3)),
     "gaussian optimal": Scenario(_vae(likelihood="gaussian", log_scale="optimal")),
     "gaussian optimal rows": Scenario(_weighted_rows(likelihood="gaussian", log_scale="optimal")),
+    "gaussian optimal sum, annealed beta": Scenario(
+        _vae(likelihood="gaussian", log_scale="optimal", reduction="sum"), extra={"beta": ()}
+    ),
     "gaussian learned scale": Scenario(
         _vae(likelihood="gaussian"), learned=("recon", "mu", "logvar", "log_scale"), extra={"log_scale": ()}
     ),
@@ -136,10 +139,10 @@ def _inputs(scenario: Scenario, device) -> dict[str, torch.Tensor]:
 
 
 def _refill(x: dict[str, torch.Tensor], gen: torch.Generator) -> None:
-    """New values in the same tensors: targets and free bits in [0, 1], the rest near 0."""
+    """New values in the same tensors: targets, free bits and beta in [0, 1], the rest near 0."""
     with torch.no_grad():
         for k, t in x.items():
-            uniform = k in ("target", "free_bits")
+            uniform = k in ("target", "free_bits", "beta")
             values = torch.rand(t.shape, generator=gen) if uniform else torch.randn(t.shape, generator=gen) * 0.5
             t.copy_(values)
 
@@ -200,28 +203,41 @@ _HOST_READS = {
 
 
 class _HostReads(TorchDispatchMode):
+    """Records the ops that read a value on the host, and counts every op it sees."""
+
     def __init__(self):
         super().__init__()
-        self.ops = []
+        self.ops, self.seen = [], 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in _HOST_READS:
+        self.seen += 1
+        name, kwargs = func._schema.name, kwargs or {}
+        if (
+            name in _HOST_READS
+            # Values decide the output's size: a boolean mask, repeats without output_size.
+            or (name in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_")
+                and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]))
+            or (func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None)
+        ):
             self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_steps_read_no_value_on_the_host(backend, device, name):
     """What a capture checks on a GPU, checked on every fused backend where there is none: a
     step (loss and backward) reads no tensor's value on the host: no ``.item()``, no bool
-    of a tensor, no op whose output size depends on values. The ops that a kernel op runs
-    inside itself are not seen here; the kernels take every value as a device pointer."""
+    of a tensor, no op whose output size depends on values (nonzero, a boolean mask).
+    Unseen here: the ops that a kernel op runs inside itself (the kernels take every value
+    as a device pointer), and ``.tolist()``, ``.numpy()`` and ``.cpu()``, which dispatch
+    nothing on a CPU tensor."""
     if backend == "reference":
         pytest.skip("the oracle is plain PyTorch, for correctness, not for graphs")
     scenario = SCENARIOS[name]
     x = _inputs(scenario, device)
     with _HostReads() as mode:
         _step(scenario, backend, x)
+    assert mode.seen > 0  # the mode sees the step's ops
     assert not mode.ops, mode.ops
 
 

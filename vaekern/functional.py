@@ -374,11 +374,11 @@ def _optimal_nll(sq: Tensor, D: int, red: int) -> Tensor:
     the device: no sync, CUDA-graph safe.
 
     Float64, because the two terms are about D/2 each and cancel where the mse is near
-    1/(2 pi e): in float32 the mean of 4 x 3 x 64 x 64 rows lost 3e-3 there. The mean of the
-    rows is m / v + D/2 log v with m = mean_b(sq_b), its first term D/2 (four ops on the B
-    values where the rows take six: host time is the step at small sizes), kept as m / v
-    and not the closed form D/2 (1 + log v): the oracle's rows are NaN where v is 0 (x == t
-    everywhere) or inf (an infinite residual), and so is m / v there."""
+    1/(2 pi e): in float32 the mean of 4 x 3 x 64 x 64 rows lost 3e-3 there. Under mean and
+    sum only the mean m = mean_b(sq_b) is taken over the B values (host time is the step at
+    small sizes): the rows' mean is m / v + D/2 log v, its first term D/2, kept as m / v and
+    not the closed form D/2 (1 + log v), because the oracle's rows are NaN where v is 0
+    (x == t everywhere) or inf (an infinite residual), and so is m / v there."""
     if D == 0:  # rows of no element: their NLL is 0 (the kernels' sum), whatever sigma
         return _reduced64(sq, red)
     if red != REDUCTIONS["none"] and sq.shape[0] > 0:
