@@ -18,7 +18,10 @@ Providers
                    ``FREE_BITS`` nats): the per-element KL to the prior written out, its batch
                    mean clamped at the free bits and summed. For ``vae_loss_gaussian`` and
                    ``vae_loss_continuous_bernoulli`` (``vae_loss`` with that likelihood):
-                   the likelihood's eager form above plus the pytorch/examples KL.
+                   the likelihood's eager form above plus the pytorch/examples KL. For
+                   ``vae_loss_prior_free_bits`` (``vae_loss`` with a learned per-latent
+                   prior and free bits): the pytorch/examples BCE plus
+                   ``gaussian_kl_free_bits``'s eager form.
 ``eager-keras``    the Keras example's formula: the mean per-pixel BCE times the pixel count,
                    plus the mean over rows of the per-row KL.
 ``compile``        ``eager`` under ``torch.compile(dynamic=False)``; compile time is kept out of
@@ -78,9 +81,10 @@ from vaekern import reference
 OPS = (
     "vae_loss", "vae_loss_gaussian", "vae_loss_continuous_bernoulli", "bernoulli_nll", "gaussian_nll",
     "gaussian_nll_optimal", "gaussian_nll_learned", "continuous_bernoulli_nll", "gaussian_kl", "gaussian_kl_free_bits", "reparameterize",
+    "vae_loss_prior_free_bits",
 )  # fmt: skip
-# gaussian_kl_free_bits: gaussian_kl with a learned prior (one mean and log-variance per
-# latent) and these free bits, in nats per latent element.
+# gaussian_kl_free_bits and vae_loss_prior_free_bits: a learned prior (one mean and
+# log-variance per latent) and these free bits, in nats per latent element.
 FREE_BITS = 0.1
 # Cases that call a vaekern function with options: case name -> (function name, options).
 VARIANTS = {
@@ -89,7 +93,10 @@ VARIANTS = {
     "gaussian_nll_optimal": ("gaussian_nll", {"log_scale": "optimal"}),
     "gaussian_nll_learned": ("gaussian_nll", {}),
     "gaussian_kl_free_bits": ("gaussian_kl", {"free_bits": FREE_BITS}),
+    "vae_loss_prior_free_bits": ("vae_loss", {"free_bits": FREE_BITS}),
 }
+# Arguments that a case passes by keyword (vae_loss takes its prior so), after the positional ones.
+KEYWORD_ARGS = {"vae_loss_prior_free_bits": ("prior_mu", "prior_logvar")}
 MODES = ("fwd", "bwd", "fwd+bwd")
 PROVIDERS = ("eager", "eager-keras", "compile", "compile-keras", "reference", "triton", "cuda", "cpu")
 VAEKERN_PROVIDERS = ("reference", "triton", "cuda", "cpu")
@@ -177,6 +184,9 @@ def floor_bytes(case: Case) -> int:
         case "gaussian_kl_free_bits":
             prior = 2 * z * e  # the prior's mean and log-variance, or their gradients
             return 2 * latent + prior + (0 if fwd else 2 * latent + prior)
+        case "vae_loss_prior_free_bits":
+            prior = 2 * z * e
+            return image_in + 2 * latent + prior + (0 if fwd else image_grad + 2 * latent + prior)
         case "reparameterize":
             # fwd: read mu, logvar, write z (the noise is drawn in the kernel).
             # bwd: read grad_z, logvar (noise regenerated), write grad_mu, grad_logvar.
@@ -249,6 +259,11 @@ def _eager_gaussian_kl_free_bits(mu, logvar, prior_mu, prior_logvar):
     return kl.mean(dim=0).clamp(min=FREE_BITS).sum()
 
 
+def _eager_vae_loss_prior_free_bits(recon, target, mu, logvar, prior_mu, prior_logvar):
+    bce = F.binary_cross_entropy_with_logits(recon, target.to(recon.dtype), reduction="sum") / recon.shape[0]
+    return bce + _eager_gaussian_kl_free_bits(mu, logvar, prior_mu, prior_logvar)
+
+
 def _eager_vae_loss_gaussian(recon, target, mu, logvar):
     return _eager_gaussian_nll(recon, target) + _examples_gaussian_kl(mu, logvar)
 
@@ -275,6 +290,7 @@ _EAGER = {
     "continuous_bernoulli_nll": (_eager_continuous_bernoulli_nll, None),
     "gaussian_kl": (_examples_gaussian_kl, _keras_gaussian_kl),
     "gaussian_kl_free_bits": (_eager_gaussian_kl_free_bits, None),
+    "vae_loss_prior_free_bits": (_eager_vae_loss_prior_free_bits, None),
     # Keras samples exactly as pytorch/examples does: there is no second formula.
     "reparameterize": (_examples_reparameterize, None),
 }
@@ -347,6 +363,7 @@ ARGS = {
     "gaussian_kl": ("mu", "logvar"),
     "gaussian_kl_free_bits": ("mu", "logvar", "prior_mu", "prior_logvar"),
     "reparameterize": ("mu", "logvar"),
+    "vae_loss_prior_free_bits": ("recon", "target", "mu", "logvar", "prior_mu", "prior_logvar"),
 }
 DIFF_ARGS = {
     "vae_loss": ("recon", "mu", "logvar"),
@@ -360,7 +377,14 @@ DIFF_ARGS = {
     "gaussian_kl": ("mu", "logvar"),
     "gaussian_kl_free_bits": ("mu", "logvar", "prior_mu", "prior_logvar"),
     "reparameterize": ("mu", "logvar"),
+    "vae_loss_prior_free_bits": ("recon", "mu", "logvar", "prior_mu", "prior_logvar"),
 }
+
+
+def call_args(op: str, inputs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """``op``'s arguments from an input set: positional, then those it takes by keyword."""
+    keywords = KEYWORD_ARGS.get(op, ())
+    return [inputs[a] for a in ARGS[op] if a not in keywords], {a: inputs[a] for a in keywords}
 
 
 def set_bytes(case: Case) -> int:
@@ -419,7 +443,8 @@ class Step:
         self._next = itertools.cycle(range(len(sets)))
 
     def _call(self, inputs):
-        return self.forward(*(inputs[a] for a in ARGS[self.case.op]))
+        args, kwargs = call_args(self.case.op, inputs)
+        return self.forward(*args, **kwargs)
 
     def _grad(self, out, inputs):
         grad_out = inputs.get("grad_z")  # None: a scalar loss, as loss.backward()
@@ -460,8 +485,9 @@ def check(
         return None
     # Grad mode as in the timed calls: torch.compile recompiles when it changes, and vaekern
     # takes another path (no gradient computed in the forward) under no_grad.
+    args, kwargs = call_args(case.op, inputs)
     with torch.set_grad_enabled(case.mode != "nograd"):
-        out = forward_fn(provider, case.op, compile_backend)(*(inputs[a] for a in ARGS[case.op]))
+        out = forward_fn(provider, case.op, compile_backend)(*args, **kwargs)
     out = out.detach()
     with torch.no_grad():
         if case.op == "reparameterize":
@@ -471,8 +497,7 @@ def check(
                 return math.inf
             return max(abs(eps.mean().item()), abs(eps.std().item() - 1.0))
         name, options = VARIANTS.get(case.op, (case.op, {}))
-        args = [inputs[a] for a in ARGS[case.op]]
-        ref = getattr(reference, f"{name}_ref")(*args, **options)
+        ref = getattr(reference, f"{name}_ref")(*args, **kwargs, **options)
         if name == "vae_loss":
             ref = ref[0]
         got = out.double().item()
