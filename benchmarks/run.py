@@ -8,7 +8,7 @@ bandwidth, and the speed-up over eager PyTorch and over torch.compile.
 Two more cases time whole calls, where host overhead counts: ``overhead``, ``vae_loss`` on 1x1
 tensors, forward+backward and the no-grad forward (cases.py); ``e2e``, one training step of the
 pytorch/examples MLP VAE with each loss, and the loss's share of it (e2e.py). Their sizes and
-modes are fixed; --sizes, --dtypes, --target-dtype and --modes apply to the four ops only.
+modes are fixed; --sizes, --dtypes, --target-dtype and --modes apply to the other ops only.
 
 Output: markdown tables on stdout; results.csv, results.json, results.md and PNG plots in
 results/<device>_torch<ver>_triton<ver>_<gitrev>/ (or --out). The CSV is rewritten after
