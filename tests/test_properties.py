@@ -383,6 +383,108 @@ def test_bernoulli_nll(backend, device):
     check()
 
 
+def test_gaussian_nll(backend, device):
+    """Every kind of log_scale (a float, a learned 0-d tensor, a learned one per feature,
+    "optimal") on the drawn inputs, targets in [0, 1] as images have them."""
+
+    @settings(max_examples=_examples(backend))
+    @given(data=st.data())
+    def check(data):
+        features = data.draw(feature_shapes(None, backend), "features")
+        batch = data.draw(_batch(features), "batch")
+        shape = (batch,) + features
+        dtype = data.draw(st.sampled_from(DTYPES), "dtype")
+        t_dtype = data.draw(target_dtypes, "target dtype")
+        reduction = data.draw(st.sampled_from(REDUCTIONS), "reduction")
+        kind = data.draw(st.sampled_from(("float", "scalar", "feature", "optimal")), "log_scale kind")
+        x_spec = data.draw(specs(shape, dtype, "logits"), "input")
+        t_spec = data.draw(
+            specs(shape, t_dtype, "target", ("contiguous", "transposed", "strided", "offset", "broadcast")), "target"
+        )
+        u = data.draw(upstreams(reduction, batch), "upstream")
+        x, t = Input(x_spec, device, True), Input(t_spec, device, False)
+        acc = _loss_dtype(dtype)
+        s64 = None
+        if kind == "float":
+            log_scale = s64 = data.draw(st.sampled_from((-1.0, -0.3, 0.0, 0.7)), "log_scale")
+        elif kind == "optimal":
+            log_scale = "optimal"
+        else:
+            g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), "log_scale seed"))
+            values = torch.randn(features if kind == "feature" else (), generator=g, dtype=torch.float64) * 0.5
+            log_scale = values.to(acc).to(device).requires_grad_()
+            s64 = log_scale.detach().cpu().double().requires_grad_()
+        t64 = _as_read(t, backend, dtype)
+        r = x.view64.detach() - t64.double()
+        limit = _gaussian_known_limit(backend, kind, r, acc, s64, u, reduction, dtype)
+        note(f"known limit: {limit}")
+        if limit is not None:
+            return
+        fault = _known_fault(backend, op="gaussian_nll", recon=x.base)
+        note(f"known fault: {fault}")
+
+        out = vaekern.gaussian_nll(x.view, t.view, log_scale, reduction=reduction, backend=backend)
+        want = reference.gaussian_nll_ref(x.view64, t64, s64 if s64 is not None else "optimal", reduction=reduction)
+        assert out.dtype == acc, f"loss dtype {out.dtype}"
+        # Each row sums terms of either sign (s + log(2 pi) / 2 < 0 for s < -0.92): scale atol
+        # by what they sum to in magnitude.
+        s_t = torch.as_tensor(0.5 * math.log((r * r).mean().item()) if kind == "optimal" else s64, dtype=torch.float64)
+        terms = (0.5 * r * r * torch.exp(-2 * s_t.detach()) + (s_t.detach() + reference.HALF_LOG_2PI).abs()).nan_to_num(0.0, 0.0, 0.0)
+        row_scale = torch.clamp(terms.reshape(batch, -1).sum(1), min=1.0)
+        loss_scale = row_scale if reduction == "none" else row_scale.sum() / (batch if reduction == "mean" else 1)
+        if fault is None:
+            assert_matches("loss", out, want, LOSS_TOL[dtype], scale=loss_scale)
+
+        out.backward(u.to(out.dtype).to(device))
+        want.backward(u)
+        assert x.base.grad.dtype == dtype, f"gradient dtype {x.base.grad.dtype}"
+        if fault is None:
+            assert_matches("input.grad", x.base.grad, x.base64.grad, GRAD_TOL[dtype], scale=max(1.0, u.abs().max().item()))
+            if s64 is not None and isinstance(log_scale, torch.Tensor):
+                assert log_scale.grad.shape == log_scale.shape and log_scale.grad.dtype == acc
+                # sum_b w_b (1 - r^2 exp(-2s)) over the elements it scales; the 0-d one comes
+                # from the loss (docs/precision.md): scale by the terms' magnitude and count.
+                count = max(1, r.numel() // max(1, log_scale.numel()))
+                grad_scale = (1.0 + terms.sum() * 2) * max(1.0, u.abs().max().item()) * (count if kind == "feature" else 1)
+                assert_matches("log_scale.grad", log_scale.grad, s64.grad, (1e-4, 1e-3), scale=float(grad_scale))
+        x.assert_unchanged("input")
+        t.assert_unchanged("target")
+
+    check()
+
+
+def _gaussian_known_limit(backend, kind, r, acc, s64, u, reduction, dtype) -> str | None:
+    """The documented limit that a Gaussian draw runs into (README, Numerical conventions),
+    or None: under "optimal" a row's pi * sum (x - t)^2 beyond the loss dtype's range; or a
+    term beyond its dtype's range for an upstream gradient of 1 (a gradient element, saved
+    as inf by the forward, or a learned scale's r^2 exp(-2s)) where the upstream gradient
+    (and 1/B for mean) would have brought it back: it stays inf (0 * inf = NaN for 0).
+    Compared as logs, which float64 holds where the values do not; an infinite residual is
+    infinite in the oracle too, and left out."""
+    if backend == "reference":
+        return None
+    log_big, log_big_grad = math.log(torch.finfo(acc).max), math.log(torch.finfo(dtype).max)
+    rows = r.reshape(r.shape[0], -1)
+    log_r = torch.where(rows.isfinite(), rows.abs().log(), -math.inf)
+    if kind == "optimal":
+        log_row = torch.logsumexp(2 * log_r, dim=1) + math.log(math.pi)
+        if log_row.gt(log_big).any():
+            return "a row's pi * squared error beyond the loss dtype"
+        if (log_r + math.log(2 * math.pi)).gt(min(log_big, log_big_grad)).any():
+            return "a gradient element beyond its dtype before the rows' scaling"
+        return None
+    s = torch.as_tensor(s64.detach() if isinstance(s64, torch.Tensor) else s64, dtype=torch.float64).reshape(1, -1)
+    log_grad = log_r - 2 * s  # for an upstream of 1, before 1/B
+    log_saved = log_grad - (math.log(r.shape[0]) if reduction == "mean" else 0.0)
+    beyond = log_grad.gt(log_big) | (log_saved.gt(log_big_grad) if dtype != torch.float16 else False)  # float16: recomputed
+    uu = u.abs() if u.dim() == 0 else u.abs().reshape(-1, 1)
+    if (beyond & (log_saved + uu.log()).le(log_big_grad)).any():
+        return "a gradient element beyond its dtype that the upstream gradient brings back"
+    if kind in ("scalar", "feature") and (2 * log_r - 2 * s).gt(log_big).any():
+        return "a learned scale's r^2 exp(-2s) beyond the loss dtype"
+    return None
+
+
 def _kl_grad_scale(lv: "Input", u: torch.Tensor) -> torch.Tensor:
     """Terms that cancel in 0.5 * (exp(min(logvar, 60)) - 1): the variance, at least 1,
     times the row's upstream."""
