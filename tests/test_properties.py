@@ -497,14 +497,8 @@ def test_gaussian_nll(backend, device):
         out = vaekern.gaussian_nll(x.view, t.view, log_scale, reduction=reduction, backend=backend)
         want = reference.gaussian_nll_ref(x.view64, t64, s64 if s64 is not None else "optimal", reduction=reduction)
         assert out.dtype == acc, f"loss dtype {out.dtype}"
-        # Each row sums terms of either sign (s + log(2 pi) / 2 < 0 for s < -0.92): scale atol
-        # by what they sum to in magnitude.
-        s_t = torch.as_tensor(0.5 * math.log((r * r).mean().item()) if kind == "optimal" else s64, dtype=torch.float64)
-        terms = (0.5 * r * r * torch.exp(-2 * s_t.detach()) + (s_t.detach() + reference.HALF_LOG_2PI).abs()).nan_to_num(0.0, 0.0, 0.0)
-        row_scale = torch.clamp(terms.reshape(batch, -1).sum(1), min=1.0)
-        loss_scale = row_scale if reduction == "none" else row_scale.sum() / (batch if reduction == "mean" else 1)
         if fault is None:
-            assert_matches("loss", out, want, LOSS_TOL[dtype], scale=loss_scale)
+            assert_matches("loss", out, want, LOSS_TOL[dtype], scale=_gaussian_loss_scale(r, kind, s64, reduction))
 
         out.backward(u.to(out.dtype).to(device))
         want.backward(u)
@@ -516,12 +510,44 @@ def test_gaussian_nll(backend, device):
                 # sum_b w_b (1 - r^2 exp(-2s)) over the elements it scales; the 0-d one comes
                 # from the loss (docs/precision.md): scale by the terms' magnitude and count.
                 count = max(1, r.numel() // max(1, log_scale.numel()))
+                terms = _gaussian_terms(r, kind, s64)
                 grad_scale = (1.0 + terms.sum() * 2) * max(1.0, u.abs().max().item()) * (count if kind == "feature" else 1)
                 assert_matches("log_scale.grad", log_scale.grad, s64.grad, (1e-4, 1e-3), scale=float(grad_scale))
         x.assert_unchanged("input")
         t.assert_unchanged("target")
 
     check()
+
+
+def _recon_beyond_beside_infinite_kl(want, loss_dtype) -> bool:
+    """The documented limit (README, Numerical conventions): a recon term finite in the
+    oracle's float64 but beyond the loss dtype is inf there, and beside a KL of -inf (logvar
+    = +inf) the loss is inf - inf = NaN where the oracle's is -inf."""
+    _, rec, kl = (w.detach() for w in want)
+    big = torch.finfo(loss_dtype).max
+    return bool(((rec.abs() > big) & rec.isfinite() & kl.isinf()).any())
+
+
+def _kl_loss_scale(mu: "Input", lv: "Input", reduction: str):
+    """The KL's terms in magnitude, 0.5 (mu^2 + exp(min(lv, 60)) + 1 + |lv|), summed per row."""
+    m, v = mu.view64.detach(), lv.view64.detach()
+    terms = (0.5 * (m * m + torch.exp(v.clamp(max=reference.LOGVAR_MAX)) + 1 + v.abs())).nan_to_num(0.0, 0.0, 0.0)
+    rows = torch.clamp(terms.reshape(terms.shape[0], -1).sum(1), min=1.0)
+    return rows if reduction == "none" else rows.sum() / (rows.numel() if reduction == "mean" else 1)
+
+
+def _gaussian_terms(r: torch.Tensor, kind: str, s64) -> torch.Tensor:
+    """Each element's NLL terms in magnitude, 0.5 r^2 exp(-2s) + |s + log(2 pi) / 2|."""
+    s = 0.5 * math.log((r * r).mean().item()) if kind == "optimal" else s64
+    s = torch.as_tensor(s.detach() if isinstance(s, torch.Tensor) else s, dtype=torch.float64)
+    return (0.5 * r * r * torch.exp(-2 * s) + (s + reference.HALF_LOG_2PI).abs()).nan_to_num(0.0, 0.0, 0.0)
+
+
+def _gaussian_loss_scale(r: torch.Tensor, kind: str, s64, reduction: str):
+    """A row sums terms of either sign (s + log(2 pi) / 2 < 0 for s < -0.92): the loss's
+    atol scales with what they sum to in magnitude."""
+    rows = torch.clamp(_gaussian_terms(r, kind, s64).reshape(r.shape[0], -1).sum(1), min=1.0)
+    return rows if reduction == "none" else rows.sum() / (r.shape[0] if reduction == "mean" else 1)
 
 
 def _gaussian_known_limit(backend, kind, r, acc, s64, u, reduction, dtype) -> str | None:
@@ -707,7 +733,9 @@ def test_vae_loss(backend, device):
     @settings(max_examples=_examples(backend))
     @given(data=st.data())
     def check(data):
-        from_logits = data.draw(st.booleans(), "from_logits")
+        likelihood = data.draw(st.sampled_from(("bernoulli", "bernoulli", "continuous_bernoulli", "gaussian")), "likelihood")
+        from_logits = likelihood == "gaussian" or data.draw(st.booleans(), "from_logits")
+        log_scale = data.draw(st.sampled_from((-0.3, 0.7, "optimal")), "log_scale") if likelihood == "gaussian" else 0.0
         features = data.draw(feature_shapes(None, backend), "features")
         batch = data.draw(_batch(features), "batch")
         shape = (batch,) + features
@@ -734,30 +762,57 @@ def test_vae_loss(backend, device):
         note(f"known fault: {fault}")
         if fault is not None:
             return
+        loss_dtype = _loss_dtype(dtype, mu_spec.dtype)
+        t64 = _as_read(t, backend, dtype, mu_spec.dtype)
+        u_rec = ups[0] + ups[1]
+        if likelihood == "gaussian":
+            r = x.view64.detach() - t64.double()
+            kind, s64 = ("optimal", None) if log_scale == "optimal" else ("float", log_scale)
+            limit = _gaussian_known_limit(backend, kind, r, loss_dtype, s64, u_rec, reduction, dtype)
+            note(f"known limit: {limit}")
+            if limit is not None:
+                return
 
         beta_dev = beta.to(device) if isinstance(beta, torch.Tensor) else beta
         parts = vaekern.vae_loss(
-            x.view, t.view, mu.view, lv.view, beta=beta_dev, from_logits=from_logits, reduction=reduction,
-            return_parts=True, backend=backend,
+            x.view, t.view, mu.view, lv.view, beta=beta_dev, likelihood=likelihood, log_scale=log_scale,
+            from_logits=from_logits, reduction=reduction, return_parts=True, backend=backend,
         )  # fmt: skip
         want = reference.vae_loss_ref(
-            x.view64, _as_read(t, backend, dtype, mu_spec.dtype), mu.view64, lv.view64, beta=beta,
+            x.view64, t64, mu.view64, lv.view64, beta=beta, likelihood=likelihood, log_scale=log_scale,
             from_logits=from_logits, reduction=reduction,
-        )
-        loss_dtype = _loss_dtype(dtype, mu_spec.dtype)
+        )  # fmt: skip
+        if _recon_beyond_beside_infinite_kl(want, loss_dtype):
+            note("known limit: a recon term beyond the loss dtype beside an infinite KL")
+            return
         tol = _tol(LOSS_TOL, dtype, mu_spec.dtype)
+        # The recon term's rows sum terms of either sign for the continuous Bernoulli and the Gaussian.
+        if likelihood == "gaussian":
+            rec_scale = _gaussian_loss_scale(r, kind, s64, reduction)
+        elif likelihood == "continuous_bernoulli":
+            rec_scale = _cb_loss_scale(x, from_logits, reduction)
+        else:
+            rec_scale = 1.0
+        # And the KL's elements, each formed in the loss dtype less mu^2, cancel too (logvar
+        # of +-max): its atol scales with their magnitude.
+        kl_scale = _kl_loss_scale(mu, lv, reduction)
+        scales = {"loss": rec_scale + float(beta) * kl_scale, "recon": rec_scale, "kl": kl_scale}
         for name, got, w in zip(("loss", "recon", "kl"), parts, want):
             assert got.dtype == loss_dtype, f"{name} dtype {got.dtype}, want {loss_dtype}"
-            assert_matches(name, got, w, tol)
+            assert_matches(name, got, w, tol, scale=scales[name])
 
         live = [i for i in range(3) if want[i].requires_grad]  # recon is constant without recon_grad and beta 0
         torch.autograd.backward([parts[i] for i in live], [ups[i].to(loss_dtype).to(device) for i in live])
         torch.autograd.backward([want[i] for i in live], [ups[i] for i in live])
         b = float(beta)
-        u_rec, u_kl = ups[0] + ups[1], ups[0] * b + ups[2]
+        u_kl = ups[0] * b + ups[2]
         if recon_grad and fault is None:
             assert x.base.grad.dtype == dtype
-            assert_matches("recon.grad", x.base.grad, x.base64.grad, GRAD_TOL[dtype], scale=max(1.0, u_rec.abs().max().item()))
+            if likelihood == "continuous_bernoulli" and not from_logits:
+                scale = _cb_probs_grad_scale(x, t64, u_rec, reduction)
+            else:
+                scale = max(1.0, u_rec.abs().max().item())
+            assert_matches("recon.grad", x.base.grad, x.base64.grad, GRAD_TOL[dtype], scale=scale)
         elif not recon_grad:
             assert x.base.grad is None
         ldt = mu_spec.dtype
