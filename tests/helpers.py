@@ -145,14 +145,21 @@ class ReferenceKernels:
         scale = grad_out.double().reshape((-1,) + (1,) * (input.dim() - 1)) if grad_out.dim() else grad_out.double()
         grad_input.copy_(self._grads(out, x)[0] * scale)
 
-    def gaussian_kl(self, mu, logvar, reduction):
-        return reference.gaussian_kl_ref(mu, logvar, reduction=self._NAMES[reduction]).to(self._acc(mu, logvar))
+    def gaussian_kl(self, mu, logvar, prior_mu, prior_logvar, reduction):
+        kl = reference.gaussian_kl_ref(mu, logvar, prior_mu, prior_logvar, reduction=self._NAMES[reduction])
+        return kl.to(self._acc(mu, logvar))
 
-    def gaussian_kl_backward(self, grad_out, mu, logvar, reduction):
+    def gaussian_kl_backward(self, grad_out, mu, logvar, prior_mu, prior_logvar, reduction):
+        """The kernels' outputs: the priors' gradients per element (mu's shape), as each
+        element's share of the reduced KL's gradient, or (0,) where a prior is absent."""
         m, lv = (x.detach().double().requires_grad_() for x in (mu, logvar))
-        out = reference.gaussian_kl_ref(m, lv, reduction=self._NAMES[reduction])
-        g_mu, g_lv = self._grads(out, (m, lv), grad_out.double().expand_as(out))
-        return g_mu.to(mu.dtype), g_lv.to(logvar.dtype)
+        priors = [None if p is None else p.detach().double().expand(mu.shape).clone().requires_grad_() for p in (prior_mu, prior_logvar)]
+        out = reference.gaussian_kl_ref(m, lv, *priors, reduction=self._NAMES[reduction])
+        present = [p for p in priors if p is not None]
+        g_mu, g_lv, *g_priors = self._grads(out, (m, lv, *present), grad_out.double().expand_as(out))
+        g_priors = iter(g_priors)
+        prior_grads = [mu.new_empty((0,)) if p is None else next(g_priors).to(p.dtype) for p in (prior_mu, prior_logvar)]
+        return g_mu.to(mu.dtype), g_lv.to(logvar.dtype), *prior_grads
 
     def reparameterize(self, mu, logvar, eps, seed):
         assert eps is not None, "the reference draws no noise of its own: pass eps"
@@ -174,9 +181,13 @@ class ReferenceKernels:
         rec = reference.vae_loss_ref(x, target, x.new_zeros(x.shape[0], 1), x.new_zeros(x.shape[0], 1), **kw)[1]
         return self._grads(rec, x)[0]
 
-    def vae_loss(self, recon, target, mu, logvar, beta, log_scale, likelihood, from_logits, reduction, compute_grad):
+    def vae_loss(
+        self, recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale, likelihood, from_logits, reduction,
+        compute_grad,
+    ):
         acc = self._acc(recon, mu, logvar)
         kw = dict(likelihood=self._LIKELIHOODS[likelihood], from_logits=from_logits, reduction=self._NAMES[reduction])
+        kw.update(prior_mu=prior_mu, prior_logvar=prior_logvar)
         if likelihood == 1:
             kw["log_scale"] = log_scale.reshape(recon.shape[1:]) if log_scale.dim() else log_scale
         loss, rec, kl = reference.vae_loss_ref(recon, target, mu, logvar, beta=beta, **kw)
@@ -186,15 +197,15 @@ class ReferenceKernels:
         return loss.to(acc), rec.to(acc), kl.to(acc), grad
 
     def vae_loss_backward_(
-        self, grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, log_scale, mu, logvar, beta,
-        likelihood, from_logits, reduction,
+        self, grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, log_scale, mu, logvar, prior_mu,
+        prior_logvar, beta, likelihood, from_logits, reduction,
     ):
         if grad_recon.numel():
             # The definition, as bernoulli_nll_backward_'s: the float64 gradient times the upstream.
             scale = (grad_loss + grad_recon_term).double()
             scale = scale.reshape((-1,) + (1,) * (recon.dim() - 1)) if scale.dim() else scale
             grad_recon.copy_(self._recon_grad(recon, target, log_scale, likelihood, from_logits, reduction) * scale)
-        return self.gaussian_kl_backward(grad_loss * beta + grad_kl_term, mu, logvar, reduction)
+        return self.gaussian_kl_backward(grad_loss * beta + grad_kl_term, mu, logvar, prior_mu, prior_logvar, reduction)
 
 
 reference_kernels = ReferenceKernels()

@@ -249,7 +249,7 @@ def test_direct_op_call_with_a_dual_tensor_raises():
     r, t, m, lv = _inputs()
     with fwAD.dual_level(), torch.no_grad():
         with pytest.raises(RuntimeError, match="jvp"):
-            torch.ops.vaekern.gaussian_kl(fwAD.make_dual(m, torch.ones_like(m)), lv, 1)
+            torch.ops.vaekern.gaussian_kl(fwAD.make_dual(m, torch.ones_like(m)), lv, None, None, 1)
         with pytest.raises(RuntimeError, match="jvp"):
             torch.ops.vaekern.bernoulli_nll(fwAD.make_dual(r, torch.ones_like(r)), t, True, 1, False)
         with pytest.raises(RuntimeError, match="jvp"):

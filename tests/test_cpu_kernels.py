@@ -96,8 +96,8 @@ def test_vae_loss_thread_count_invariant(threads, shape):
     g = torch.randn(shape[0])
 
     def run():
-        loss, rec, kl, grad = ops.vae_loss(x, t, mu, logvar, beta, beta.new_zeros(()), 0, True, 0, True)
-        g_mu, g_lv = ops.vae_loss_backward_(grad, g, g * 0.5, g * 2.0, x, t, beta.new_zeros(()), mu, logvar, beta, 0, True, 0)
+        loss, rec, kl, grad = ops.vae_loss(x, t, mu, logvar, None, None, beta, beta.new_zeros(()), 0, True, 0, True)
+        g_mu, g_lv, _, _ = ops.vae_loss_backward_(grad, g, g * 0.5, g * 2.0, x, t, beta.new_zeros(()), mu, logvar, None, None, beta, 0, True, 0)
         return loss, rec, kl, grad, g_mu, g_lv
 
     assert _bitwise_equal(_at_threads(threads, 1, run), _at_threads(threads, 2, run))
@@ -110,8 +110,8 @@ def test_latent_ops_thread_count_invariant(threads):
 
     def run():
         return (
-            ops.gaussian_kl(mu, logvar, 1),
-            *ops.gaussian_kl_backward(torch.tensor(3.0), mu, logvar, 1),
+            ops.gaussian_kl(mu, logvar, None, None, 1),
+            *ops.gaussian_kl_backward(torch.tensor(3.0), mu, logvar, None, None, 1),
             ops.reparameterize(mu, logvar, None, seed),
             *ops.reparameterize_backward(g, mu, logvar, None, seed),
         )

@@ -322,13 +322,16 @@ def test_cuda_kernels_give_the_same_bits_in_any_schedule(schedule):
         for x, t, mu, lv, r in inputs:
             # The Gaussian with one log_scale per column, and through vae_loss with one for all.
             per_column = torch.linspace(-0.5, 0.5, x.shape[1])
-            yield from ops.vae_loss(x, t, mu, lv, beta, beta.new_zeros(()), 0, True, r, True)
-            yield from ops.vae_loss(x, t, mu, lv, beta, torch.full((), 0.3), 1, True, r, True)
-            yield from ops.vae_loss(x, t, mu, lv, beta, beta.new_zeros(()), 2, True, r, True)
+            # A learned prior (one per latent) and a per-sample log-variance, read at stride 0.
+            prior = (torch.linspace(-1, 1, mu.shape[1]), torch.linspace(-0.5, 0.5, mu.shape[0])[:, None])
+            yield from ops.vae_loss(x, t, mu, lv, None, None, beta, beta.new_zeros(()), 0, True, r, True)
+            yield from ops.vae_loss(x, t, mu, lv, None, None, beta, torch.full((), 0.3), 1, True, r, True)
+            yield from ops.vae_loss(x, t, mu, lv, *prior, beta, beta.new_zeros(()), 2, True, r, True)
             yield from ops.bernoulli_nll(torch.sigmoid(x), t, False, r, True)
             yield from ops.gaussian_nll(x, t, per_column, r, True)
             yield from ops.continuous_bernoulli_nll(x, t, True, r, True)
-            yield ops.gaussian_kl(mu, lv, r)
+            yield ops.gaussian_kl(mu, lv, None, None, r)
+            yield ops.gaussian_kl(mu, lv, *prior, r)
             yield ops.reparameterize(mu, lv, None, seed)
 
     runs = {}

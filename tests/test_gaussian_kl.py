@@ -103,9 +103,12 @@ def test_opcheck(backend, device):
     ops = kernels_of(backend, device)
     mu, logvar = latents((5, 13), torch.float32, device)
     for reduction in (0, 1, 2):
-        torch.library.opcheck(ops.gaussian_kl, (leaf(mu), leaf(logvar), reduction))
         grad_out = torch.rand(5, device=device) if reduction == 0 else torch.tensor(2.5, device=device)
-        torch.library.opcheck(ops.gaussian_kl_backward, (grad_out, mu, logvar, reduction))
+        # No prior; a learned one (per latent) with a per-sample log-variance; a 0-d mean alone.
+        pm, plv = torch.randn(13, device=device) * 0.3, torch.randn(5, 1, device=device) * 0.3
+        for prior in ((None, None), (pm, plv), (pm[0], None)):
+            torch.library.opcheck(ops.gaussian_kl, (leaf(mu), leaf(logvar), *(p if p is None else leaf(p) for p in prior), reduction))
+            torch.library.opcheck(ops.gaussian_kl_backward, (grad_out, mu, logvar, *prior, reduction))
 
 
 def test_torch_func_grad_hessian_and_per_sample_gradients(backend, device):

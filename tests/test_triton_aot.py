@@ -101,6 +101,7 @@ except ImportError:
     triton = None
 
 ARCHS = (80, 90)
+PRIOR_PTRS = ("pm_ptr", "plv_ptr", "gpm_ptr", "gplv_ptr")
 # Block sizes of a typical launch: rows of 3072 pixels, 64 latents, a batch of 128.
 D_IMAGE, Z_LATENT, B_BATCH = 3072, 64, 128
 DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
@@ -257,6 +258,37 @@ def _cases():
             {"go_ptr": acc, "mu_ptr": dt, "lv_ptr": dt, "gmu_ptr": dt, "glv_ptr": dt}, ("Z", "stride_mu", "stride_lv"),
             {"MEAN": True, "BLOCK_B": BLOCK_B, "BLOCK_Z": BLOCK_Z}, lwarps,
         ))
+        # A learned prior (both parts) read at its broadcast strides, with the latents'
+        # gradients and the prior's per element: the KL ops and vae_loss.
+        prior = {p: acc for p in PRIOR_PTRS}
+        with_prior = {"HAS_PM": True, "HAS_PLV": True}
+        cases.append((
+            f"gaussian_kl_fwd {dt} reduction=1 prior", "gaussian_kl", "_gaussian_kl_fwd_kernel",
+            {"mu_ptr": dt, "lv_ptr": dt, "out_ptr": acc, **prior}, ("Z", "stride_mu", "stride_lv"),
+            {"REDUCTION": 1, "BLOCK_B": BLOCK_B, "BLOCK_Z": BLOCK_Z, **with_prior}, lwarps,
+        ))
+        cases.append((
+            f"gaussian_kl_bwd {dt} prior", "gaussian_kl", "_gaussian_kl_bwd_kernel",
+            {"go_ptr": acc, "mu_ptr": dt, "lv_ptr": dt, "gmu_ptr": dt, "glv_ptr": dt, **prior},
+            ("Z", "stride_mu", "stride_lv"),
+            {"MEAN": True, "BLOCK_B": BLOCK_B, "BLOCK_Z": BLOCK_Z, **with_prior}, lwarps,
+        ))
+        cases.append((
+            f"vae_loss_fwd x={dt} prior", "vae_loss", "_vae_loss_fwd_kernel",
+            {"x_ptr": dt, "t_ptr": "u8", "grad_ptr": dt, "part_ptr": acc, "mu_ptr": dt, "lv_ptr": dt, "kl_ptr": "fp64",
+             "s_ptr": acc, **prior},
+            ("D", "Z", "stride_x", "stride_t", "stride_mu", "stride_lv"),
+            {"LIKELIHOOD": 0, "S_STRIDE": 0, "FROM_LOGITS": True, "COMPUTE_GRAD": True, "MEAN": True,
+             "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z, **with_prior}, warps,
+        ))
+        cases.append((
+            f"vae_loss_bwd x={dt} prior", "vae_loss", "_vae_loss_bwd_kernel",
+            {"grad_ptr": dt, "gl_ptr": acc, "gr_ptr": acc, "gk_ptr": acc, "beta_ptr": acc,
+             "mu_ptr": dt, "lv_ptr": dt, "gmu_ptr": dt, "glv_ptr": dt, "x_ptr": dt, "t_ptr": dt, "s_ptr": acc, **prior},
+            ("D", "Z", "stride_mu", "stride_lv", "stride_x", "stride_t"),
+            {"LIKELIHOOD": 0, "S_STRIDE": 0, "FROM_LOGITS": True, "MEAN": True, "RECOMPUTE": dt == "fp16",
+             "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z, **with_prior}, warps,
+        ))
         for has_eps in (True, False):
             src = "eps" if has_eps else "seed"
             cases.append((
@@ -326,6 +358,11 @@ def _ptx(case, arch: int) -> str:
 
     _, module, kernel, ptrs, hinted, constexprs, warps = case
     fn = globals()[kernel] if not module else getattr(importlib.import_module(f"vaekern._triton.{module}"), kernel)
+    # The KL's prior is absent unless a case names it (PRIOR_CASE); its unread pointers
+    # still need a pointer type.
+    if "HAS_PM" in fn.arg_names:
+        constexprs = {"HAS_PM": False, "HAS_PLV": False, **constexprs}
+        ptrs = {**{p: "fp32" for p in PRIOR_PTRS if p in fn.arg_names}, **ptrs}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -535,15 +572,19 @@ def test_split_rows_match_reference(split_rows, reduction, from_logits):
     ref.bernoulli_nll_backward_(grad_r, go, x, t, from_logits, reduction)
     torch.testing.assert_close(grad, grad_r, rtol=1e-12, atol=1e-12)
 
-    res = tri.vae_loss(x, t, mu, lv, beta, beta.new_zeros(()), 0, from_logits, reduction, True)
-    res_r = ref.vae_loss(x, t, mu, lv, beta, beta.new_zeros(()), 0, from_logits, reduction, True)
-    for a, b in zip(res, res_r):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    gk = go * 2
-    g_mu, g_lv = tri.vae_loss_backward_(res[3], go, go * 0.5, gk, x, t, beta.new_zeros(()), mu, lv, beta, 0, from_logits, reduction)
-    g_mu_r, g_lv_r = ref.vae_loss_backward_(res_r[3], go, go * 0.5, gk, x, t, beta.new_zeros(()), mu, lv, beta, 0, from_logits, reduction)
-    for a, b in ((res[3], res_r[3]), (g_mu, g_mu_r), (g_lv, g_lv_r)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    pm, plv = torch.randn(20, dtype=torch.float64, device=dev), torch.randn(3, 1, dtype=torch.float64, device=dev)
+    for prior in ((None, None), (pm, plv)):
+        res = tri.vae_loss(x, t, mu, lv, *prior, beta, beta.new_zeros(()), 0, from_logits, reduction, True)
+        res_r = ref.vae_loss(x, t, mu, lv, *prior, beta, beta.new_zeros(()), 0, from_logits, reduction, True)
+        for a, b in zip(res, res_r):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        gk = go * 2
+        args = (go, go * 0.5, gk, x, t, beta.new_zeros(()), mu, lv, *prior, beta, 0, from_logits, reduction)
+        grads = tri.vae_loss_backward_(res[3], *args)
+        grads_r = ref.vae_loss_backward_(res_r[3], *args)
+        torch.testing.assert_close(res[3], res_r[3], rtol=1e-12, atol=1e-12)
+        for a, b in zip(grads, grads_r):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])
@@ -592,7 +633,9 @@ def test_row_strides_read_in_place(split_rows):
     tri, ref = torch.ops.vaekern_triton, reference_kernels
     for a, b in zip(tri.bernoulli_nll(x, t, True, 0, True), ref.bernoulli_nll(x, t, True, 0, True)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(tri.gaussian_kl(mu, lv, 2), ref.gaussian_kl(mu, lv, 2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        tri.gaussian_kl(mu, lv, None, None, 2), ref.gaussian_kl(mu, lv, None, None, 2), rtol=1e-12, atol=1e-12
+    )
     eps = torch.randn(4, 20, dtype=torch.float64, device=dev)
     torch.testing.assert_close(tri.reparameterize(mu, lv, eps, None), ref.reparameterize(mu, lv, eps, None))
 

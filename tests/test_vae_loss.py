@@ -287,16 +287,23 @@ def test_opcheck(backend, device):
     mu, logvar = latents((5, 3), torch.float32, device)
     beta = torch.tensor(0.7, device=device)
     for reduction in (0, 1, 2):
-        torch.library.opcheck(ops.vae_loss, (recon, t, leaf(mu), leaf(logvar), beta, beta.new_zeros(()), 0, True, reduction, False))
+        torch.library.opcheck(ops.vae_loss, (recon, t, leaf(mu), leaf(logvar), None, None, beta, beta.new_zeros(()), 0, True, reduction, False))
         # As in test_bernoulli_nll.py::test_opcheck: every opcheck test, gradients included.
-        torch.library.opcheck(ops.vae_loss, (leaf(recon), t, leaf(mu), leaf(logvar), beta, beta.new_zeros(()), 0, True, reduction, True))
+        torch.library.opcheck(ops.vae_loss, (leaf(recon), t, leaf(mu), leaf(logvar), None, None, beta, beta.new_zeros(()), 0, True, reduction, True))
         # Probabilities, and no gradient asked while recon needs one: backward recomputes it.
         p = probs((5, 13), torch.float32, device)
-        torch.library.opcheck(ops.vae_loss, (leaf(p), t, mu, logvar, beta, beta.new_zeros(()), 0, False, reduction, False))
+        torch.library.opcheck(ops.vae_loss, (leaf(p), t, mu, logvar, None, None, beta, beta.new_zeros(()), 0, False, reduction, False))
         g = (lambda: torch.rand(5, device=device)) if reduction == 0 else (lambda: torch.rand((), device=device))
         grad = torch.randn(5, 13, device=device)
         torch.library.opcheck(
-            ops.vae_loss_backward_, (grad, g(), g(), g(), recon, t, beta.new_zeros(()), mu, logvar, beta, 0, True, reduction)
+            ops.vae_loss_backward_, (grad, g(), g(), g(), recon, t, beta.new_zeros(()), mu, logvar, None, None, beta, 0, True, reduction)
+        )
+        # A prior, learned per latent (a mean) and per sample (a log-variance), read in place.
+        pm, plv = torch.randn(3, device=device) * 0.3, torch.randn(5, 1, device=device) * 0.3
+        prior_args = (leaf(recon), t, leaf(mu), leaf(logvar), leaf(pm), leaf(plv), beta, beta.new_zeros(()), 0, True)
+        torch.library.opcheck(ops.vae_loss, (*prior_args, reduction, True))
+        torch.library.opcheck(
+            ops.vae_loss_backward_, (grad, g(), g(), g(), recon, t, beta.new_zeros(()), mu, logvar, pm, plv, beta, 0, True, reduction)
         )
 
 
@@ -310,7 +317,7 @@ def test_backward_leaves_rows_scaled_by_one_untouched(backend, device):
     grad_recon = torch.tensor([0.0, 0.5, 0.25], device=device)
     beta = torch.tensor(1.0, device=device)
     recon, t = torch.zeros_like(grad), torch.zeros_like(grad)  # read only for float16
-    ops.vae_loss_backward_(grad, grad_loss, grad_recon, torch.zeros(3, device=device), recon, t, beta.new_zeros(()), mu, logvar, beta, 0, True, 0)
+    ops.vae_loss_backward_(grad, grad_loss, grad_recon, torch.zeros(3, device=device), recon, t, beta.new_zeros(()), mu, logvar, None, None, beta, 0, True, 0)
     after = grad.view(torch.int32)
     assert torch.equal(after[:2], bits[:2])
     assert not torch.equal(after[2], bits[2])
@@ -355,13 +362,13 @@ def test_backward_adopts_the_forward_gradient_in_place(backend, device):
     mu, logvar = latents((4, 3), torch.float32, device)
     beta = torch.tensor(0.5, device=device)
     r = leaf(recon)
-    loss, _, _, grad = ops.vae_loss(r, t, leaf(mu), leaf(logvar), beta, beta.new_zeros(()), 0, True, 1, True)
+    loss, _, _, grad = ops.vae_loss(r, t, leaf(mu), leaf(logvar), None, None, beta, beta.new_zeros(()), 0, True, 1, True)
     ptr = grad.data_ptr()
     del grad
     (loss * 3).backward()
     assert r.grad.data_ptr() == ptr
     r2 = leaf(recon)
-    loss, _, _, kept = ops.vae_loss(r2, t, leaf(mu), leaf(logvar), beta, beta.new_zeros(()), 0, True, 1, True)
+    loss, _, _, kept = ops.vae_loss(r2, t, leaf(mu), leaf(logvar), None, None, beta, beta.new_zeros(()), 0, True, 1, True)
     before = kept.clone()
     (loss * 3).backward()
     assert torch.equal(kept, before) and r2.grad.data_ptr() != kept.data_ptr()
@@ -415,7 +422,7 @@ def test_double_backward_through_the_latents(backend, device, reduction):
     red = {"none": 0, "mean": 1, "sum": 2}[reduction]
 
     def op(m, lv):
-        return ops.vae_loss(recon, t, m, lv, beta, beta.new_zeros(()), 0, True, red, False)[:3]
+        return ops.vae_loss(recon, t, m, lv, None, None, beta, beta.new_zeros(()), 0, True, red, False)[:3]
 
     assert torch.autograd.gradgradcheck(op, (leaf(mu), leaf(logvar)), fast_mode=True)
 
@@ -565,7 +572,10 @@ def test_likelihood_gradcheck_opcheck_and_compile(backend, device, likelihood):
         scales = (s32, torch.tensor(0.3, device=device)) if likelihood == "gaussian" else (s32,)
         for reduction in (0, 1):
             for s in scales:
-                args = (leaf(r32), t32, leaf(mu.float()), leaf(logvar.float()), beta, leaf(s) if likelihood == "gaussian" else s)
+                args = (
+                    leaf(r32), t32, leaf(mu.float()), leaf(logvar.float()), None, None, beta,
+                    leaf(s) if likelihood == "gaussian" else s,
+                )  # fmt: skip
                 torch.library.opcheck(ops.vae_loss, (*args, code, True, reduction, True))
     if backend not in ("reference", "cpu"):
         return  # the traced path is the op layer's, shared by every namespace: compiled once here

@@ -456,24 +456,25 @@ def gaussian_kl(
         if return_per_dim:
             return kl, reference.gaussian_kl_per_dim_ref(mu, logvar, prior_mu, prior_logvar).to(dtype)
         return kl
-    mu, logvar = _standardized(mu, logvar, prior_mu, prior_logvar)
+    latents = _kl_operands(mu, logvar, prior_mu, prior_logvar)
     if not _binds(free_bits) and not return_per_dim:
-        return _gaussian_kl(kernels, mu, logvar, red)
-    kl, per_dim = _free_bits_kl(kernels, mu, logvar, free_bits, red)
+        return _gaussian_kl(kernels, *latents, red)
+    kl, per_dim = _free_bits_kl(kernels, *latents, free_bits, red)
     return (kl, per_dim) if return_per_dim else kl
 
 
-def _gaussian_kl(kernels, mu: Tensor, logvar: Tensor, red: int) -> Tensor:
-    """The KL to N(0, I) through the kernel op, by the call path ``_path`` picks."""
-    match _path(kernels, "gaussian_kl", mu, logvar):
+def _gaussian_kl(kernels, mu: Tensor, logvar: Tensor, prior_mu, prior_logvar, red: int) -> Tensor:
+    """The KL to the prior through the kernel op, by the call path ``_path`` picks."""
+    latents = (mu, logvar, prior_mu, prior_logvar)
+    match _path(kernels, "gaussian_kl", *latents):
         case "op":
-            return kernels.gaussian_kl(mu, logvar, red)
+            return kernels.gaussian_kl(*latents, red)
         case "function":
-            return GaussianKLFunction.apply(kernels, mu, logvar, red)
+            return GaussianKLFunction.apply(kernels, *latents, red)
         case "transform":
-            return kernels.transforms["gaussian_kl"].apply(mu, logvar, red)
+            return kernels.transforms["gaussian_kl"].apply(*latents, red)
     with below_autograd():
-        return kernels.gaussian_kl(mu, logvar, red)
+        return kernels.gaussian_kl(*latents, red)
 
 
 def _prior(name: str, prior, mu: Tensor) -> Tensor | None:
@@ -544,38 +545,42 @@ def _kl_dtype(*tensors: Tensor | None) -> torch.dtype:
     return acc_dtype(*(t for t in tensors if t is not None))
 
 
-def _standardized(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None):
-    """Latents whose KL to N(0, I) is the KL of (mu, logvar) to the prior.
-
-    The KL is invariant under the affine map z -> (z - pm) * exp(-plv / 2) applied to both
-    distributions, which takes the prior to N(0, I) and the posterior to N((mu - pm) *
-    exp(-plv / 2), exp(logvar - plv)): the kernels' KL of those is the KL to the prior, and
-    autograd takes the gradients through the map to all four tensors, reducing the priors'
-    over their broadcast dims. Evaluated in the accumulation dtype (float32, float64 when
-    an input is float64), so that a float16 or bfloat16 posterior is not rounded twice.
-    Without a prior the latents pass unchanged, to the kernels' one launch."""
+def _kl_operands(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None):
+    """(mu, logvar, prior_mu, prior_logvar) as the kernel ops take them: each prior in the
+    latents' math dtype (float32, float64 for float64 latents), which the kernels read in
+    place at its broadcast strides and standardize the latents by on load. A float64 prior
+    of lower-precision latents makes the math float64: the latents are widened (a
+    latent-sized cast), as the oracle computes. Without a prior the latents pass
+    unchanged."""
     if prior_mu is None and prior_logvar is None:
-        return mu, logvar
+        return mu, logvar, None, None
     dtype = _kl_dtype(mu, prior_mu, prior_logvar)
-    m, lv = mu.to(dtype), logvar.to(dtype)
-    if prior_mu is not None:
-        m = m - prior_mu.to(dtype)
-    if prior_logvar is not None:
-        plv = prior_logvar.to(dtype)
-        m = m * torch.exp(-0.5 * plv)
-        lv = lv - plv
-    return m, lv
+    if mu.dtype != dtype and dtype == torch.float64:
+        mu, logvar = mu.to(dtype), logvar.to(dtype)
+    return (
+        mu, logvar, None if prior_mu is None else prior_mu.to(dtype),
+        None if prior_logvar is None else prior_logvar.to(dtype),
+    )  # fmt: skip
 
 
-def _free_bits_kl(kernels, mu: Tensor, logvar: Tensor, free_bits: float | Tensor, red: int) -> tuple[Tensor, Tensor]:
-    """(the KL term, the batch-mean KL per latent element) of standardized latents.
+def _free_bits_kl(
+    kernels, mu: Tensor, logvar: Tensor, prior_mu, prior_logvar, free_bits: float | Tensor, red: int
+) -> tuple[Tensor, Tensor]:
+    """(the KL term, the batch-mean KL per latent element) of the kernel ops' operands
+    (``_kl_operands``).
 
     The per-element batch sums are the kernels' per-row KL of the transposed latents, one
     row per latent element: the same fused pass, its backward scaling each element's row
-    by the upstream gradient of its batch mean (0 below the free bits)."""
+    by the upstream gradient of its batch mean (0 below the free bits). The priors are
+    transposed with them, as views at their broadcast strides."""
     B = mu.shape[0]
     cols = math.prod(mu.shape[1:])
-    sums = _gaussian_kl(kernels, mu.reshape(B, cols).t(), logvar.reshape(B, cols).t(), REDUCTIONS["none"])
+
+    def columns(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.expand(mu.shape).reshape(B, cols).t()
+
+    latents = (columns(mu), columns(logvar), columns(prior_mu), columns(prior_logvar))
+    sums = _gaussian_kl(kernels, *latents, REDUCTIONS["none"])
     per_dim = (sums / B).reshape(mu.shape[1:])
     if _binds(free_bits):
         # where, not maximum: the gradient passes at equality, and a NaN stays NaN.
@@ -585,7 +590,7 @@ def _free_bits_kl(kernels, mu: Tensor, logvar: Tensor, free_bits: float | Tensor
         kl = kl.sum()
         return (kl * B if red == REDUCTIONS["sum"] else kl), per_dim
     if red == REDUCTIONS["none"]:  # the rows are not in the column pass: a second launch
-        return _gaussian_kl(kernels, mu, logvar, red), per_dim
+        return _gaussian_kl(kernels, mu, logvar, prior_mu, prior_logvar, red), per_dim
     # The sum from the sums, not B * the means: over an empty batch the means are 0/0.
     return (sums.sum() if red == REDUCTIONS["sum"] else per_dim.sum()), per_dim
 
@@ -788,7 +793,7 @@ def vae_loss(
         # beyond the latents' precision (inf) makes the loss NaN here, where the fused path
         # forms the KL in float64 (README, Numerical conventions).
         rec = _recon_nll(recon, target, lik, log_scale, from_logits, reduction, backend).to(dtype)
-        kl = _free_bits_kl(kernels, *_standardized(mu, logvar, prior_mu, prior_logvar), free_bits, red)[0].to(dtype)
+        kl = _free_bits_kl(kernels, *_kl_operands(mu, logvar, prior_mu, prior_logvar), free_bits, red)[0].to(dtype)
         loss = rec + beta_t * kl
         return VAELossParts(loss, rec, kl) if return_parts else loss
     if lik == LIKELIHOODS["gaussian"]:
@@ -803,13 +808,13 @@ def vae_loss(
         )  # fmt: skip
         loss, rec, kl = (p.to(dtype) for p in parts)
     else:
-        if not plain_kl:
-            mu, logvar = _standardized(mu, logvar, prior_mu, prior_logvar)
+        latents = (mu, logvar, None, None) if plain_kl else _kl_operands(mu, logvar, prior_mu, prior_logvar)
         optimal = ls is None
         if optimal:  # the rows' squared errors from the same launch (_optimal_nll)
             ls = _constant(SQUARED_ERROR_LOG_SCALE, dtype, device)
-        args = (recon, target, mu, logvar, beta_t, ls, lik, from_logits, REDUCTIONS["none"] if optimal else red)
-        match _path(kernels, "vae_loss", recon, mu, logvar, ls, target, beta_t):  # target, beta_t: for a tangent
+        args = (recon, target, *latents, beta_t, ls, lik, from_logits, REDUCTIONS["none"] if optimal else red)
+        # target, beta_t: for a tangent
+        match _path(kernels, "vae_loss", recon, *latents, ls, target, beta_t):
             case "op":
                 loss, rec, kl, _ = kernels.vae_loss(*args, _needs_grad(recon))
             case "function":

@@ -73,17 +73,22 @@ def _run(ops, shapes) -> int:
                 # and one per column (ASan's redzone right after column D - 1).
                 acc = torch.float64 if dtype == torch.float64 else torch.float32
                 log_scales = (torch.full((), 0.3, dtype=acc), exact(torch.randn(D, dtype=acc) * 0.5, misaligned))
+                # A prior: one mean per latent (read at row stride 0, ASan's redzone after
+                # latent Z - 1) and one log-variance per element.
+                prior = (exact(torch.randn(Z, dtype=acc), misaligned), exact(torch.randn(B, Z, dtype=acc), misaligned))
                 # A float target with aligned inputs, a bool one (one byte) with misaligned.
                 t = exact(torch.rand(B, D) > 0.5 if misaligned else torch.rand(B, D), misaligned)
                 # none (per-row outputs) and mean: sum takes mean's memory paths (only the
                 # scale differs), and leaving it out keeps CI within its budget.
                 for r in (0, 1):
                     scale = torch.rand(B) + 0.5 if r == 0 else torch.full((), 0.7)
-                    for inp, logits in ((x, True), (p, False)):
+                    for inp, logits, kl_prior in ((x, True, prior), (p, False, (None, None))):
                         _, grad = ops.bernoulli_nll(inp, t, logits, r, True)
                         ops.bernoulli_nll_backward_(grad, scale, inp, t, logits, r)
-                        *_, g = ops.vae_loss(inp, t, mu, lv, beta, beta.new_zeros(()), 0, logits, r, True)
-                        ops.vae_loss_backward_(g, scale, scale, scale, inp, t, beta.new_zeros(()), mu, lv, beta, 0, logits, r)
+                        *_, g = ops.vae_loss(inp, t, mu, lv, *kl_prior, beta, beta.new_zeros(()), 0, logits, r, True)
+                        ops.vae_loss_backward_(
+                            g, scale, scale, scale, inp, t, beta.new_zeros(()), mu, lv, *kl_prior, beta, 0, logits, r
+                        )
                         calls += 4
                         # The continuous Bernoulli runs the Bernoulli's tiling and loads as they
                         # are: once per width (4 and 2 bytes) covers its own code.
@@ -95,9 +100,10 @@ def _run(ops, shapes) -> int:
                         _, grad = ops.gaussian_nll(x, t, log_scale, r, True)
                         ops.gaussian_nll_backward_(grad, scale, x, t, log_scale, r)
                         calls += 2
-                    ops.gaussian_kl(mu, lv, r)
-                    ops.gaussian_kl_backward(scale, mu, lv, r)
-                    calls += 2
+                    for kl_prior in ((None, None), prior):
+                        ops.gaussian_kl(mu, lv, *kl_prior, r)
+                        ops.gaussian_kl_backward(scale, mu, lv, *kl_prior, r)
+                        calls += 2
                 seed = torch.tensor([7])
                 for e, s in ((eps, None), (None, seed)):
                     z = ops.reparameterize(mu, lv, e, s)

@@ -98,30 +98,65 @@ def has_native_autograd(qualname: str) -> bool:
         return False
 
 
+def kl_grads(kernels, grad_out, mu, logvar, prior_mu, prior_logvar, reduction: int, wanted=(True, True)):
+    """gaussian_kl's backward (and vae_loss's for the latents): ``(d/dmu, d/dlogvar,
+    d/dprior_mu, d/dprior_logvar)``, each prior's reduced to its shape (None where it is
+    absent or not ``wanted``): the kernel, or the differentiable form when backward builds
+    a graph (double backward)."""
+    if torch.is_grad_enabled():
+        g_mu, g_lv, g_pm, g_plv = differentiable_kl_grads(grad_out, mu, logvar, prior_mu, prior_logvar, reduction)
+    else:
+        g_mu, g_lv, g_pm, g_plv = kernels.gaussian_kl_backward(grad_out, mu, logvar, prior_mu, prior_logvar, reduction)
+    return g_mu, g_lv, prior_grad(g_pm, prior_mu, wanted[0]), prior_grad(g_plv, prior_logvar, wanted[1])
+
+
+def prior_grad(grad: Tensor, prior: Tensor | None, wanted: bool = True) -> Tensor | None:
+    """A prior's gradient, which the kernels write per latent element (mu's shape), summed
+    over the dims the prior broadcasts: the one ATen op of the prior's backward."""
+    if prior is None or not wanted:
+        return None
+    return grad if grad.shape == prior.shape else grad.sum_to_size(prior.shape)
+
+
+def prior_fake(prior: Tensor | None, mu: Tensor) -> Tensor:
+    """The fake of a kernel's per-element prior gradient: mu's shape in the prior's dtype,
+    or (0,) without the prior."""
+    if prior is None:
+        return mu.new_empty((0,))
+    return torch.empty(mu.shape, dtype=prior.dtype, device=mu.device)
+
+
 # The variance's exponent clamp of the differentiable KL gradient (double backward), as in the
 # kernels; tests/test_limits.py ties it to the reference.
 LOGVAR_MAX = 60.0
 
 
-def differentiable_kl_grads(grad_out, mu, logvar, reduction: int):
-    """(d/dmu, d/dlogvar) of the reduced KL times grad_out, with ops autograd can differentiate.
+def differentiable_kl_grads(grad_out, mu, logvar, prior_mu, prior_logvar, reduction: int):
+    """(d/dmu, d/dlogvar, d/dprior_mu, d/dprior_logvar) of the reduced KL times grad_out,
+    with ops autograd can differentiate; the priors' per element, as the kernels write them
+    (None where absent).
 
-    Evaluated in the accumulation dtype and rounded once, as the kernels do: expm1 of a
-    float16 logvar in float16 is inf above 11.09 where s * 0.5 * expm1 is finite (636 at
-    logvar 12 with s = 1/128), and in bfloat16 it would round twice."""
+    The kernels' math (``gaussian_kl``'s header): the KL of m = (mu - pm) * exp(-plv / 2)
+    and l = logvar - plv to N(0, I), whose gradients g_m = s * m and g_l = s * 0.5 *
+    expm1(min(l, 60)) reach the inputs as d/dmu = g_m * exp(-plv / 2), d/dlogvar = g_l,
+    d/dpm = -d/dmu and d/dplv = -g_l - 0.5 * g_m * m. Evaluated in the accumulation dtype
+    and rounded once, as the kernels do: expm1 of a float16 logvar in float16 is inf above
+    11.09 where s * 0.5 * expm1 is finite (636 at logvar 12 with s = 1/128), and in
+    bfloat16 it would round twice."""
     acc = torch.promote_types(acc_dtype(mu, logvar), grad_out.dtype)
     s = per_row((grad_out / mu.shape[0] if reduction == 1 else grad_out).to(acc), mu.shape[0], mu.dim())
-    g_mu = s * mu.to(acc)
-    g_lv = s * 0.5 * torch.expm1(logvar.to(acc).clamp(max=LOGVAR_MAX))
-    return g_mu.to(mu.dtype), g_lv.to(logvar.dtype)
-
-
-def kl_grads(kernels, grad_out, mu, logvar, reduction: int):
-    """gaussian_kl's backward (and vae_loss's for the latents): the kernel, or the
-    differentiable form when backward builds a graph (double backward)."""
-    if torch.is_grad_enabled():
-        return differentiable_kl_grads(grad_out, mu, logvar, reduction)
-    return kernels.gaussian_kl_backward(grad_out, mu, logvar, reduction)
+    m, lv = mu.to(acc), logvar.to(acc)
+    if prior_mu is not None:
+        m = m - prior_mu.to(acc)
+    if prior_logvar is not None:
+        e = torch.exp(-0.5 * prior_logvar.to(acc))
+        m, lv = m * e, lv - prior_logvar.to(acc)
+    g_m = s * m
+    g_lv = s * 0.5 * torch.expm1(lv.clamp(max=LOGVAR_MAX))
+    g_mu = g_m * e if prior_logvar is not None else g_m
+    g_pm = None if prior_mu is None else (-g_mu).to(prior_mu.dtype)
+    g_plv = None if prior_logvar is None else (-g_lv - 0.5 * g_m * m).to(prior_logvar.dtype)
+    return g_mu.to(mu.dtype), g_lv.to(logvar.dtype), g_pm, g_plv
 
 
 def double_backward_error(op: str) -> RuntimeError:

@@ -11,17 +11,20 @@ g_loss * beta + g_kl``.
 
 Kernels:
 
-* ``vae_loss(recon, target, mu, logvar, beta, log_scale, likelihood, from_logits,
-  reduction, compute_grad) -> (loss, recon_term, kl_term, grad)``: ``grad`` as in the
+* ``vae_loss(recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale,
+  likelihood, from_logits, reduction, compute_grad) -> (loss, recon_term, kl_term,
+  grad)``: the priors as in ``gaussian_kl`` (read in place, each None for 0); ``grad`` as in the
   likelihood ops (``_likelihood``); ``likelihood`` is ``LIKELIHOODS``' code, ``log_scale``
   the Gaussian's (0-d or one per column, loss dtype; read by the Gaussian only) and
   ``from_logits`` the Bernoullis' (ignored by the Gaussian).
 * ``vae_loss_backward_(grad, g_loss, g_recon, g_kl, recon, target, log_scale, mu, logvar,
-  beta, likelihood, from_logits, reduction) -> (grad_mu, grad_logvar)``: scales ``grad`` in
+  prior_mu, prior_logvar, beta, likelihood, from_logits, reduction) -> (grad_mu,
+  grad_logvar, grad_prior_mu, grad_prior_logvar)``: scales ``grad`` in
   place per row by ``g_loss + g_recon`` as the likelihood's ``*_backward_`` does (skipping
   rows where that is exactly 1, recomputing float16 elements outside float16's normal
   range from ``recon`` and ``target``, and doing nothing when ``grad`` is empty) and
-  returns the latents' gradients, in one launch.
+  returns the latents' and the priors' gradients as ``gaussian_kl_backward`` does, in one
+  launch.
 
 Autograd, as in the likelihood ops: eager (:class:`VAELossFunction`) scales the forward's
 gradient in place; traced (registered) scales the saved output out of place. The recon
@@ -50,6 +53,8 @@ from vaekern._ops._common import (
     loss_like,
     loss_read_by_backward,
     no_double_backward,
+    prior_fake,
+    prior_grad,
     register_op,
     scaled_rows,
     take_saved_grad,
@@ -57,8 +62,8 @@ from vaekern._ops._common import (
 from vaekern._ops.gaussian_nll import log_scale_grad
 
 SCHEMAS = {
-    "vae_loss": "(Tensor recon, Tensor target, Tensor mu, Tensor logvar, Tensor beta, Tensor log_scale, int likelihood, bool from_logits, int reduction, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)",
-    "vae_loss_backward_": "(Tensor(a!) grad_recon, Tensor grad_loss, Tensor grad_recon_term, Tensor grad_kl_term, Tensor recon, Tensor target, Tensor log_scale, Tensor mu, Tensor logvar, Tensor beta, int likelihood, bool from_logits, int reduction) -> (Tensor, Tensor)",
+    "vae_loss": "(Tensor recon, Tensor target, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, Tensor beta, Tensor log_scale, int likelihood, bool from_logits, int reduction, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    "vae_loss_backward_": "(Tensor(a!) grad_recon, Tensor grad_loss, Tensor grad_recon_term, Tensor grad_kl_term, Tensor recon, Tensor target, Tensor log_scale, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, Tensor beta, int likelihood, bool from_logits, int reduction) -> (Tensor, Tensor, Tensor, Tensor)",
 }
 GAUSSIAN = LIKELIHOODS["gaussian"]
 
@@ -71,19 +76,23 @@ def _recon_backward(kernels, likelihood: int, log_scale, from_logits: bool):
     return getattr(kernels, name), from_logits
 
 
-def vae_loss_fake(recon, target, mu, logvar, beta, log_scale, likelihood, from_logits, reduction, compute_grad):
+def vae_loss_fake(
+    recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale, likelihood, from_logits, reduction, compute_grad
+):
     dtype = acc_dtype(recon, mu, logvar)
     loss = loss_like(recon, reduction, dtype)
     return loss, torch.empty_like(loss), torch.empty_like(loss), grad_like(recon, compute_grad)
 
 
 def vae_loss_backward_fake(
-    grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, log_scale, mu, logvar, beta, likelihood,
-    from_logits, reduction,
+    grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, log_scale, mu, logvar, prior_mu,
+    prior_logvar, beta, likelihood, from_logits, reduction,
 ):
     return (
         torch.empty_like(mu, memory_format=torch.contiguous_format),
         torch.empty_like(logvar, memory_format=torch.contiguous_format),
+        prior_fake(prior_mu, mu),
+        prior_fake(prior_logvar, mu),
     )
 
 
@@ -104,75 +113,87 @@ def _materialized(grads):
 
 
 def _setup_context(ctx, inputs, output):
-    recon, target, mu, logvar, beta, log_scale, likelihood, from_logits, reduction, compute_grad = inputs
+    recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale, likelihood, from_logits, reduction, _ = inputs
     ctx.mark_non_differentiable(output[3])
     ctx.set_materialize_grads(False)
     ctx.args = (likelihood, from_logits, reduction)
-    ctx.save_for_backward(recon, target, mu, logvar, beta, log_scale, output[3], _rec_read(likelihood, log_scale, output[1]))
+    ctx.save_for_backward(
+        recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale, output[3],
+        _rec_read(likelihood, log_scale, output[1]),
+    )  # fmt: skip
 
 
 def _traced_backward(kernels, ctx, grad_loss, grad_recon_term, grad_kl_term, _):
     """Also the backward of the torch.func path (``transform_function``)."""
     grads = _materialized((grad_loss, grad_recon_term, grad_kl_term))
     if grads is None:
-        return (None,) * 10
+        return (None,) * 12
     grad_loss, grad_recon_term, grad_kl_term = grads
-    recon, target, mu, logvar, beta, log_scale, grad, rec = ctx.saved_tensors
+    recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale, grad, rec = ctx.saved_tensors
     likelihood, from_logits, reduction = ctx.args
     g_recon = g_scale = None
     if ctx.needs_input_grad[0]:
         if grad.numel() != recon.numel():  # the forward was asked for no gradient
             with below_autograd():
-                grad = kernels.vae_loss(recon, target, mu, logvar, beta, log_scale, *ctx.args, True)[3]
+                grad = kernels.vae_loss(recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale, *ctx.args, True)[3]
         backward_, param = _recon_backward(kernels, likelihood, log_scale, from_logits)
         g_recon = scaled_rows(
             backward_, first_order_only(grad, recon, "vae_loss"), grad_loss + grad_recon_term,
             recon, target, param, reduction,
         )  # fmt: skip
-    if ctx.needs_input_grad[5]:
+    if ctx.needs_input_grad[7]:
         g_scale = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction, rec)
-    g_mu, g_lv = kl_grads(kernels, grad_loss * beta + grad_kl_term, mu, logvar, reduction)
-    return g_recon, None, g_mu, g_lv, None, g_scale, None, None, None, None
+    g_kl = kl_grads(
+        kernels, grad_loss * beta + grad_kl_term, mu, logvar, prior_mu, prior_logvar, reduction, ctx.needs_input_grad[4:6]
+    )
+    return g_recon, None, *g_kl, None, g_scale, None, None, None, None
 
 
 class VAELossFunction(torch.autograd.Function):
-    """The eager path: ``apply(kernels, recon, target, mu, logvar, beta, log_scale,
-    likelihood, from_logits, reduction) -> (loss, recon_term, kl_term)``."""
+    """The eager path: ``apply(kernels, recon, target, mu, logvar, prior_mu, prior_logvar,
+    beta, log_scale, likelihood, from_logits, reduction) -> (loss, recon_term, kl_term)``."""
 
     @staticmethod
-    def forward(ctx, kernels, recon, target, mu, logvar, beta, log_scale, likelihood, from_logits, reduction):
+    def forward(
+        ctx, kernels, recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale, likelihood, from_logits,
+        reduction,
+    ):  # fmt: skip
         args = (likelihood, from_logits, reduction)
+        latents = (mu, logvar, prior_mu, prior_logvar)
         with below_autograd():
-            loss, rec, kl, grad = kernels.vae_loss(recon, target, mu, logvar, beta, log_scale, *args, recon.requires_grad)
+            loss, rec, kl, grad = kernels.vae_loss(recon, target, *latents, beta, log_scale, *args, recon.requires_grad)
         ctx.set_materialize_grads(False)
         ctx.kernels, ctx.args, ctx.saved_grad = kernels, args, grad
-        ctx.save_for_backward(recon, target, mu, logvar, beta, log_scale, _rec_read(likelihood, log_scale, rec))
+        ctx.save_for_backward(recon, target, *latents, beta, log_scale, _rec_read(likelihood, log_scale, rec))
         return loss, rec, kl
 
     @staticmethod
     def backward(ctx, grad_loss, grad_recon_term, grad_kl_term):
         grads = _materialized((grad_loss, grad_recon_term, grad_kl_term))
         if grads is None:
-            return (None,) * 10
-        recon, target, mu, logvar, beta, log_scale, rec = ctx.saved_tensors
+            return (None,) * 12
+        recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale, rec = ctx.saved_tensors
+        latents = (mu, logvar, prior_mu, prior_logvar)
         likelihood, from_logits, reduction = ctx.args
         grad_loss, grad_recon_term, grad_kl_term = grads
         g_scale = None
-        if ctx.needs_input_grad[6]:
+        if ctx.needs_input_grad[8]:
             g_scale = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction, rec)
         if torch.is_grad_enabled():  # create_graph=True: through the latents (and log_scale) only
             if ctx.needs_input_grad[1]:
                 no_double_backward("vae_loss")
-            g_mu, g_lv = kl_grads(ctx.kernels, grad_loss * beta + grad_kl_term, mu, logvar, reduction)
-            return None, None, None, g_mu, g_lv, None, g_scale, None, None, None
+            g_kl = kl_grads(ctx.kernels, grad_loss * beta + grad_kl_term, *latents, reduction, ctx.needs_input_grad[5:7])
+            return None, None, None, *g_kl, None, g_scale, None, None, None
         grad = take_saved_grad(ctx)
         if grad is None:  # a second backward through the same graph
-            grad = ctx.kernels.vae_loss(recon, target, mu, logvar, beta, log_scale, *ctx.args, ctx.needs_input_grad[1])[3]
-        g_mu, g_lv = ctx.kernels.vae_loss_backward_(
-            grad, *grads, recon, target, log_scale, mu, logvar, beta, likelihood, from_logits, reduction
+            grad = ctx.kernels.vae_loss(recon, target, *latents, beta, log_scale, *ctx.args, ctx.needs_input_grad[1])[3]
+        g_mu, g_lv, g_pm, g_plv = ctx.kernels.vae_loss_backward_(
+            grad, *grads, recon, target, log_scale, *latents, beta, likelihood, from_logits, reduction
         )
         g_recon = grad if ctx.needs_input_grad[1] else None
-        return None, g_recon, None, g_mu, g_lv, None, g_scale, None, None, None
+        g_pm = prior_grad(g_pm, prior_mu, ctx.needs_input_grad[5])
+        g_plv = prior_grad(g_plv, prior_logvar, ctx.needs_input_grad[6])
+        return None, g_recon, None, g_mu, g_lv, g_pm, g_plv, None, g_scale, None, None, None
 
 
 def register(lib: torch.library.Library, kernels) -> None:

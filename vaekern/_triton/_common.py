@@ -23,7 +23,9 @@ Element math (``@triton.jit`` helpers, inlined into the kernels)
   through ``_bce_probs_terms`` and ``_bce_grad_den``, which ``_bernoulli_probs_elem`` uses
   too) plus the log normalizer ``_cb_log_norm``, see ``continuous_bernoulli_nll.py``.
 * ``_gaussian_kl_elem`` (with its part without mu, ``_kl_var_elem``) and ``_kl_grad_elem``:
-  the KL to N(0, I) and its gradient, shared by ``gaussian_kl.py`` and ``vae_loss.py``.
+  the KL to N(0, I) and its gradient, shared by ``gaussian_kl.py`` and ``vae_loss.py``;
+  ``_prior_standardized`` and ``_prior_kl_grads`` take a diagonal Gaussian prior to it on
+  load (and its gradients back), read at the broadcast strides of ``prior_operand``.
 * Every clamp passes ``propagate_nan=ALL``: ``tl.maximum``/``tl.minimum`` otherwise
   return the other operand for a NaN, and a NaN input must give a NaN loss.
 * The limits ``LOGVAR_MAX``, ``BCE_LOG_MIN``, ``BCE_GRAD_EPS`` and the continuous
@@ -389,6 +391,39 @@ def _kl_grad_elem(s, mu, lv):
     return s * mu, s * (0.5 * em1)
 
 
+@triton.jit
+def _prior_standardized(mu, lv, pm_ptrs, plv_ptrs, mask, HAS_PM: tl.constexpr, HAS_PLV: tl.constexpr):
+    """(m, l, e): latents whose KL to N(0, I) is that of (mu, lv) to the prior N(pm,
+    exp(plv)), ``m = (mu - pm) * e`` and ``l = lv - plv`` with ``e = exp(-plv / 2)`` (1
+    without plv), in mu's dtype (the math dtype): the affine map that takes the prior to
+    N(0, I) leaves the KL unchanged. ``pm_ptrs``/``plv_ptrs`` address the prior's elements
+    of the block at its broadcast strides; an absent prior (HAS_* False) is not read."""
+    e = 1.0
+    if HAS_PM:
+        mu = mu - tl.load(pm_ptrs, mask=mask, other=0.0).to(mu.dtype)
+    if HAS_PLV:
+        plv = tl.load(plv_ptrs, mask=mask, other=0.0).to(lv.dtype)
+        e = tl.exp(-0.5 * plv)
+        mu = mu * e
+        lv = lv - plv
+    return mu, lv, e
+
+
+@triton.jit
+def _prior_kl_grads(s, m, l, e, gpm_ptrs, gplv_ptrs, mask, HAS_PM: tl.constexpr, HAS_PLV: tl.constexpr):
+    """(d/dmu, d/dlv) of ``s`` times the KL of the standardized (m, l, e) of
+    ``_prior_standardized``, in s's dtype; stores the priors' per-element gradients,
+    ``d/dpm = -d/dmu`` and ``d/dplv = -g_l - 0.5 * g_m * m``, at the contiguous
+    ``gpm_ptrs``/``gplv_ptrs`` in the priors' dtype."""
+    g_m, g_l = _kl_grad_elem(s, m, l)
+    g_mu = g_m * e
+    if HAS_PM:
+        tl.store(gpm_ptrs, (-g_mu).to(gpm_ptrs.dtype.element_ty), mask=mask)
+    if HAS_PLV:
+        tl.store(gplv_ptrs, (-g_l - 0.5 * g_m * m).to(gplv_ptrs.dtype.element_ty), mask=mask)
+    return g_mu, g_l
+
+
 # ---- reduction of per-row partials ------------------------------------------------------------
 
 
@@ -494,6 +529,35 @@ def as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     # specialize on like the contiguous case.
     stride = x.stride(0) if B > 1 and x.dim() > 0 else D
     return x, D, stride
+
+
+def prior_operand(prior: torch.Tensor | None, mu: torch.Tensor, name: str) -> tuple[torch.Tensor, int, int]:
+    """``(prior', row stride, column stride)``: the prior as a [B, Z] view of mu's rows, read
+    in place at its broadcast strides (stride 0 along a broadcast dim; a layout that no
+    [B, Z] view can give, such as one per channel of an image-shaped latent, is copied,
+    latent-sized); ``(mu, 0, 0)``, never read, where it is absent. It must broadcast to
+    mu and have the latents' math dtype (the caller casts)."""
+    if prior is None:
+        return mu, 0, 0
+    acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    if prior.dtype != acc:
+        raise TypeError(f"vaekern (triton): {name} must be {acc} for {mu.dtype} latents here, got {prior.dtype}")
+    if prior.device != mu.device:
+        raise ValueError(f"vaekern (triton): {name} is on {prior.device}, mu on {mu.device}")
+    try:
+        rows = prior.expand(mu.shape).reshape(mu.shape[0], math.prod(mu.shape[1:]))
+    except RuntimeError:
+        raise ValueError(
+            f"vaekern (triton): {name} of shape {tuple(prior.shape)} does not broadcast to mu's shape {tuple(mu.shape)}"
+        ) from None
+    return rows, rows.stride(0), rows.stride(1)
+
+
+def prior_grad_buffer(prior: torch.Tensor | None, mu: torch.Tensor) -> torch.Tensor:
+    """A prior's per-element gradient output: mu's shape in the prior's dtype, or (0,)."""
+    if prior is None:
+        return mu.new_empty((0,))
+    return torch.empty(mu.shape, dtype=prior.dtype, device=mu.device)
 
 
 def as_loadable(t: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@ Math (``vaekern.reference``), with ``reduce`` the batch reduction (mean, sum or 
   (``LIKELIHOOD``): the Bernoulli of ``bernoulli_nll.py`` (softplus form for logits,
   -100-clamped logs for probabilities), the Gaussian of ``gaussian_nll.py`` with its
   per-column log_scale, or the continuous Bernoulli of ``continuous_bernoulli_nll.py``;
-* ``kl = reduce(0.5 * sum_z (mu^2 + exp(min(lv, 60)) - 1 - lv))``;
+* ``kl = reduce(0.5 * sum_z (m^2 + exp(min(l, 60)) - 1 - l))``, with (m, l) the latents
+  standardized by the prior N(pm, exp(plv)) on load (``gaussian_kl.py``; without a prior,
+  ``m = mu`` and ``l = lv``);
 * ``loss = recon + beta * kl``, beta a 0-d tensor (read in the kernel: no host sync,
   and annealing it in place needs no recompile).
 
@@ -25,7 +27,8 @@ Backward, for upstream gradients ``(g_loss, g_recon, g_kl)``, each () or (B,):
   scaled in place; a row whose scale is exactly 1 is not touched, and a float16 element
   outside float16's normal range is recomputed from recon and target (as in
   ``bernoulli_nll.py``).
-* ``d/dmu = s * mu``, ``d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)``, with
+* the latents' and the priors' gradients as in ``gaussian_kl.py`` (``d/dmu = s * mu``,
+  ``d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)`` without a prior), with
   ``s = (g_loss * beta + g_kl)[b]``, divided by B for mean.
 
 The reconstruction term is generic: the kernel hands the likelihood's element function
@@ -49,7 +52,8 @@ recon/mu/logvar is float64, computed in that dtype (the KL's square and sums in 
 above); gradients in each input's dtype.
 
 Saved for backward (by ``vaekern._ops.vae_loss``): the reconstruction gradient written here (our own
-buffer), mu, logvar and beta; recon and target by reference, read only for that recompute.
+buffer), mu, logvar, the priors and beta; recon and target by reference, read only for that
+recompute.
 
 Limits: as ``bernoulli_nll.py`` and ``gaussian_kl.py`` (row strides read in place,
 other layouts copied; D below 2**31 - 2**16, else ValueError). Blocks are sized by
@@ -72,9 +76,10 @@ from vaekern._triton._common import (
     _continuous_bernoulli_logits_elem,
     _continuous_bernoulli_probs_elem,
     _gaussian_elem,
-    _kl_grad_elem,
     _kl_var_elem,
     _loss_row_chunk,
+    _prior_kl_grads,
+    _prior_standardized,
     _scale_row_chunk,
     as_loadable,
     as_rows,
@@ -82,6 +87,8 @@ from vaekern._triton._common import (
     finalize,
     log_scale_operand,
     math_itemsize,
+    prior_grad_buffer,
+    prior_operand,
     recompute_operands,
     row_config,
     scale_stride,
@@ -106,8 +113,16 @@ def _vae_loss_fwd_kernel(
     B,  # rows (the gradient is divided by it for MEAN)
     n_blocks,  # column blocks per chunk; chunk c covers [c, c+1) * n_blocks * BLOCK
     s_ptr,  # [D] or [] acc dtype: the Gaussian's log_scale, column stride S_STRIDE (LIKELIHOOD 1)
+    pm_ptr,  # [B, Z] prior means at strides (stride_pm_b, stride_pm_z) (HAS_PM)
+    plv_ptr,  # [B, Z] prior log-variances, likewise (HAS_PLV)
+    stride_pm_b,  # the prior mean's row and column strides (0 along a broadcast dim)
+    stride_pm_z,
+    stride_plv_b,  # likewise for the prior log-variance
+    stride_plv_z,
     LIKELIHOOD: tl.constexpr,  # 0 Bernoulli, 1 Gaussian, 2 continuous Bernoulli (_ops LIKELIHOODS)
     S_STRIDE: tl.constexpr,
+    HAS_PM: tl.constexpr,
+    HAS_PLV: tl.constexpr,
     FROM_LOGITS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     MEAN: tl.constexpr,
@@ -144,8 +159,13 @@ def _vae_loss_fwd_kernel(
         for z0 in range(0, Z, BLOCK_Z):
             cols = z0 + tl.arange(0, BLOCK_Z)
             m = cols < Z
-            mu = tl.load(mu_ptr + row * stride_mu + cols, mask=m, other=0.0).to(tl.float64)
+            mu = tl.load(mu_ptr + row * stride_mu + cols, mask=m, other=0.0).to(ACC)
             lv = tl.load(lv_ptr + row * stride_lv + cols, mask=m, other=0.0).to(ACC)
+            mu, lv, _ = _prior_standardized(
+                mu, lv, pm_ptr + row * stride_pm_b + cols * stride_pm_z,
+                plv_ptr + row * stride_plv_b + cols * stride_plv_z, m, HAS_PM, HAS_PLV,
+            )  # fmt: skip
+            mu = mu.to(tl.float64)
             acc += tl.where(m, mu * mu + _kl_var_elem(lv).to(tl.float64), 0.0)
         tl.store(kl_ptr + row, 0.5 * tl.sum(acc, axis=0))
 
@@ -161,6 +181,14 @@ def _vae_loss_bwd_kernel(
     lv_ptr,  # [B, Z] posterior log-variances, row stride stride_lv
     gmu_ptr,  # [B, Z] contiguous, mu's dtype: d/dmu
     glv_ptr,  # [B, Z] contiguous, logvar's dtype: d/dlogvar
+    pm_ptr,  # [B, Z] prior means at strides (stride_pm_b, stride_pm_z) (HAS_PM)
+    plv_ptr,  # [B, Z] prior log-variances, likewise (HAS_PLV)
+    gpm_ptr,  # [B, Z] contiguous, the prior's dtype: d/dprior_mu per element (HAS_PM)
+    gplv_ptr,  # [B, Z] contiguous, likewise: d/dprior_logvar (HAS_PLV)
+    stride_pm_b,  # the prior mean's row and column strides (0 along a broadcast dim)
+    stride_pm_z,
+    stride_plv_b,  # likewise for the prior log-variance
+    stride_plv_z,
     D,  # pixels per row (0: no reconstruction gradient to scale)
     Z,  # latents per row
     stride_gl,  # 0 for a scalar grad, else its stride (likewise the next two)
@@ -177,6 +205,8 @@ def _vae_loss_bwd_kernel(
     s_ptr,  # [D] or [] the Gaussian's log_scale, column stride S_STRIDE (likewise)
     LIKELIHOOD: tl.constexpr,
     S_STRIDE: tl.constexpr,
+    HAS_PM: tl.constexpr,
+    HAS_PLV: tl.constexpr,
     FROM_LOGITS: tl.constexpr,
     MEAN: tl.constexpr,
     RECOMPUTE: tl.constexpr,  # float16: recompute the elements out of its normal range
@@ -195,7 +225,12 @@ def _vae_loss_bwd_kernel(
             m = cols < Z
             mu = tl.load(mu_ptr + row * stride_mu + cols, mask=m, other=0.0)
             lv = tl.load(lv_ptr + row * stride_lv + cols, mask=m, other=0.0)
-            g_mu, g_lv = _kl_grad_elem(s, mu.to(s.dtype), lv.to(s.dtype))
+            mu, lv, e = _prior_standardized(
+                mu.to(s.dtype), lv.to(s.dtype), pm_ptr + row * stride_pm_b + cols * stride_pm_z,
+                plv_ptr + row * stride_plv_b + cols * stride_plv_z, m, HAS_PM, HAS_PLV,
+            )  # fmt: skip
+            out = row * Z + cols
+            g_mu, g_lv = _prior_kl_grads(s, mu, lv, e, gpm_ptr + out, gplv_ptr + out, m, HAS_PM, HAS_PLV)
             tl.store(gmu_ptr + row * Z + cols, g_mu.to(gmu_ptr.dtype.element_ty), mask=m)
             tl.store(glv_ptr + row * Z + cols, g_lv.to(glv_ptr.dtype.element_ty), mask=m)
     lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
@@ -226,8 +261,8 @@ def _block_z(Z: int, num_warps: int, itemsize: int) -> int:
 
 
 def vae_loss(
-    recon, target, mu, logvar, beta, log_scale, likelihood: int, from_logits: bool, reduction: int,
-    compute_grad: bool,
+    recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale, likelihood: int, from_logits: bool,
+    reduction: int, compute_grad: bool,
 ):
     """Fused negative ELBO (schema ``vaekern_triton::vae_loss``).
 
@@ -235,6 +270,8 @@ def vae_loss(
         recon: ``[B, ...]`` decoder logits (or probabilities).
         target: same shape; any float dtype, bool or uint8.
         mu, logvar: ``[B, ...]`` posterior parameters, same shape and dtype.
+        prior_mu, prior_logvar: the KL's prior, None (0) or broadcasting to mu, in the
+            latents' math dtype (``_common.prior_operand``).
         beta: 0-d tensor in the loss dtype, the KL weight.
         log_scale: the Gaussian's log standard deviation in the loss dtype, 0-d or one per
             column of the flattened row (read for ``likelihood`` 1 only).
@@ -254,6 +291,8 @@ def vae_loss(
     t, _, stride_t = as_rows(as_loadable(target))
     m, Z, stride_mu = as_rows(mu)
     lv, _, stride_lv = as_rows(logvar)
+    pm, stride_pm_b, stride_pm_z = prior_operand(prior_mu, mu, "prior_mu")
+    plv, stride_plv_b, stride_plv_z = prior_operand(prior_logvar, mu, "prior_logvar")
     grad = torch.empty(recon.shape, dtype=recon.dtype, device=recon.device) if compute_grad else None
     shape = (B,) if reduction == 0 else ()
     loss, rec, kl = (recon.new_empty(shape, dtype=acc) for _ in range(3))
@@ -267,7 +306,9 @@ def vae_loss(
             _vae_loss_fwd_kernel[(B, C)](
                 x, t, grad if compute_grad else x, part, m, lv, kl_rows,
                 D, Z, stride_x, stride_t, stride_mu, stride_lv, B, n_blocks, s,
+                pm, plv, stride_pm_b, stride_pm_z, stride_plv_b, stride_plv_z,
                 LIKELIHOOD=likelihood, S_STRIDE=s_stride,
+                HAS_PM=prior_mu is not None, HAS_PLV=prior_logvar is not None,
                 FROM_LOGITS=from_logits, COMPUTE_GRAD=compute_grad, MEAN=reduction == 1,
                 BLOCK=BLOCK, BLOCK_Z=_block_z(Z, num_warps, math_itemsize(mu, acc)), num_warps=num_warps,
             )
@@ -276,8 +317,8 @@ def vae_loss(
 
 
 def vae_loss_backward_(
-    grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, log_scale, mu, logvar, beta,
-    likelihood: int, from_logits: bool, reduction: int,
+    grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, log_scale, mu, logvar, prior_mu,
+    prior_logvar, beta, likelihood: int, from_logits: bool, reduction: int,
 ):
     """Backward of the fused loss (schema ``vaekern_triton::vae_loss_backward_``).
 
@@ -287,18 +328,22 @@ def vae_loss_backward_(
         grad_loss, grad_recon_term, grad_kl_term: ``()`` or ``(B,)`` upstream gradients.
         recon, target, log_scale: the forward's, read only to recompute float16 gradient
             elements outside float16's normal range (``_common._scale_row_chunk``).
-        mu, logvar: the forward's latents.
+        mu, logvar, prior_mu, prior_logvar: the forward's latents and prior.
         beta: the forward's 0-d KL weight.
         likelihood, from_logits, reduction: the forward's.
 
     Returns:
-        ``(grad_mu, grad_logvar)``, contiguous, in mu's and logvar's dtypes.
+        ``(grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar)`` as
+        ``gaussian_kl_backward`` returns them.
     """
     B = mu.shape[0]
     m, Z, stride_mu = as_rows(mu)
     lv, _, stride_lv = as_rows(logvar)
+    pm, stride_pm_b, stride_pm_z = prior_operand(prior_mu, mu, "prior_mu")
+    plv, stride_plv_b, stride_plv_z = prior_operand(prior_logvar, mu, "prior_logvar")
     gmu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     glv = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)
+    gpm, gplv = prior_grad_buffer(prior_mu, mu), prior_grad_buffer(prior_logvar, mu)
     if grad_recon.numel():
         if not grad_recon.is_contiguous():
             raise ValueError("vae_loss_backward_: grad_recon must be the contiguous saved gradient")
@@ -319,10 +364,13 @@ def vae_loss_backward_(
         with device_guard(mu):
             _vae_loss_bwd_kernel[(B, C)](
                 grad_recon, grad_loss, grad_recon_term, grad_kl_term, beta, m, lv, gmu, glv,
+                pm, plv, gpm if prior_mu is not None else gmu, gplv if prior_logvar is not None else glv,
+                stride_pm_b, stride_pm_z, stride_plv_b, stride_plv_z,
                 D, Z, scale_stride(grad_loss), scale_stride(grad_recon_term), scale_stride(grad_kl_term),
                 stride_mu, stride_lv, B, n_blocks, x, t, stride_x, stride_t, s,
-                LIKELIHOOD=likelihood, S_STRIDE=s_stride, FROM_LOGITS=from_logits, MEAN=reduction == 1,
+                LIKELIHOOD=likelihood, S_STRIDE=s_stride, HAS_PM=prior_mu is not None,
+                HAS_PLV=prior_logvar is not None, FROM_LOGITS=from_logits, MEAN=reduction == 1,
                 RECOMPUTE=recompute, BLOCK=BLOCK, num_warps=num_warps,
                 BLOCK_Z=_block_z(Z, num_warps, math_itemsize(mu, grad_loss.dtype)),
             )
-    return gmu, glv
+    return gmu, glv, gpm, gplv
