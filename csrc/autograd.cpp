@@ -56,8 +56,10 @@ using torch::autograd::variable_list;
 
 using BernoulliNLLSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, bool, int64_t, bool);
 using ScaleRowsSig = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, int64_t);
-using GaussianKLSig = Tensor(const Tensor&, const Tensor&, int64_t);
-using LatentGradsSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t);
+using OptionalTensor = std::optional<Tensor>;
+using GaussianKLSig = Tensor(const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&, int64_t);
+using KLGradsSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                              const OptionalTensor&, const OptionalTensor&, int64_t);
 using ReparameterizeSig = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
                                  const std::optional<Tensor>&);
 using ReparameterizeBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
@@ -66,11 +68,13 @@ using ReparameterizeBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, cons
 using GaussianNLLSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, bool);
 using ScaleGaussianRowsSig = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t);
 using VAELossSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                              const Tensor&, const Tensor&, const Tensor&, int64_t,
-                                                              bool, int64_t, bool);
-using VAELossBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                      const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                      const Tensor&, const Tensor&, int64_t, bool, int64_t);
+                                                              const Tensor&, const OptionalTensor&,
+                                                              const OptionalTensor&, const Tensor&, const Tensor&,
+                                                              int64_t, bool, int64_t, bool);
+using VAELossBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&, int64_t, bool,
+    int64_t);
 
 // The kernel op `vaekern::<name>`, looked up on first use: the schemas are defined in
 // Python after this library is loaded.
@@ -91,7 +95,7 @@ VAEKERN_KERNEL(bernoulli_nll_backward_kernel, ScaleRowsSig, "vaekern::bernoulli_
 VAEKERN_KERNEL(continuous_bernoulli_nll_backward_kernel, ScaleRowsSig, "vaekern::continuous_bernoulli_nll_backward_")
 VAEKERN_KERNEL(gaussian_nll_backward_kernel, ScaleGaussianRowsSig, "vaekern::gaussian_nll_backward_")
 VAEKERN_KERNEL(gaussian_kl_kernel, GaussianKLSig, "vaekern::gaussian_kl")
-VAEKERN_KERNEL(gaussian_kl_backward_kernel, LatentGradsSig, "vaekern::gaussian_kl_backward")
+VAEKERN_KERNEL(gaussian_kl_backward_kernel, KLGradsSig, "vaekern::gaussian_kl_backward")
 VAEKERN_KERNEL(reparameterize_kernel, ReparameterizeSig, "vaekern::reparameterize")
 VAEKERN_KERNEL(reparameterize_backward_kernel, ReparameterizeBackwardSig, "vaekern::reparameterize_backward")
 VAEKERN_KERNEL(vae_loss_kernel, VAELossSig, "vaekern::vae_loss")
@@ -324,46 +328,90 @@ c10::ScalarType acc_dtype(std::initializer_list<c10::ScalarType> dtypes) {
   return at::kFloat;
 }
 
-// (d/dmu, d/dlogvar) of the reduced KL times grad_out, in ATen ops that autograd can
-// differentiate. In the kernels' math dtype and rounded once: expm1 of a float16 logvar in
-// float16 is inf above 11.09 where the gradient is finite.
-std::tuple<Tensor, Tensor> differentiable_kl_grads(const Tensor& grad_out, const Tensor& mu, const Tensor& logvar,
-                                                   int64_t reduction) {
+using KLGrads = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+OptionalTensor optional(const Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
+
+const Tensor* present(const OptionalTensor& t) { return t.has_value() ? &*t : nullptr; }
+
+// (d/dmu, d/dlogvar, d/dprior_mu, d/dprior_logvar) of the reduced KL times grad_out, the
+// priors' per element (undefined where absent), in ATen ops that autograd can
+// differentiate: the formula of vaekern/_ops/_common.py differentiable_kl_grads. In the
+// kernels' math dtype and rounded once: expm1 of a float16 logvar in float16 is inf above
+// 11.09 where the gradient is finite.
+KLGrads differentiable_kl_grads(const Tensor& grad_out, const Tensor& mu, const Tensor& logvar, const Tensor& prior_mu,
+                                const Tensor& prior_logvar, int64_t reduction) {
   const c10::SymInt batch = mu.sym_size(0);
   const c10::ScalarType acc = acc_dtype({mu.scalar_type(), logvar.scalar_type(), grad_out.scalar_type()});
   Tensor s = per_row((reduction == 1 ? grad_out.div(c10::Scalar(batch)) : grad_out).to(acc), batch, mu.dim());
-  Tensor g_mu = s * mu.to(acc);
-  Tensor g_lv = s * 0.5 * at::expm1(logvar.to(acc).clamp_max(kLogvarMax));
-  return {g_mu.to(mu.scalar_type()), g_lv.to(logvar.scalar_type())};
+  Tensor m = mu.to(acc), lv = logvar.to(acc), e;
+  if (prior_mu.defined()) m = m - prior_mu.to(acc);
+  if (prior_logvar.defined()) {
+    e = at::exp(prior_logvar.to(acc) * -0.5);
+    m = m * e;
+    lv = lv - prior_logvar.to(acc);
+  }
+  Tensor g_m = s * m;
+  Tensor g_lv = s * 0.5 * at::expm1(lv.clamp_max(kLogvarMax));
+  Tensor g_mu = e.defined() ? g_m * e : g_m;
+  Tensor g_pm = prior_mu.defined() ? (-g_mu).to(prior_mu.scalar_type()) : Tensor();
+  Tensor g_plv = prior_logvar.defined() ? (-g_lv - g_m * m * 0.5).to(prior_logvar.scalar_type()) : Tensor();
+  return {g_mu.to(mu.scalar_type()), g_lv.to(logvar.scalar_type()), g_pm, g_plv};
 }
 
-std::tuple<Tensor, Tensor> kl_grads(const Tensor& grad_out, const Tensor& mu, const Tensor& logvar,
-                                    int64_t reduction) {
-  if (at::GradMode::is_enabled()) return differentiable_kl_grads(grad_out, mu, logvar, reduction);
-  return gaussian_kl_backward_kernel().call(grad_out, mu, logvar, reduction);
+// A prior's gradient, which the kernels write per latent element, summed over the dims the
+// prior broadcasts (the one ATen op of its backward); undefined where the prior is absent
+// or needs none.
+Tensor prior_grad(const Tensor& grad, const Tensor& prior, bool wanted) {
+  if (!prior.defined() || !wanted) return Tensor();
+  return grad.sym_sizes().equals(prior.sym_sizes()) ? grad : grad.sum_to_size_symint(prior.sym_sizes());
+}
+
+// The KL's backward: the kernel, or its differentiable form when backward builds a graph;
+// each prior's gradient reduced to its shape where wanted.
+KLGrads kl_grads(const Tensor& grad_out, const Tensor& mu, const Tensor& logvar, const Tensor& prior_mu,
+                 const Tensor& prior_logvar, int64_t reduction, bool want_prior_mu, bool want_prior_logvar) {
+  auto [g_mu, g_lv, g_pm, g_plv] =
+      at::GradMode::is_enabled()
+          ? differentiable_kl_grads(grad_out, mu, logvar, prior_mu, prior_logvar, reduction)
+          : gaussian_kl_backward_kernel().call(grad_out, mu, logvar, optional(prior_mu), optional(prior_logvar),
+                                               reduction);
+  return {g_mu, g_lv, prior_grad(g_pm, prior_mu, want_prior_mu), prior_grad(g_plv, prior_logvar, want_prior_logvar)};
+}
+
+// needs_input_grad counts the tensors given, an absent optional skipped: (whether the prior's
+// mean, whether its log-variance needs a gradient), the mean's edge being `first`.
+std::pair<bool, bool> prior_needs_grad(AutogradContext* ctx, const Tensor& prior_mu, const Tensor& prior_logvar,
+                                       size_t first) {
+  return {prior_mu.defined() && ctx->needs_input_grad(first),
+          prior_logvar.defined() && ctx->needs_input_grad(first + (prior_mu.defined() ? 1 : 0))};
 }
 
 struct GaussianKLFunction : public torch::autograd::Function<GaussianKLFunction> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logvar, int64_t reduction) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logvar, const OptionalTensor& prior_mu,
+                        const OptionalTensor& prior_logvar, int64_t reduction) {
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->saved_data["reduction"] = reduction;
-    ctx->save_for_backward({mu, logvar});
-    return gaussian_kl_kernel().call(mu, logvar, reduction);
+    ctx->save_for_backward({mu, logvar, prior_mu.value_or(Tensor()), prior_logvar.value_or(Tensor())});
+    return gaussian_kl_kernel().call(mu, logvar, prior_mu, prior_logvar, reduction);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    auto [g_mu, g_lv] = kl_grads(grads[0], saved[0], saved[1], ctx->saved_data["reduction"].toInt());
-    return {g_mu, g_lv, Tensor()};
+    const auto [want_pm, want_plv] = prior_needs_grad(ctx, saved[2], saved[3], 2);
+    auto [g_mu, g_lv, g_pm, g_plv] = kl_grads(grads[0], saved[0], saved[1], saved[2], saved[3],
+                                              ctx->saved_data["reduction"].toInt(), want_pm, want_plv);
+    return {g_mu, g_lv, g_pm, g_plv, Tensor()};
   }
 };
 
-Tensor gaussian_kl_autograd(const Tensor& mu, const Tensor& logvar, int64_t reduction) {
-  if (!builds_graph({&mu, &logvar})) {
+Tensor gaussian_kl_autograd(const Tensor& mu, const Tensor& logvar, const OptionalTensor& prior_mu,
+                            const OptionalTensor& prior_logvar, int64_t reduction) {
+  if (!builds_graph({&mu, &logvar, present(prior_mu), present(prior_logvar)})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return gaussian_kl_kernel().call(mu, logvar, reduction);
+    return gaussian_kl_kernel().call(mu, logvar, prior_mu, prior_logvar, reduction);
   }
-  return GaussianKLFunction::apply(mu, logvar, reduction);
+  return GaussianKLFunction::apply(mu, logvar, prior_mu, prior_logvar, reduction);
 }
 
 // ---- reparameterize ------------------------------------------------------------------------
@@ -411,15 +459,17 @@ Tensor reparameterize_autograd(const Tensor& mu, const Tensor& logvar, const std
 // ---- vae_loss ------------------------------------------------------------------------------
 struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& target, const Tensor& mu,
-                               const Tensor& logvar, const Tensor& beta, const Tensor& log_scale, int64_t likelihood,
-                               bool from_logits, int64_t reduction, bool compute_grad) {
+                               const Tensor& logvar, const OptionalTensor& prior_mu,
+                               const OptionalTensor& prior_logvar, const Tensor& beta, const Tensor& log_scale,
+                               int64_t likelihood, bool from_logits, int64_t reduction, bool compute_grad) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [loss, rec, kl, grad] = vae_loss_kernel().call(recon, target, mu, logvar, beta, log_scale, likelihood,
-                                                        from_logits, reduction, compute_grad);
+    auto [loss, rec, kl, grad] = vae_loss_kernel().call(recon, target, mu, logvar, prior_mu, prior_logvar, beta,
+                                                        log_scale, likelihood, from_logits, reduction, compute_grad);
     Tensor shown = keep_saved_grad(ctx, grad, from_logits, reduction, compute_grad);
     ctx->saved_data["likelihood"] = likelihood;
-    ctx->save_for_backward(
-        {recon, target, mu, logvar, beta, log_scale, likelihood == kGaussian ? loss_read_by_backward(log_scale, rec) : Tensor()});
+    ctx->save_for_backward({recon, target, mu, logvar, beta, log_scale,
+                            likelihood == kGaussian ? loss_read_by_backward(log_scale, rec) : Tensor(),
+                            prior_mu.value_or(Tensor()), prior_logvar.value_or(Tensor())});
     return {loss, rec, kl, shown};
   }
 
@@ -430,7 +480,7 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     for (int i = 0; i < 3; ++i) {
       if (grads[i].defined()) present = &grads[i];
     }
-    if (present == nullptr) return variable_list(10);
+    if (present == nullptr) return variable_list(12);
     // An output that took no part in the loss has an undefined gradient: zero.
     Tensor zero;
     for (int i = 0; i < 3; ++i) {
@@ -439,33 +489,47 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     const Tensor &grad_loss = grads[0], &grad_recon_term = grads[1], &grad_kl_term = grads[2];
     auto saved = ctx->get_saved_variables();
     const Tensor &recon = saved[0], &target = saved[1], &mu = saved[2], &logvar = saved[3], &beta = saved[4],
-                 &log_scale = saved[5], &rec = saved[6];
+                 &log_scale = saved[5], &rec = saved[6], &prior_mu = saved[7], &prior_logvar = saved[8];
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const int64_t likelihood = ctx->saved_data["likelihood"].toInt();
     const bool from_logits = ctx->saved_data["from_logits"].toBool();
-    variable_list out(10);
+    // One gradient per argument: recon, target, mu, logvar, prior_mu, prior_logvar, beta,
+    // log_scale and four non-tensors. needs_input_grad skips an absent prior part.
+    variable_list out(12);
+    const auto [want_pm, want_plv] = prior_needs_grad(ctx, prior_mu, prior_logvar, 4);
+    const size_t log_scale_edge = 5 + (prior_mu.defined() ? 1 : 0) + (prior_logvar.defined() ? 1 : 0);
     // A learned Gaussian log_scale: its formula, before the saved gradient is scaled.
-    if (ctx->needs_input_grad(5)) out[5] = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction, rec);
+    if (ctx->needs_input_grad(log_scale_edge)) {
+      out[7] = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction, rec);
+    }
+    const auto set_kl = [&](KLGrads g) { std::tie(out[2], out[3], out[4], out[5]) = std::move(g); };
+    const auto reduced_priors = [&](KLGrads g) {
+      std::get<2>(g) = prior_grad(std::get<2>(g), prior_mu, want_pm);
+      std::get<3>(g) = prior_grad(std::get<3>(g), prior_logvar, want_plv);
+      return g;
+    };
     if (at::GradMode::is_enabled()) {  // create_graph=True, recon needs no gradient: the KL's, differentiable
-      std::tie(out[2], out[3]) = differentiable_kl_grads(grad_loss * beta + grad_kl_term, mu, logvar, reduction);
+      set_kl(kl_grads(grad_loss * beta + grad_kl_term, mu, logvar, prior_mu, prior_logvar, reduction, want_pm,
+                      want_plv));
       return out;
     }
     Tensor grad = take_saved_grad(ctx);
     if (want_recon && (!grad.defined() || !ctx->saved_data["grad_computed"].toBool())) {  // a second backward, or none
-      grad = std::get<3>(vae_loss_kernel().call(recon, target, mu, logvar, beta, log_scale, likelihood, from_logits,
-                                                reduction, true));
+      grad = std::get<3>(vae_loss_kernel().call(recon, target, mu, logvar, optional(prior_mu), optional(prior_logvar),
+                                                beta, log_scale, likelihood, from_logits, reduction, true));
     }
     if (want_recon && !scale_in_place(grad, grad_loss)) {
       out[0] = scaled_rows(likelihood, grad, grad_loss + grad_recon_term, recon, target, log_scale, from_logits,
                            reduction);
-      std::tie(out[2], out[3]) = gaussian_kl_backward_kernel()
-                                     .call(grad_loss * beta + grad_kl_term, mu, logvar, reduction);
+      set_kl(kl_grads(grad_loss * beta + grad_kl_term, mu, logvar, prior_mu, prior_logvar, reduction, want_pm,
+                      want_plv));
       return out;
     }
     if (!want_recon) grad = recon.new_empty_symint({c10::SymInt(0)});
-    std::tie(out[2], out[3]) =
-        vae_loss_backward_kernel().call(grad, grad_loss, grad_recon_term, grad_kl_term, recon, target, log_scale, mu,
-                                        logvar, beta, likelihood, from_logits, reduction);
+    set_kl(reduced_priors(vae_loss_backward_kernel().call(grad, grad_loss, grad_recon_term, grad_kl_term, recon,
+                                                          target, log_scale, mu, logvar, optional(prior_mu),
+                                                          optional(prior_logvar), beta, likelihood, from_logits,
+                                                          reduction)));
     if (want_recon) out[0] = grad;
     return out;
   }
@@ -473,16 +537,17 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_autograd(const Tensor& recon, const Tensor& target,
                                                              const Tensor& mu, const Tensor& logvar,
-                                                             const Tensor& beta, const Tensor& log_scale,
-                                                             int64_t likelihood, bool from_logits, int64_t reduction,
-                                                             bool compute_grad) {
-  if (!builds_graph({&recon, &target, &mu, &logvar, &beta, &log_scale})) {
+                                                             const OptionalTensor& prior_mu,
+                                                             const OptionalTensor& prior_logvar, const Tensor& beta,
+                                                             const Tensor& log_scale, int64_t likelihood,
+                                                             bool from_logits, int64_t reduction, bool compute_grad) {
+  if (!builds_graph({&recon, &target, &mu, &logvar, present(prior_mu), present(prior_logvar), &beta, &log_scale})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return vae_loss_kernel().call(recon, target, mu, logvar, beta, log_scale, likelihood, from_logits, reduction,
-                                  compute_grad);
+    return vae_loss_kernel().call(recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale, likelihood,
+                                  from_logits, reduction, compute_grad);
   }
-  auto out = VAELossFunction::apply(recon, target, mu, logvar, beta, log_scale, likelihood, from_logits, reduction,
-                                    compute_grad);
+  auto out = VAELossFunction::apply(recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale, likelihood,
+                                    from_logits, reduction, compute_grad);
   return {out[0], out[1], out[2], out[3]};
 }
 

@@ -117,6 +117,23 @@ def assert_compiled_matches_eager(fn, inputs) -> None:
         torch.testing.assert_close(a.grad, b.grad)
 
 
+class SizedOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops outside vaekern's namespaces (one per backend) that take or make a
+    tensor of at least ``numel`` elements (an image's, a batch of latents'), views (no pass
+    over memory) aside: what a fused path must not run beside its kernels."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        if not func.namespace.startswith("vaekern") and not func.is_view and any(t.numel() >= self.numel for t in tensors):
+            self.ops.append(str(func))
+        return out
+
+
 class ReferenceKernels:
     """The kernel ops' interface (the schemas of vaekern._ops), computed by vaekern.reference
     in float64 under plain autograd: the oracle for tests that call kernels directly."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import DTYPES, REDUCTIONS, SHAPES
 from helpers import (
+    SizedOps,
     assert_compiled_matches_eager,
     assert_grad_close,
     assert_loss_close,
@@ -195,6 +196,95 @@ def test_prior_matches_reference_in_every_dtype(backend, device, dtype):
         ref.backward(g.double())
         for a, b in zip(got_in, want_in):
             assert_grad_close(a.grad, b.grad, dtype)
+
+
+def _prior_layouts(B, Z, dtype, device):
+    """(name, prior_mu, prior_logvar): priors in the layouts the kernels read in place at
+    their broadcast strides, and one they copy."""
+    return (
+        ("per latent", _prior((Z,), dtype, device, 0.8), _prior((1, Z), dtype, device, 0.5)),
+        ("per sample, transposed", _prior((Z, B), dtype, device, 0.8).t(), _prior((B, Z), dtype, device, 0.5).t().contiguous().t()),
+        ("every other element", noncontiguous(_prior((Z,), dtype, device, 0.8)), noncontiguous(_prior((B, Z), dtype, device, 0.5))),
+        ("one per sample", _prior((B, 1), dtype, device, 0.8), _prior((B, 1), dtype, device, 0.5)),
+        ("0-d", _prior((), dtype, device, 0.8), _prior((), dtype, device, 0.5)),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prior_in_every_layout(backend, device, dtype):
+    """The kernels read a prior at its broadcast strides (0 along a broadcast dim, any other
+    stride gathered): every layout gives the oracle's value and all four gradients, over
+    latents longer than a vector and a tile (37 columns, odd rows)."""
+    B, Z = 5, 37
+    mu, logvar = latents((B, Z), dtype, device)
+    # A learned prior is a float32 parameter beside float16/bfloat16 latents (autocast).
+    for name, pm, plv in _prior_layouts(B, Z, torch.float64 if dtype == torch.float64 else torch.float32, device):
+        for reduction in REDUCTIONS:
+            got_in = [leaf(x) for x in (mu, logvar, pm, plv)]
+            want_in = [leaf(x.double()) for x in (mu, logvar, pm, plv)]
+            out = vaekern.gaussian_kl(*got_in, reduction=reduction, backend=backend)
+            ref = gaussian_kl_ref(*want_in, reduction=reduction)
+            assert_loss_close(out, ref, dtype)
+            g = upstream(out)
+            out.backward(g)
+            ref.backward(g.double())
+            for a, b in zip(got_in, want_in):
+                assert a.grad.shape == a.shape, name
+                assert_grad_close(a.grad, b.grad, a.dtype)  # the inputs are exact: each output's own rounding
+
+
+def test_prior_of_another_precision(backend, device):
+    """A float64 prior of float32 latents computes in float64, as the oracle (the latents
+    widened); a float16 prior of float16 latents in float32; gradients in each input's dtype."""
+    for lat, pri in ((torch.float32, torch.float64), (torch.float16, torch.float16), (torch.bfloat16, torch.float32)):
+        mu, logvar = latents((4, 9), lat, device)
+        pm, plv = _prior((9,), pri, device, 0.8), _prior((4, 9), pri, device, 0.5)
+        got_in = [leaf(x) for x in (mu, logvar, pm, plv)]
+        want_in = [leaf(x.double()) for x in (mu, logvar, pm, plv)]
+        out = vaekern.gaussian_kl(*got_in, reduction="sum", backend=backend)
+        ref = gaussian_kl_ref(*want_in, reduction="sum")
+        assert out.dtype == (torch.float64 if torch.float64 in (lat, pri) else torch.float32)
+        assert_loss_close(out, ref, torch.float64 if out.dtype == torch.float64 and lat == torch.float64 else lat)
+        out.backward(torch.tensor(1.5, dtype=out.dtype, device=device))
+        ref.backward(torch.tensor(1.5, dtype=torch.float64, device=device))
+        for a, b in zip(got_in, want_in):
+            assert a.grad.dtype == a.dtype
+            assert_grad_close(a.grad, b.grad, a.dtype)  # the inputs are exact: each output's own rounding
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_prior_makes_no_latent_sized_pass_beside_the_kernels(backend, device, reduction):
+    """The prior is read by the kernels (issue 14): forward runs no op beside the fused one
+    on a latent-sized tensor, and backward only the sum of a broadcast prior's gradient over
+    its broadcast dims (none for a per-sample prior). It took about ten such ops each way,
+    the prior's affine map and its backward, before."""
+    if backend == "reference":
+        pytest.skip("the oracle differentiates the KL by plain autograd")
+    mu, logvar = latents((6, 7), torch.float32, device)
+    recon, t = torch.randn(6, 50, device=device), torch.rand(6, 50, device=device)
+    for pm, plv, backward_ops in (
+        (_prior((7,), torch.float32, device, 0.8), _prior((7,), torch.float32, device, 0.5), ["aten.sum.dim_IntList"] * 2),
+        (_prior((6, 7), torch.float32, device, 0.8), _prior((6, 7), torch.float32, device, 0.5), []),
+    ):
+        calls = (
+            lambda x, m, lv, p, q: vaekern.gaussian_kl(m, lv, p, q, reduction=reduction, backend=backend),
+            lambda x, m, lv, p, q: vaekern.vae_loss(
+                x, t, m, lv, prior_mu=p, prior_logvar=q, reduction=reduction, backend=backend
+            ),
+        )
+        for call in calls:
+            inputs = [leaf(x) for x in (recon, mu, logvar, pm, plv)]
+            with SizedOps(mu.numel()) as mode:
+                call(*inputs)
+            assert not mode.ops, mode.ops
+            # A forward of its own: under the mode the saved gradient gains a Python object,
+            # and the C++ backward then scales a copy of it (csrc/autograd.cpp, scale_in_place).
+            inputs = [leaf(x) for x in (recon, mu, logvar, pm, plv)]
+            out = call(*inputs)
+            with SizedOps(mu.numel()) as mode:
+                out.backward(upstream(out))
+            assert sorted(mode.ops) == backward_ops, mode.ops
+            assert all(x.grad is not None for x in inputs[1:])
 
 
 def test_one_prior_argument_alone(backend, device):
@@ -393,7 +483,7 @@ def test_prior_and_free_bits_compile_fullgraph(backend, device):
     """torch.compile(fullgraph=True) of the KL with a learned prior, free bits and the
     per-element KL: no graph break, the eager values and gradients."""
     if backend not in ("reference", "cpu"):
-        pytest.skip("the prior map and free bits are PyTorch ops around the op layer's kernels: compiled once on cpu")
+        pytest.skip("the traced path (the priors' reduction, free bits) is the op layer's, shared by every namespace: compiled once on cpu")
     mu, logvar = _collapsing_latents(device, torch.float32)
     pm, plv = _prior((5,), torch.float32, device, 0.05), _prior((5,), torch.float32, device, 0.05)
 

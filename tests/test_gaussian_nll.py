@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import DTYPES, REDUCTIONS
 from helpers import (
+    SizedOps,
     assert_compiled_matches_eager,
     assert_grad_close,
     assert_loss_close,
@@ -340,31 +341,15 @@ def test_optimal_scale_is_one_pass_over_the_image_each_way(backend, device, redu
     )
     for call in calls:
         xa = leaf(x)
-        with _ImageSizedOps(x.numel()) as mode:
+        with SizedOps(x.numel()) as mode:
             call(xa)
         assert not mode.ops, mode.ops
         # A forward of its own: under the mode the saved gradient gains a Python object,
         # and the C++ backward then scales a copy of it (csrc/autograd.cpp, scale_in_place).
         out = call(leaf(x))
-        with _ImageSizedOps(x.numel()) as mode:
+        with SizedOps(x.numel()) as mode:
             out.backward(upstream(out))
         assert not mode.ops, mode.ops
-
-
-class _ImageSizedOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the ops outside vaekern's namespaces (one per backend) that take or make an
-    image-sized tensor, views (no pass over memory) aside."""
-
-    def __init__(self, numel: int):
-        super().__init__()
-        self.numel, self.ops = numel, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-        if not func.namespace.startswith("vaekern") and not func.is_view and any(t.numel() >= self.numel for t in tensors):
-            self.ops.append(str(func))
-        return out
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -382,7 +367,7 @@ def test_learned_scalar_scale_backward_makes_no_pass_over_the_image(backend, dev
         vaekern.gaussian_nll(leaf(x), t, ls, reduction=reduction, backend=backend),
         vaekern.vae_loss(leaf(x), t, mu, logvar, likelihood="gaussian", log_scale=ls, reduction=reduction, backend=backend),
     ):
-        with _ImageSizedOps(x.numel()) as mode:
+        with SizedOps(x.numel()) as mode:
             out.backward(upstream(out))
         assert not mode.ops, mode.ops
 

@@ -1,16 +1,20 @@
-// gaussian_kl on CPU: KL(N(mu, exp(lv)) || N(0, I)), summed over each row.
+// gaussian_kl on CPU: KL(N(mu, exp(lv)) || N(pm, exp(plv))), summed over each row.
 //
-// Math (per element):
-//   kl      = 0.5 * (mu^2 + exp(min(lv, 60)) - 1 - lv)
-//   d/dmu   = mu,   d/dlv = 0.5 * (exp(min(lv, 60)) - 1)
+// Math (per element; without a prior pm = plv = 0): the KL of the standardized latents
+// m = (mu - pm) * exp(-plv / 2), l = lv - plv to N(0, I) (kl_kernel.h),
+//   kl      = 0.5 * (m^2 + exp(min(l, 60)) - 1 - l)
+//   d/dmu   = m * exp(-plv / 2),   d/dlv = 0.5 * (exp(min(l, 60)) - 1)
+//   d/dpm   = -d/dmu,   d/dplv = -d/dlv - 0.5 * m^2   (per element; the op layer sums
+//             them over the prior's broadcast dims)
 // The clamp (60 is kLogvarMax, conventions.h) keeps float32 from overflowing; it is
 // straight-through, so the gradient keeps the clamped variance's sign
-// (vaekern/reference.py). Backward recomputes from mu and logvar (latent-sized, cheap) and
-// scales row b by s_b = grad_out (/ B for mean). The KL term itself (row sums, gradients)
-// is shared with vae_loss: kl.h.
+// (vaekern/reference.py). Backward recomputes from mu, logvar and the prior (latent-sized,
+// cheap) and scales row b by s_b = grad_out (/ B for mean). The KL term itself (row sums,
+// gradients) is shared with vae_loss: kl.h.
 //
 // dtypes: mu and logvar float32/float64/bfloat16/float16, same dtype; computed in float
-// (double for double). Loss float32, float64 for float64 inputs.
+// (double for double), the prior's parts in that dtype. Loss float32, float64 for float64
+// inputs.
 #include <torch/library.h>
 
 #include "cpu/checks.h"
@@ -21,15 +25,17 @@ namespace vaekern::cpu {
 
 namespace {
 
-at::Tensor gaussian_kl_cpu(const at::Tensor& mu, const at::Tensor& logvar, int64_t reduction) {
+at::Tensor gaussian_kl_cpu(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
+                           const std::optional<at::Tensor>& prior_logvar, int64_t reduction) {
   check_latents(mu, logvar);
   check_reduction(reduction);
   const c10::ScalarType acc = acc_dtype({&mu, &logvar});
-  return reduce_rows(gaussian_kl_rows(mu, logvar, acc, false), reduction, acc);
+  return reduce_rows(gaussian_kl_rows(mu, logvar, kl_prior(prior_mu, prior_logvar, mu), acc, false), reduction, acc);
 }
 
-std::tuple<at::Tensor, at::Tensor> gaussian_kl_backward_cpu(const at::Tensor& grad_out, const at::Tensor& mu,
-                                                            const at::Tensor& logvar, int64_t reduction) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& mu, const at::Tensor& logvar,
+    const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar, int64_t reduction) {
   check_latents(mu, logvar);
   check_reduction(reduction);
   const int64_t rows = mu.size(0);
@@ -37,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kl_backward_cpu(const at::Tensor& gr
   if (reduction == 1) {
     for (double& s : scale) s /= static_cast<double>(rows);
   }
-  return gaussian_kl_grads(scale, mu, logvar);
+  return gaussian_kl_grads(scale, mu, logvar, kl_prior(prior_mu, prior_logvar, mu));
 }
 
 }  // namespace

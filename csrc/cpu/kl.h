@@ -1,22 +1,38 @@
 // The Gaussian KL term on CPU, shared by the ops that have one (gaussian_kl.cpp,
-// vae_loss.cpp): per-row sums of the KL, and the latent gradients for per-row scales.
+// vae_loss.cpp): per-row sums of the KL to a diagonal Gaussian prior, and the latents' and
+// the prior's gradients for per-row scales.
 // Math and vectorized loops: kl_kernel.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
 namespace vaekern::cpu {
 
-// Per-row KL sums, computed in acc (float, or double; never float for double latents);
-// with wide_sums, mu^2 and the sums in double whatever acc (vae_loss).
-std::vector<double> gaussian_kl_rows(const at::Tensor& mu, const at::Tensor& logvar, c10::ScalarType acc,
-                                     bool wide_sums);
+// The KL term's prior as the kernels read it: [rows, cols] views of prior_mu and
+// prior_logvar broadcast to mu, at their strides (undefined where a part is absent).
+struct KlPrior {
+  at::Tensor mu, logvar;
+};
 
-// (scale[b] * d kl_b / d mu, scale[b] * d kl_b / d logvar), contiguous.
-std::tuple<at::Tensor, at::Tensor> gaussian_kl_grads(const std::vector<double>& scale, const at::Tensor& mu,
-                                                     const at::Tensor& logvar);
+// The prior's views, checked: each part broadcasts to mu and has the latents' arithmetic
+// dtype (float32; float64 for float64 latents), which the op layer casts it to.
+KlPrior kl_prior(const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar,
+                 const at::Tensor& mu);
+
+// Per-row KL sums to the prior, computed in acc (float, or double; never float for double
+// latents); with wide_sums, m^2 and the sums in double whatever acc (vae_loss).
+std::vector<double> gaussian_kl_rows(const at::Tensor& mu, const at::Tensor& logvar, const KlPrior& prior,
+                                     c10::ScalarType acc, bool wide_sums);
+
+// (scale[b] * d kl_b / d mu, scale[b] * d kl_b / d logvar, and the same per element for
+// prior_mu and prior_logvar, or (0,) where a part is absent), contiguous.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_grads(const std::vector<double>& scale,
+                                                                             const at::Tensor& mu,
+                                                                             const at::Tensor& logvar,
+                                                                             const KlPrior& prior);
 
 }  // namespace vaekern::cpu

@@ -1,13 +1,16 @@
 // Vectorized loops of the Gaussian KL term (host code: kl.cpp; the op: gaussian_kl.cpp).
-// Forward computes in acc_dtype (float or double, as the caller says; with wide_sums,
-// mu^2 and the sums in double); backward forms d kl / d latent in float (double for double
-// latents) and its product with the row's scale in double, rounded once to the latents'
-// dtype.
-//   kl      = 0.5 * (mu^2 + exp(min(lv, 60)) - 1 - lv)
-//   d/dmu   = s * mu,   d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)   (straight-through clamp)
-// 60 is kLogvarMax (conventions.h).
-// exp(x) - 1 is evaluated as expm1(x): near lv = 0, where a trained encoder's logvar
-// sits, exp(lv) - 1 would lose the low bits of the gradient to cancellation.
+// The prior N(pm, exp(plv)) is taken to N(0, I) on load (standardize): the KL is that of
+//   m = (mu - pm) * e,  l = lv - plv,  e = exp(-plv / 2)    (m = mu, l = lv without a prior)
+//   kl      = 0.5 * (m^2 + exp(min(l, 60)) - 1 - l)
+//   g_m     = s * m,   g_l = s * 0.5 * (exp(min(l, 60)) - 1)   (straight-through clamp)
+//   d/dmu   = g_m * e, d/dlv = g_l, d/dpm = -d/dmu, d/dplv = -g_l - 0.5 * g_m * m
+// 60 is kLogvarMax (conventions.h). Forward computes in acc_dtype (float or double, as the
+// caller says; with wide_sums, m^2 and the sums in double); backward forms m, l, e and
+// d kl / d l in float (double for double latents) and the products with the row's scale in
+// double, each output rounded once to its dtype. The prior is read at its broadcast
+// strides, in the latents' arithmetic type (P = acc_t<T>).
+// exp(x) - 1 is evaluated as expm1(x): near l = 0, where a trained encoder's logvar
+// sits, exp(l) - 1 would lose the low bits of the gradient to cancellation.
 // at::vec::minimum propagates NaN, so a NaN logvar gives NaN.
 #pragma once
 
@@ -23,11 +26,37 @@ inline Vec<A> clamped_var_m1(const Vec<A>& lv) {
   return vexpm1(at::vec::minimum(lv, Vec<A>(static_cast<A>(kLogvarMax))));
 }
 
-// kWide (float math only): mu^2 and the sums in double. The rest of an element,
-// exp(min(lv, 60)) - 1 - lv, is finite in float for every finite lv (at most 1.2e26 or
-// -lv), so only these can leave float's range; vae_loss's why is in vae_loss.cpp.
+// Columns [j, j + n) of row `row` of a prior part, as A (lanes past n unspecified: the
+// callers mask or do not store them). P is the part's type.
+template <typename A, typename P>
+inline Vec<A> load_prior(const PriorOperand& p, int64_t row, int64_t j, int64_t n) {
+  const P* base = static_cast<const P*>(p.data) + row * p.row_stride + j * p.col_stride;
+  if (p.col_stride == 1) return load_as<A>(base, n);
+  if (p.col_stride == 0) return Vec<A>(static_cast<A>(*base));
+  alignas(64) A buf[Vec<A>::size()] = {};
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<A>(base[i * p.col_stride]);
+  return Vec<A>::loadu(buf);
+}
+
+// (m, l, e) of the header from mu and lv in place, e = 1 without a prior log-variance.
+template <typename A, typename P>
+inline void standardize(const GaussianKlArgs& a, int64_t row, int64_t j, int64_t n, Vec<A>& m, Vec<A>& lv,
+                        Vec<A>& e) {
+  if (a.prior_mu.data != nullptr) m = m - load_prior<A, P>(a.prior_mu, row, j, n);
+  if (a.prior_logvar.data != nullptr) {
+    const Vec<A> plv = load_prior<A, P>(a.prior_logvar, row, j, n);
+    e = vexp(Vec<A>(static_cast<A>(-0.5)) * plv);
+    m = m * e;
+    lv = lv - plv;
+  }
+}
+
+// kWide (float math only): m^2 and the sums in double. The rest of an element,
+// exp(min(l, 60)) - 1 - l, is finite in float for every finite l (at most 1.2e26 or
+// -l), so only these can leave float's range; vae_loss's why is in vae_loss.cpp.
 template <typename T, typename A, bool kWide>
 void gaussian_kl_tasks(const GaussianKlArgs& a, int64_t begin, int64_t end) {
+  using P = acc_t<T>;
   constexpr int64_t W = Vec<A>::size();
   const Vec<A> zero(A(0)), half(A(0.5));
   for (int64_t row = begin; row < end; ++row) {
@@ -37,7 +66,8 @@ void gaussian_kl_tasks(const GaussianKlArgs& a, int64_t begin, int64_t end) {
     Vec<double> wide_acc(0.0);  // twice the KL (kWide)
     for (int64_t j = 0; j < a.cols; j += W) {
       const int64_t n = std::min(W, a.cols - j);
-      const Vec<A> mv = load_as<A>(m + j, n), lvv = load_as<A>(lv + j, n);
+      Vec<A> mv = load_as<A>(m + j, n), lvv = load_as<A>(lv + j, n), e(A(1));
+      standardize<A, P>(a, row, j, n, mv, lvv, e);
       if constexpr (kWide) {
         const Vec<A> var = clamped_var_m1(lvv) - lvv;
         const auto [m0, m1] = widen(n == W ? mv : Vec<A>::set(zero, mv, n));
@@ -53,6 +83,22 @@ void gaussian_kl_tasks(const GaussianKlArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+// The outputs of `cnt` lanes at offset `at` of a row from m, d kl / d l (dl) and e in
+// double: each product with the row's scale s in double, rounded once to its output type.
+template <typename T, typename P>
+inline void store_kl_grads(const GaussianKlArgs& a, int64_t at, int64_t cnt, const Vec<double>& s,
+                           const Vec<double>& m, const Vec<double>& dl, const Vec<double>& e) {
+  const Vec<double> g_m = s * m, g_l = s * dl;
+  const Vec<double> g_mu = a.prior_logvar.data != nullptr ? g_m * e : g_m;
+  store_as<double>(g_mu, static_cast<T*>(a.grad_mu) + at, cnt);
+  store_as<double>(g_l, static_cast<T*>(a.grad_logvar) + at, cnt);
+  if (a.grad_prior_mu != nullptr) store_as<double>(Vec<double>(0.0) - g_mu, static_cast<P*>(a.grad_prior_mu) + at, cnt);
+  if (a.grad_prior_logvar != nullptr) {
+    store_as<double>(Vec<double>(0.0) - g_l - Vec<double>(0.5) * g_m * m, static_cast<P*>(a.grad_prior_logvar) + at,
+                     cnt);
+  }
+}
+
 template <typename T>
 void gaussian_kl_backward_tasks(const GaussianKlArgs& a, int64_t begin, int64_t end) {
   using A = acc_t<T>;
@@ -62,27 +108,23 @@ void gaussian_kl_backward_tasks(const GaussianKlArgs& a, int64_t begin, int64_t 
     const int64_t off = row * a.cols;
     const T* m = static_cast<const T*>(a.mu) + off;
     const T* lv = static_cast<const T*>(a.logvar) + off;
-    T* gm = static_cast<T*>(a.grad_mu) + off;
-    T* glv = static_cast<T*>(a.grad_logvar) + off;
+    // The scale is a double (a float64 loss's upstream times beta may be beyond float's
+    // range, or below its normals): the products in double.
     const Vec<double> s(a.scale[row]);
     for (int64_t j = 0; j < a.cols; j += W) {
       const int64_t n = std::min(W, a.cols - j);
-      const Vec<A> mv = load_as<A>(m + j, n), dlv = half * clamped_var_m1(load_as<A>(lv + j, n));
+      Vec<A> mv = load_as<A>(m + j, n), lvv = load_as<A>(lv + j, n), e(A(1));
+      standardize<A, A>(a, row, j, n, mv, lvv, e);
+      const Vec<A> dlv = half * clamped_var_m1(lvv);
       if constexpr (std::is_same_v<A, double>) {
-        store_as<A>(s * mv, gm + j, n);
-        store_as<A>(s * dlv, glv + j, n);
+        store_kl_grads<T, A>(a, off + j, n, s, mv, dlv, e);
       } else {
-        // The scale is a double (a float64 loss's upstream times beta may be beyond float's
-        // range, or below its normals): each product in double, rounded once to T.
         constexpr int64_t H = Vec<double>::size();
         const auto [m0, m1] = widen(mv);
         const auto [g0, g1] = widen(dlv);
-        store_as<double>(s * m0, gm + j, std::min(H, n));
-        store_as<double>(s * g0, glv + j, std::min(H, n));
-        if (n > H) {
-          store_as<double>(s * m1, gm + j + H, n - H);
-          store_as<double>(s * g1, glv + j + H, n - H);
-        }
+        const auto [e0, e1] = widen(e);
+        store_kl_grads<T, A>(a, off + j, std::min(H, n), s, m0, g0, e0);
+        if (n > H) store_kl_grads<T, A>(a, off + j + H, n - H, s, m1, g1, e1);
       }
     }
   }

@@ -8,7 +8,8 @@
 // Backward (vae_loss_backward_):
 //   d/d recon = saved gradient * (g_loss + g_recon_term)   (rows whose factor is 1 skipped;
 //               float16 elements that overflowed or lost bits recomputed, see row_ops.h)
-//   d/d mu, d/d logvar = gaussian_kl gradients * (g_loss * beta + g_kl_term) (/ B for mean)
+//   d/d mu, d/d logvar (and the prior's parts, per element) = gaussian_kl gradients *
+//               (g_loss * beta + g_kl_term) (/ B for mean)
 //
 // dtypes: as bernoulli_nll and gaussian_kl; the loss dtype is float64 if any of recon, mu,
 // logvar is float64, else float32. The recon term is computed in the loss dtype (float32
@@ -55,6 +56,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(const at
                                                                         const at::Tensor& target,
                                                                         const at::Tensor& mu,
                                                                         const at::Tensor& logvar,
+                                                                        const std::optional<at::Tensor>& prior_mu,
+                                                                        const std::optional<at::Tensor>& prior_logvar,
                                                                         const at::Tensor& beta,
                                                                         const at::Tensor& log_scale, int64_t likelihood,
                                                                         bool from_logits, int64_t reduction,
@@ -84,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(const at
   // is infinite in the oracle too (an infinite latent), whose loss is NaN there. The loss
   // is formed in double and rounded to dt, like the KL part: inf where the KL is beyond
   // dt's range. Only the square and the sums are double: the exp stays in float.
-  const std::vector<double> kl = gaussian_kl_rows(mu, logvar, dt, true);
+  const std::vector<double> kl = gaussian_kl_rows(mu, logvar, kl_prior(prior_mu, prior_logvar, mu), dt, true);
 
   at::Tensor rec_t = reduce_rows(rec, reduction, dt);
   at::Tensor kl_t = reduce_rows(kl, reduction, dt);
@@ -99,15 +102,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(const at
   return {loss_t, rec_t, kl_t, grad};
 }
 
-std::tuple<at::Tensor, at::Tensor> vae_loss_backward_cpu(const at::Tensor& grad_recon, const at::Tensor& grad_loss,
-                                                         const at::Tensor& grad_recon_term,
-                                                         const at::Tensor& grad_kl_term, const at::Tensor& recon,
-                                                         const at::Tensor& target, const at::Tensor& log_scale,
-                                                         const at::Tensor& mu, const at::Tensor& logvar,
-                                                         const at::Tensor& beta, int64_t likelihood, bool from_logits,
-                                                         int64_t reduction) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cpu(
+    const at::Tensor& grad_recon, const at::Tensor& grad_loss, const at::Tensor& grad_recon_term,
+    const at::Tensor& grad_kl_term, const at::Tensor& recon, const at::Tensor& target, const at::Tensor& log_scale,
+    const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
+    const std::optional<at::Tensor>& prior_logvar, const at::Tensor& beta, int64_t likelihood, bool from_logits,
+    int64_t reduction) {
   check_latents(mu, logvar);
   check_reduction(reduction);
+  const KlPrior prior = kl_prior(prior_mu, prior_logvar, mu);  // checked before grad_recon is written
   const int64_t rows = mu.size(0);
   const std::vector<double> gl = row_values(grad_loss, rows, "grad_loss");
   const std::vector<double> gr = row_values(grad_recon_term, rows, "grad_recon_term");
@@ -131,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> vae_loss_backward_cpu(const at::Tensor& grad_
     scale_rows_(lik.scale_rows, grad_recon, recon_scale, recon, target,
                 reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0, param);
   }
-  return gaussian_kl_grads(kl_scale, mu, logvar);
+  return gaussian_kl_grads(kl_scale, mu, logvar, prior);
 }
 
 }  // namespace

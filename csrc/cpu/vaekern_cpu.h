@@ -94,17 +94,29 @@ struct ScaleRowsArgs {
 // Tasks are (row, chunk) pairs in row-major order, [begin, end).
 using ScaleRowsKernel = void (*)(const ScaleRowsArgs&, int64_t begin, int64_t end);
 
+// A part of the KL term's prior (its mean or log-variance): the [rows, cols] view of it
+// broadcast to the latents, at its strides (0 along a broadcast dim), in the latents'
+// arithmetic type (float; double for double latents). data is nullptr where it is absent.
+struct PriorOperand {
+  const void* data;
+  int64_t row_stride, col_stride;
+};
+
 struct GaussianKlArgs {
   const void* mu;             // [rows, cols]
   const void* logvar;         // [rows, cols]
   c10::ScalarType dtype;
   int64_t rows, cols;
+  PriorOperand prior_mu;      // both directions: the prior N(prior_mu, exp(prior_logvar))
+  PriorOperand prior_logvar;
   c10::ScalarType acc_dtype;  // forward: float or double, the element math (and the sums)
   bool wide_sums;             // forward: mu^2 and the sums in double whatever acc_dtype
   double* out;                // forward: [rows] row sums of the KL
   const double* scale;        // backward: [rows] d(loss)/d(row KL)
   void* grad_mu;              // backward: [rows, cols]
   void* grad_logvar;          // backward: [rows, cols]
+  void* grad_prior_mu;        // backward: [rows, cols] per element, the prior's type (if present)
+  void* grad_prior_logvar;    // backward: likewise
 };
 
 struct ReparameterizeArgs {

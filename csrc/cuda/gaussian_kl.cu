@@ -1,11 +1,12 @@
 // gaussian_kl and gaussian_kl_backward on CUDA.
 //
-// Math (see kl.cuh): kl = 0.5*(mu^2 + exp(min(lv, 60)) - 1 - lv) per element, summed per
-// row, reduced over rows (reduce_partials.cuh). Backward (gaussian_kl_grads, kl.cu), with
-// s = grad_out (grad_out / B for mean):
+// Math (see kl.cuh): kl = 0.5*(m^2 + exp(min(l, 60)) - 1 - l) per element, (m, l) the
+// latents standardized by the prior on load (m = mu, l = lv without one), summed per row,
+// reduced over rows (reduce_partials.cuh). Backward (gaussian_kl_grads, kl.cu), with
+// s = grad_out (grad_out / B for mean), without a prior:
 //   grad_mu = s * mu,  grad_logvar = s * 0.5 * (exp(min(lv, 60)) - 1)
 // (the straight-through clamp of vaekern.reference: no -0.5 plateau above lv = 60; 60 is
-// kLogvarMax, conventions.h).
+// kLogvarMax, conventions.h), and with one as kl.cuh's header states.
 //
 // Dtypes: mu and logvar float16, bfloat16, float32 or float64, the same for both;
 // accumulated in float (double for double). The loss is float32, float64 for float64.
@@ -24,7 +25,7 @@ __global__ void __launch_bounds__(kThreads)
     gaussian_kl_fwd_kernel(const scalar_t* __restrict__ mu,  // [B, D], rows mu_stride apart
                            const scalar_t* __restrict__ lv,  // [B, D], rows lv_stride apart
                            acc_t* __restrict__ partials,     // [B, tiles_per_row] per-tile sums
-                           int64_t mu_stride, int64_t lv_stride, int64_t B, int64_t D, int64_t tile_len,
+                           KlPrior prior, int64_t mu_stride, int64_t lv_stride, int64_t B, int64_t D, int64_t tile_len,
                            int64_t tiles_per_row, int G) {
   const GroupPos pos = group_pos(G);
   const int64_t ntiles = B * tiles_per_row;
@@ -34,8 +35,8 @@ __global__ void __launch_bounds__(kThreads)
     if (tile < ntiles) {
       const int64_t b = tile / tiles_per_row;
       const int64_t start = (tile - b * tiles_per_row) * tile_len;
-      v = kl_tile<scalar_t, acc_t>(mu + b * mu_stride, lv + b * lv_stride, start, min(start + tile_len, D), pos.sub,
-                                   G);
+      v = kl_tile<scalar_t, acc_t>(mu + b * mu_stride, lv + b * lv_stride, prior, b, start, min(start + tile_len, D),
+                                   pos.sub, G);
     }
     v = group_sum(v, G);
     if (pos.sub == 0 && tile < ntiles) partials[tile] = v;
@@ -44,9 +45,11 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-Tensor gaussian_kl_cuda(const Tensor& mu, const Tensor& logvar, int64_t reduction) {
+Tensor gaussian_kl_cuda(const Tensor& mu, const Tensor& logvar, const std::optional<Tensor>& prior_mu,
+                        const std::optional<Tensor>& prior_logvar, int64_t reduction) {
   check_latents(mu, logvar, mu);
   check_reduction(reduction);
+  const KlPriorViews prior = kl_prior(prior_mu, prior_logvar, mu);
   const c10::cuda::CUDAGuard guard(mu.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Rows m = as_rows(mu);
@@ -65,7 +68,8 @@ Tensor gaussian_kl_cuda(const Tensor& mu, const Tensor& logvar, int64_t reductio
     Tensor partials = direct ? out : at::empty({B * tiles}, out.options());
     if (B > 0) {
       gaussian_kl_fwd_kernel<scalar_t, acc_t><<<blocks_for(B * tiles * G), kThreads, 0, stream>>>(
-          m.tensor.data_ptr<scalar_t>(), l.tensor.data_ptr<scalar_t>(), partials.data_ptr<acc_t>(), m.row_stride,
+          m.tensor.data_ptr<scalar_t>(), l.tensor.data_ptr<scalar_t>(), partials.data_ptr<acc_t>(), prior.operand(),
+          m.row_stride,
           l.row_stride, B, D, len, tiles, G);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -76,10 +80,14 @@ Tensor gaussian_kl_cuda(const Tensor& mu, const Tensor& logvar, int64_t reductio
   return out;
 }
 
-std::tuple<Tensor, Tensor> gaussian_kl_backward_cuda(const Tensor& grad_out, const Tensor& mu, const Tensor& logvar,
-                                                     int64_t reduction) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_kl_backward_cuda(const Tensor& grad_out, const Tensor& mu,
+                                                                     const Tensor& logvar,
+                                                                     const std::optional<Tensor>& prior_mu,
+                                                                     const std::optional<Tensor>& prior_logvar,
+                                                                     int64_t reduction) {
   check_latents(mu, logvar, mu);
   check_reduction(reduction);
+  const KlPriorViews prior = kl_prior(prior_mu, prior_logvar, mu);
   const c10::cuda::CUDAGuard guard(mu.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t B = mu.size(0);
@@ -89,7 +97,7 @@ std::tuple<Tensor, Tensor> gaussian_kl_backward_cuda(const Tensor& grad_out, con
                        .grad_loss_stride = stride,
                        .grad_loss_kind = kind_of(go.scalar_type()),
                        .divisor = reduction == 1 ? static_cast<double>(B) : 1.0};
-  return gaussian_kl_grads(mu, logvar, scale, stream);
+  return gaussian_kl_grads(mu, logvar, prior, scale, stream);
 }
 
 TORCH_LIBRARY_IMPL(vaekern, CUDA, m) {

@@ -3,10 +3,12 @@
 // Math (the likelihood's element functor: BernoulliNll, GaussianNll with its per-column
 // log_scale, or ContinuousBernoulliNll, by `likelihood`; and kl.cuh): per row b,
 //   recon_b = sum_j nll(recon[b, j], target[b, j]),  kl_b = sum_k kl(mu[b, k], logvar[b, k])
+//   (the KL to the prior, which kl.cuh takes to N(0, I) on load)
 //   loss = R(recon) + beta * R(kl), with R the reduction over rows (none, mean, sum).
 // Backward, for upstream gradients gL (loss), gR (recon term), gK (kl term):
 //   grad_recon[b] = (gL + gR)_b * d R(recon) / d recon[b]   (the gradient saved by forward)
-//   grad_mu, grad_logvar = gaussian_kl's gradients for the scale gL * beta + gK (/ B for mean)
+//   grad_mu, grad_logvar (and the prior's, per element) = gaussian_kl's gradients for the
+//   scale gL * beta + gK (/ B for mean)
 //
 // Forward is one stage-1 launch: row b has tiles_per_row reconstruction tiles plus
 // kl_tiles latent tiles, each summed by one group of lanes (likelihood_tile of
@@ -49,13 +51,14 @@ struct LatentArgs {
   const void* lv;  // [B, Dz] same kind, rows lv_stride apart
   int64_t mu_stride, lv_stride, D, tile_len;
   int kind;
+  KlPrior prior;
 };
 
 template <typename lat_t, typename acc_t>
 __device__ __forceinline__ double latent_tile_as(const LatentArgs& l, int64_t b, int64_t start, int64_t end, int sub,
                                                  int G) {
   return kl_tile_wide<lat_t, acc_t>(static_cast<const lat_t*>(l.mu) + b * l.mu_stride,
-                                    static_cast<const lat_t*>(l.lv) + b * l.lv_stride, start, end, sub, G);
+                                    static_cast<const lat_t*>(l.lv) + b * l.lv_stride, l.prior, b, start, end, sub, G);
 }
 
 // The KL of latents [start, start + tile_len) of row b, in double (the header says why).
@@ -122,7 +125,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks<Elem, acc_t>())
 
 template <typename scalar_t, typename acc_t>
 void vae_loss_launch(const Rows& x, const Rows& t, at::ScalarType target_dtype, const Rows& m, const Rows& lv,
-                     at::ScalarType latent_dtype, const Tensor& beta, const Tensor& log_scale,
+                     at::ScalarType latent_dtype, const KlPrior& prior, const Tensor& beta, const Tensor& log_scale,
                      int64_t likelihood, bool from_logits, int64_t reduction, const Tensor& grad, const Tensor& loss,
                      const Tensor& rec, const Tensor& kl, cudaStream_t stream) {
   const int64_t B = x.B;
@@ -143,7 +146,7 @@ void vae_loss_launch(const Rows& x, const Rows& t, at::ScalarType target_dtype, 
                                           kind_of(target_dtype),
                                           reduction == 1 ? acc_t(1) / static_cast<acc_t>(B) : acc_t(1)};
   const LatentArgs l{m.tensor.data_ptr(), lv.tensor.data_ptr(), m.row_stride, lv.row_stride, m.D, kl_len,
-                     kind_of(latent_dtype)};
+                     kind_of(latent_dtype), prior};
   if (B > 0) {
     const unsigned blocks = blocks_for(B * (tiles + kl_tiles) * G);
     acc_t* recon_out = recon_partials.data_ptr<acc_t>();
@@ -181,7 +184,8 @@ void check_beta(const Tensor& beta, const Tensor& like) {
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(const Tensor& recon, const Tensor& target, const Tensor& mu,
-                                                         const Tensor& logvar, const Tensor& beta,
+                                                         const Tensor& logvar, const std::optional<Tensor>& prior_mu,
+                                                         const std::optional<Tensor>& prior_logvar, const Tensor& beta,
                                                          const Tensor& log_scale, int64_t likelihood, bool from_logits,
                                                          int64_t reduction, bool compute_grad) {
   check_cuda(recon, "recon", recon);
@@ -191,6 +195,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(const Tensor& recon, co
   TORCH_CHECK(recon.sizes() == target.sizes(), "vaekern (cuda): target has shape ", target.sizes(),
               " but recon has shape ", recon.sizes());
   check_latents(mu, logvar, recon);
+  const KlPriorViews prior = kl_prior(prior_mu, prior_logvar, mu);
   check_beta(beta, recon);
   check_reduction(reduction);
   check_likelihood(likelihood);
@@ -211,22 +216,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(const Tensor& recon, co
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "vae_loss_cuda", [&] {
     if (dbl) {
-      vae_loss_launch<scalar_t, double>(x, t, target.scalar_type(), m, l, mu.scalar_type(), beta, log_scale,
+      vae_loss_launch<scalar_t, double>(x, t, target.scalar_type(), m, l, mu.scalar_type(), prior.operand(), beta,
+                                        log_scale,
                                         likelihood, from_logits, reduction, grad, loss, rec, kl, stream);
     } else if constexpr (!std::is_same_v<scalar_t, double>) {
-      vae_loss_launch<scalar_t, float>(x, t, target.scalar_type(), m, l, mu.scalar_type(), beta, log_scale,
+      vae_loss_launch<scalar_t, float>(x, t, target.scalar_type(), m, l, mu.scalar_type(), prior.operand(), beta,
+                                       log_scale,
                                        likelihood, from_logits, reduction, grad, loss, rec, kl, stream);
     }
   });
   return {loss, rec, kl, grad};
 }
 
-std::tuple<Tensor, Tensor> vae_loss_backward_cuda(const Tensor& grad_recon, const Tensor& grad_loss,
-                                                  const Tensor& grad_recon_term, const Tensor& grad_kl_term,
-                                                  const Tensor& recon, const Tensor& target, const Tensor& log_scale,
-                                                  const Tensor& mu, const Tensor& logvar, const Tensor& beta,
-                                                  int64_t likelihood, bool from_logits, int64_t reduction) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_backward_cuda(
+    const Tensor& grad_recon, const Tensor& grad_loss, const Tensor& grad_recon_term, const Tensor& grad_kl_term,
+    const Tensor& recon, const Tensor& target, const Tensor& log_scale, const Tensor& mu, const Tensor& logvar,
+    const std::optional<Tensor>& prior_mu, const std::optional<Tensor>& prior_logvar, const Tensor& beta,
+    int64_t likelihood, bool from_logits, int64_t reduction) {
   check_latents(mu, logvar, mu);
+  const KlPriorViews prior = kl_prior(prior_mu, prior_logvar, mu);  // checked before grad_recon is written
   check_beta(beta, mu);
   check_reduction(reduction);
   check_likelihood(likelihood);
@@ -272,7 +280,7 @@ std::tuple<Tensor, Tensor> vae_loss_backward_cuda(const Tensor& grad_recon, cons
                           .beta_kind = kind_of(beta.scalar_type()),
                           .grad_term_kind = kind_of(kl_g.scalar_type()),
                           .divisor = reduction == 1 ? static_cast<double>(B) : 1.0};
-  return gaussian_kl_grads(mu, logvar, kl_scale, stream);
+  return gaussian_kl_grads(mu, logvar, prior, kl_scale, stream);
 }
 
 TORCH_LIBRARY_IMPL(vaekern, CUDA, m) {

@@ -22,10 +22,11 @@ Element math (``@triton.jit`` helpers, inlined into the kernels)
   ``_continuous_bernoulli_probs_elem``: the Bernoulli's element math (the probability form
   through ``_bce_probs_terms`` and ``_bce_grad_den``, which ``_bernoulli_probs_elem`` uses
   too) plus the log normalizer ``_cb_log_norm``, see ``continuous_bernoulli_nll.py``.
-* ``_gaussian_kl_elem`` (with its part without mu, ``_kl_var_elem``) and ``_kl_grad_elem``:
-  the KL to N(0, I) and its gradient, shared by ``gaussian_kl.py`` and ``vae_loss.py``;
-  ``_prior_standardized`` and ``_prior_kl_grads`` take a diagonal Gaussian prior to it on
-  load (and its gradients back), read at the broadcast strides of ``prior_operand``.
+* ``_gaussian_kl_elem`` (with its part without mu, ``_kl_var_elem``) and ``_kl_grad_lv``:
+  the KL to N(0, I) and its logvar gradient, shared by ``gaussian_kl.py`` and ``vae_loss.py``;
+  ``_prior_standardized`` takes a diagonal Gaussian prior to it on load, and
+  ``_prior_kl_grads`` gives the gradients with the prior's, read at the broadcast strides of
+  ``prior_operand``.
 * Every clamp passes ``propagate_nan=ALL``: ``tl.maximum``/``tl.minimum`` otherwise
   return the other operand for a NaN, and a NaN input must give a NaN loss.
 * The limits ``LOGVAR_MAX``, ``BCE_LOG_MIN``, ``BCE_GRAD_EPS`` and the continuous
@@ -385,10 +386,9 @@ def _gaussian_kl_elem(mu, lv):
 
 
 @triton.jit
-def _kl_grad_elem(s, mu, lv):
-    """(s * mu, s * 0.5 * expm1(min(lv, LOGVAR_MAX))): the straight-through clamp's gradient."""
-    em1 = _expm1(tl.minimum(lv, _LOGVAR_MAX, propagate_nan=tl.PropagateNan.ALL))
-    return s * mu, s * (0.5 * em1)
+def _kl_grad_lv(s, lv):
+    """s * 0.5 * expm1(min(lv, LOGVAR_MAX)): the straight-through clamp's gradient."""
+    return s * (0.5 * _expm1(tl.minimum(lv, _LOGVAR_MAX, propagate_nan=tl.PropagateNan.ALL)))
 
 
 @triton.jit
@@ -410,17 +410,32 @@ def _prior_standardized(mu, lv, pm_ptrs, plv_ptrs, mask, HAS_PM: tl.constexpr, H
 
 
 @triton.jit
-def _prior_kl_grads(s, m, l, e, gpm_ptrs, gplv_ptrs, mask, HAS_PM: tl.constexpr, HAS_PLV: tl.constexpr):
-    """(d/dmu, d/dlv) of ``s`` times the KL of the standardized (m, l, e) of
-    ``_prior_standardized``, in s's dtype; stores the priors' per-element gradients,
-    ``d/dpm = -d/dmu`` and ``d/dplv = -g_l - 0.5 * g_m * m``, at the contiguous
-    ``gpm_ptrs``/``gplv_ptrs`` in the priors' dtype."""
-    g_m, g_l = _kl_grad_elem(s, m, l)
-    g_mu = g_m * e
+def _prior_kl_grads(
+    s, mu, lv, pm_ptrs, plv_ptrs, gpm_ptrs, gplv_ptrs, mask, HAS_PM: tl.constexpr, HAS_PLV: tl.constexpr
+):
+    """(d/dmu, d/dlv) of ``s`` times the KL of (mu, lv) to the prior, mu and lv in s's dtype
+    (the math dtype), standardized as ``_prior_standardized`` does; stores the priors'
+    per-element gradients, ``d/dpm = -d/dmu`` and ``d/dplv = -g_l - 0.5 * g_m * m``, at the
+    contiguous ``gpm_ptrs``/``gplv_ptrs`` in the priors' dtype.
+
+    The variance's part first: its expm1 divides, which in float64 is a subroutine call on
+    sm_80, and with the prior's mean still unread across it the float64 vae_loss backward
+    does not spill there (it spilled 16 bytes the other way round; tests/test_triton_aot.py)."""
+    if HAS_PLV:
+        plv = tl.load(plv_ptrs, mask=mask, other=0.0).to(lv.dtype)
+        lv = lv - plv
+    g_l = _kl_grad_lv(s, lv)
+    if HAS_PM:
+        mu = mu - tl.load(pm_ptrs, mask=mask, other=0.0).to(mu.dtype)
+    g_mu = s * mu
+    if HAS_PLV:
+        e = tl.exp(-0.5 * plv)
+        m = mu * e
+        g_m = s * m
+        g_mu = g_m * e
+        tl.store(gplv_ptrs, (-g_l - 0.5 * g_m * m).to(gplv_ptrs.dtype.element_ty), mask=mask)
     if HAS_PM:
         tl.store(gpm_ptrs, (-g_mu).to(gpm_ptrs.dtype.element_ty), mask=mask)
-    if HAS_PLV:
-        tl.store(gplv_ptrs, (-g_l - 0.5 * g_m * m).to(gplv_ptrs.dtype.element_ty), mask=mask)
     return g_mu, g_l
 
 

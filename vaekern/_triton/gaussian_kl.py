@@ -162,14 +162,13 @@ def _gaussian_kl_bwd_kernel(
         mu = tl.load(mu_ptr + rows[:, None] * stride_mu + cols[None, :], mask=m, other=0.0)
         lv = tl.load(lv_ptr + rows[:, None] * stride_lv + cols[None, :], mask=m, other=0.0)
         # s is fp32 or fp64: the math runs in it, whatever mu's dtype.
-        mu, lv, e = _prior_standardized(
-            mu.to(s.dtype), lv.to(s.dtype),
+        out = rows[:, None] * Z + cols[None, :]
+        g_mu, g_lv = _prior_kl_grads(
+            s[:, None], mu.to(s.dtype), lv.to(s.dtype),
             pm_ptr + rows[:, None] * stride_pm_b + cols[None, :] * stride_pm_z,
             plv_ptr + rows[:, None] * stride_plv_b + cols[None, :] * stride_plv_z,
-            m, HAS_PM, HAS_PLV,
+            gpm_ptr + out, gplv_ptr + out, m, HAS_PM, HAS_PLV,
         )  # fmt: skip
-        out = rows[:, None] * Z + cols[None, :]
-        g_mu, g_lv = _prior_kl_grads(s[:, None], mu, lv, e, gpm_ptr + out, gplv_ptr + out, m, HAS_PM, HAS_PLV)
         tl.store(gmu_ptr + out, g_mu.to(gmu_ptr.dtype.element_ty), mask=m)
         tl.store(glv_ptr + out, g_lv.to(glv_ptr.dtype.element_ty), mask=m)
 

@@ -225,12 +225,11 @@ def _vae_loss_bwd_kernel(
             m = cols < Z
             mu = tl.load(mu_ptr + row * stride_mu + cols, mask=m, other=0.0)
             lv = tl.load(lv_ptr + row * stride_lv + cols, mask=m, other=0.0)
-            mu, lv, e = _prior_standardized(
-                mu.to(s.dtype), lv.to(s.dtype), pm_ptr + row * stride_pm_b + cols * stride_pm_z,
-                plv_ptr + row * stride_plv_b + cols * stride_plv_z, m, HAS_PM, HAS_PLV,
-            )  # fmt: skip
             out = row * Z + cols
-            g_mu, g_lv = _prior_kl_grads(s, mu, lv, e, gpm_ptr + out, gplv_ptr + out, m, HAS_PM, HAS_PLV)
+            g_mu, g_lv = _prior_kl_grads(
+                s, mu.to(s.dtype), lv.to(s.dtype), pm_ptr + row * stride_pm_b + cols * stride_pm_z,
+                plv_ptr + row * stride_plv_b + cols * stride_plv_z, gpm_ptr + out, gplv_ptr + out, m, HAS_PM, HAS_PLV,
+            )  # fmt: skip
             tl.store(gmu_ptr + row * Z + cols, g_mu.to(gmu_ptr.dtype.element_ty), mask=m)
             tl.store(glv_ptr + row * Z + cols, g_lv.to(glv_ptr.dtype.element_ty), mask=m)
     lo, hi = _chunk_bounds(chunk, n_blocks, D, BLOCK)
