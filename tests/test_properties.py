@@ -675,6 +675,71 @@ def test_gaussian_kl_with_prior_and_free_bits(backend, device):
     check()
 
 
+def test_vae_loss_with_prior(backend, device):
+    """vae_loss with a drawn diagonal prior (any broadcast form, any layout, its own dtype):
+    its KL part is read by the fused kernels' own KL code (not gaussian_kl's), so the prior
+    map and its gradients are drawn here too, beside a Bernoulli or Gaussian recon term and
+    a drawn beta. Finite inputs, as in test_gaussian_kl_with_prior_and_free_bits."""
+    @settings(max_examples=_examples(backend))
+    @given(data=st.data())
+    def check(data):
+        features = data.draw(feature_shapes(None, backend), "features")
+        batch = data.draw(_batch(features), "batch")
+        shape = (batch,) + features
+        likelihood = data.draw(st.sampled_from(("bernoulli", "gaussian")), "likelihood")
+        dtype = data.draw(st.sampled_from(DTYPES), "recon dtype")
+        mu_spec, lv_spec = _latent_pair(data, backend, batch=batch)
+        finite = lambda spec: dataclasses.replace(spec, specials=(), scale=min(spec.scale, 2.0))  # noqa: E731
+        mu_spec, lv_spec = finite(mu_spec), finite(lv_spec)
+        z_shape, z_dtype = mu_spec.shape, mu_spec.dtype
+        p_dtype = data.draw(st.sampled_from((z_dtype, torch.float32, torch.float64)), "prior dtype")
+        pm_spec = finite(data.draw(specs(data.draw(prior_shapes(z_shape), "prior_mu shape") or (1,), p_dtype, "mu"), "prior_mu"))
+        plv_spec = finite(data.draw(specs(data.draw(prior_shapes(z_shape), "prior_logvar shape") or (1,), p_dtype, "logvar"), "prior_logvar"))
+        reduction = data.draw(st.sampled_from(REDUCTIONS), "reduction")
+        beta = data.draw(st.sampled_from((0.0, 0.5, 2.5)), "beta")
+        x_spec = finite(data.draw(specs(shape, dtype, "logits"), "recon"))
+        t_spec = data.draw(specs(shape, dtype, "target", ("contiguous",)), "target")
+        u = data.draw(upstreams(reduction, batch), "upstream")
+        x, t = Input(x_spec, device, True), Input(t_spec, device, False)
+        ins = [Input(spec, device, True) for spec in (mu_spec, lv_spec, pm_spec, plv_spec)]
+        fault = _known_fault(backend, op="vae_loss", recon=x.base, latents=ins[0].base)
+        note(f"known fault: {fault}")
+        if fault is not None:
+            return
+        kw = dict(beta=beta, likelihood=likelihood, reduction=reduction)
+        if likelihood == "gaussian":
+            kw["log_scale"] = 0.3
+        t_read = t.view.sigmoid() if likelihood == "bernoulli" else t.view
+
+        latents = [i.view for i in ins]
+        parts = vaekern.vae_loss(x.view, t_read, *latents[:2], prior_mu=latents[2], prior_logvar=latents[3],
+                                 return_parts=True, backend=backend, **kw)  # fmt: skip
+        latents64 = [i.view64 for i in ins]
+        want = reference.vae_loss_ref(x.view64, t_read.double().cpu(), *latents64[:2], prior_mu=latents64[2],
+                                      prior_logvar=latents64[3], **kw)  # fmt: skip
+        loss_dtype = _loss_dtype(dtype, z_dtype, p_dtype)
+        # As in test_gaussian_kl_with_prior_and_free_bits: an ulp of the mapped terms.
+        terms = reference._kl_elements(*(i.view64.detach() for i in ins))
+        ratio = (torch.exp(ins[1].view64.detach() - ins[3].view64.detach()) + 2 * terms.abs()).max().item()
+        kl_scale = max(1.0, ratio) * (math.prod(z_shape) if reduction == "sum" else math.prod(z_shape[1:]))
+        rec_scale = math.prod(shape) * 8.0  # |logits| <= 2 * 2: each term below 5; or squared errors
+        tol = _tol(LOSS_TOL, dtype, z_dtype, p_dtype)
+        for name, got, w, scale in zip(("loss", "recon", "kl"), parts, want, (rec_scale + beta * kl_scale, rec_scale, kl_scale)):
+            assert got.dtype == loss_dtype, f"{name} dtype {got.dtype}"
+            assert_matches(name, got, w, tol, scale=scale)
+        parts.loss.backward(u.to(loss_dtype).to(device))
+        want[0].backward(u)
+        for name, i in zip(("mu", "logvar", "prior_mu", "prior_logvar"), ins):
+            assert i.base.grad.dtype == i.spec.dtype, f"{name}.grad dtype {i.base.grad.dtype}"
+            fan = math.prod(z_shape) // max(1, math.prod(i.spec.shape))
+            scale = max(1.0, u.abs().max().item()) * max(1.0, ratio) * fan * max(beta, 1e-30)
+            assert_matches(f"{name}.grad", i.base.grad, i.base64.grad, _tol(GRAD_TOL, i.spec.dtype, z_dtype), scale=scale)
+            i.assert_unchanged(name)
+        x.assert_unchanged("recon")
+
+    check()
+
+
 def test_reparameterize_given_eps(backend, device):
     @settings(max_examples=_examples(backend))
     @given(data=st.data())
