@@ -19,8 +19,9 @@ Providers
                    mean clamped at the free bits and summed. For ``vae_loss_gaussian`` and
                    ``vae_loss_continuous_bernoulli`` (``vae_loss`` with that likelihood):
                    the likelihood's eager form above plus the pytorch/examples KL. For
-                   ``vae_loss_prior_free_bits`` (``vae_loss`` with a learned per-latent
-                   prior and free bits): the pytorch/examples BCE plus
+                   ``vae_loss_prior`` (``vae_loss`` with a learned per-latent prior): the
+                   pytorch/examples BCE plus the KL to the prior written out;
+                   ``vae_loss_prior_free_bits`` (and free bits): the same BCE plus
                    ``gaussian_kl_free_bits``'s eager form.
 ``eager-keras``    the Keras example's formula: the mean per-pixel BCE times the pixel count,
                    plus the mean over rows of the per-row KL.
@@ -81,10 +82,11 @@ from vaekern import reference
 OPS = (
     "vae_loss", "vae_loss_gaussian", "vae_loss_continuous_bernoulli", "bernoulli_nll", "gaussian_nll",
     "gaussian_nll_optimal", "gaussian_nll_learned", "continuous_bernoulli_nll", "gaussian_kl", "gaussian_kl_free_bits", "reparameterize",
-    "vae_loss_prior_free_bits",
+    "vae_loss_prior", "vae_loss_prior_free_bits",
 )  # fmt: skip
-# gaussian_kl_free_bits and vae_loss_prior_free_bits: a learned prior (one mean and
-# log-variance per latent) and these free bits, in nats per latent element.
+# vae_loss_prior, gaussian_kl_free_bits and vae_loss_prior_free_bits: a learned prior (one
+# mean and log-variance per latent), the last two with these free bits, in nats per latent
+# element.
 FREE_BITS = 0.1
 # Cases that call a vaekern function with options: case name -> (function name, options).
 VARIANTS = {
@@ -93,10 +95,11 @@ VARIANTS = {
     "gaussian_nll_optimal": ("gaussian_nll", {"log_scale": "optimal"}),
     "gaussian_nll_learned": ("gaussian_nll", {}),
     "gaussian_kl_free_bits": ("gaussian_kl", {"free_bits": FREE_BITS}),
+    "vae_loss_prior": ("vae_loss", {}),
     "vae_loss_prior_free_bits": ("vae_loss", {"free_bits": FREE_BITS}),
 }
 # Arguments that a case passes by keyword (vae_loss takes its prior so), after the positional ones.
-KEYWORD_ARGS = {"vae_loss_prior_free_bits": ("prior_mu", "prior_logvar")}
+KEYWORD_ARGS = {"vae_loss_prior": ("prior_mu", "prior_logvar"), "vae_loss_prior_free_bits": ("prior_mu", "prior_logvar")}
 MODES = ("fwd", "bwd", "fwd+bwd")
 PROVIDERS = ("eager", "eager-keras", "compile", "compile-keras", "reference", "triton", "cuda", "cpu")
 VAEKERN_PROVIDERS = ("reference", "triton", "cuda", "cpu")
@@ -184,7 +187,7 @@ def floor_bytes(case: Case) -> int:
         case "gaussian_kl_free_bits":
             prior = 2 * z * e  # the prior's mean and log-variance, or their gradients
             return 2 * latent + prior + (0 if fwd else 2 * latent + prior)
-        case "vae_loss_prior_free_bits":
+        case "vae_loss_prior" | "vae_loss_prior_free_bits":
             prior = 2 * z * e
             return image_in + 2 * latent + prior + (0 if fwd else image_grad + 2 * latent + prior)
         case "reparameterize":
@@ -253,10 +256,19 @@ def _keras_gaussian_kl(mu, logvar):
     return (-0.5 * torch.sum(1 + logvar - mu.square() - logvar.exp(), dim=-1)).mean()
 
 
+def _eager_prior_kl(mu, logvar, prior_mu, prior_logvar):
+    # KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) per element.
+    return 0.5 * (prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) / prior_logvar.exp() - 1)
+
+
 def _eager_gaussian_kl_free_bits(mu, logvar, prior_mu, prior_logvar):
-    # KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) per element, then IAF's free bits.
-    kl = 0.5 * (prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) / prior_logvar.exp() - 1)
-    return kl.mean(dim=0).clamp(min=FREE_BITS).sum()
+    # The KL to the prior per element, then IAF's free bits.
+    return _eager_prior_kl(mu, logvar, prior_mu, prior_logvar).mean(dim=0).clamp(min=FREE_BITS).sum()
+
+
+def _eager_vae_loss_prior(recon, target, mu, logvar, prior_mu, prior_logvar):
+    bce = F.binary_cross_entropy_with_logits(recon, target.to(recon.dtype), reduction="sum")
+    return (bce + _eager_prior_kl(mu, logvar, prior_mu, prior_logvar).sum()) / recon.shape[0]
 
 
 def _eager_vae_loss_prior_free_bits(recon, target, mu, logvar, prior_mu, prior_logvar):
@@ -290,6 +302,7 @@ _EAGER = {
     "continuous_bernoulli_nll": (_eager_continuous_bernoulli_nll, None),
     "gaussian_kl": (_examples_gaussian_kl, _keras_gaussian_kl),
     "gaussian_kl_free_bits": (_eager_gaussian_kl_free_bits, None),
+    "vae_loss_prior": (_eager_vae_loss_prior, None),
     "vae_loss_prior_free_bits": (_eager_vae_loss_prior_free_bits, None),
     # Keras samples exactly as pytorch/examples does: there is no second formula.
     "reparameterize": (_examples_reparameterize, None),
@@ -363,6 +376,7 @@ ARGS = {
     "gaussian_kl": ("mu", "logvar"),
     "gaussian_kl_free_bits": ("mu", "logvar", "prior_mu", "prior_logvar"),
     "reparameterize": ("mu", "logvar"),
+    "vae_loss_prior": ("recon", "target", "mu", "logvar", "prior_mu", "prior_logvar"),
     "vae_loss_prior_free_bits": ("recon", "target", "mu", "logvar", "prior_mu", "prior_logvar"),
 }
 DIFF_ARGS = {
@@ -377,6 +391,7 @@ DIFF_ARGS = {
     "gaussian_kl": ("mu", "logvar"),
     "gaussian_kl_free_bits": ("mu", "logvar", "prior_mu", "prior_logvar"),
     "reparameterize": ("mu", "logvar"),
+    "vae_loss_prior": ("recon", "mu", "logvar", "prior_mu", "prior_logvar"),
     "vae_loss_prior_free_bits": ("recon", "mu", "logvar", "prior_mu", "prior_logvar"),
 }
 

@@ -127,7 +127,7 @@ limit=$(( $(left) / 2 )); (( limit > 120 )) && limit=120
 step bench_steps "$limit" $PY -m benchmarks --ops overhead,e2e --min-run-time 0.5 \
     --max-seconds $(( limit - 30 )) --out "$OUT/bench_steps" "${common[@]}"
 limit=$(( $(left) - 5 ))
-step bench_parts "$limit" $PY -m benchmarks --ops bernoulli_nll,gaussian_kl,reparameterize,gaussian_nll_optimal,gaussian_nll_learned,vae_loss_gaussian,vae_loss_continuous_bernoulli,gaussian_kl_free_bits,vae_loss_prior_free_bits \
+step bench_parts "$limit" $PY -m benchmarks --ops bernoulli_nll,gaussian_kl,reparameterize,gaussian_nll_optimal,gaussian_nll_learned,vae_loss_gaussian,vae_loss_continuous_bernoulli,gaussian_kl_free_bits,vae_loss_prior,vae_loss_prior_free_bits \
     --dtypes float32 --modes fwd+bwd --providers eager,eager-keras,compile,reference,triton,cuda \
     --max-seconds $(( limit - 30 )) --out "$OUT/bench_parts" "${common[@]}"
 
