@@ -45,7 +45,7 @@
 #include <tuple>
 #include <type_traits>
 
-#include "conventions.h"  // kLogvarMax, kHalfLog2Pi
+#include "conventions.h"  // kLogvarMax, kHalfLog2Pi, kKlColumns
 
 namespace vaekern::autograd {
 namespace {
@@ -343,7 +343,10 @@ KLGrads differentiable_kl_grads(const Tensor& grad_out, const Tensor& mu, const 
                                 const Tensor& prior_logvar, int64_t reduction) {
   const c10::SymInt batch = mu.sym_size(0);
   const c10::ScalarType acc = acc_dtype({mu.scalar_type(), logvar.scalar_type(), grad_out.scalar_type()});
-  Tensor s = per_row((reduction == 1 ? grad_out.div(c10::Scalar(batch)) : grad_out).to(acc), batch, mu.dim());
+  // One upstream per row, or per latent element for the column reduction.
+  Tensor s = reduction == kKlColumns
+                 ? grad_out.to(acc).unsqueeze(0)
+                 : per_row((reduction == 1 ? grad_out.div(c10::Scalar(batch)) : grad_out).to(acc), batch, mu.dim());
   Tensor m = mu.to(acc), lv = logvar.to(acc), e;
   if (prior_mu.defined()) m = m - prior_mu.to(acc);
   if (prior_logvar.defined()) {

@@ -1,8 +1,15 @@
 // The numeric limits of vaekern's conventions, defined once for csrc/cpu, csrc/cuda and the
-// autograd; vaekern/reference.py states them and tests/test_limits.py ties these to it.
+// autograd; vaekern/reference.py states them and tests/test_limits.py ties these to it. And
+// one code of the kernels' interface that all three read.
 #pragma once
 
+#include <cstdint>
+
 namespace vaekern {
+
+// gaussian_kl's own reduction beside none (0), mean (1) and sum (2): the KL of each latent
+// element summed over the rows (vaekern/_ops/_common.py KL_COLUMNS; tests/test_limits.py).
+constexpr int64_t kKlColumns = 3;
 
 // KL: the variance is exp(min(logvar, kLogvarMax)), so float32 cannot overflow (exp(88.7) does).
 constexpr double kLogvarMax = 60.0;

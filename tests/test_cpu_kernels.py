@@ -21,6 +21,7 @@ from helpers import HIDE_EXTENSION, latents, logits, probs, target
 import vaekern
 from vaekern import _extension, backends
 from vaekern._ops import SCHEMAS
+from vaekern._ops._common import KL_COLUMNS
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in vaekern.available_backends("cpu"), reason="vaekern._C is not built with the CPU kernels"
@@ -107,11 +108,15 @@ def test_latent_ops_thread_count_invariant(threads):
     mu, logvar = latents((4099, 64), torch.float32, "cpu")
     seed = torch.tensor([123456789], dtype=torch.int64)
     g = torch.randn(4099, 64)
+    prior_mu, prior_logvar = torch.randn(64) * 0.5, torch.randn(64) * 0.5
 
     def run():
         return (
             ops.gaussian_kl(mu, logvar, None, None, 1),
             *ops.gaussian_kl_backward(torch.tensor(3.0), mu, logvar, None, None, 1),
+            # The column reduction (free bits) with a learned prior, its upstream per column.
+            ops.gaussian_kl(mu, logvar, prior_mu, prior_logvar, KL_COLUMNS),
+            *ops.gaussian_kl_backward(g[0], mu, logvar, prior_mu, prior_logvar, KL_COLUMNS),
             ops.reparameterize(mu, logvar, None, seed),
             *ops.reparameterize_backward(g, mu, logvar, None, seed),
         )

@@ -17,6 +17,7 @@ from helpers import (
 
 import vaekern
 from vaekern import reference
+from vaekern._ops._common import KL_COLUMNS
 from vaekern.reference import gaussian_kl_ref
 
 
@@ -110,6 +111,10 @@ def test_opcheck(backend, device):
         for prior in ((None, None), (pm, plv), (pm[0], None)):
             torch.library.opcheck(ops.gaussian_kl, (leaf(mu), leaf(logvar), *(p if p is None else leaf(p) for p in prior), reduction))
             torch.library.opcheck(ops.gaussian_kl_backward, (grad_out, mu, logvar, *prior, reduction))
+    # The column reduction (free bits): one sum per latent element, its upstream per element too.
+    for prior in ((None, None), (pm, plv)):
+        torch.library.opcheck(ops.gaussian_kl, (leaf(mu), leaf(logvar), *(p if p is None else leaf(p) for p in prior), KL_COLUMNS))
+        torch.library.opcheck(ops.gaussian_kl_backward, (torch.rand(13, device=device), mu, logvar, *prior, KL_COLUMNS))
 
 
 def test_torch_func_grad_hessian_and_per_sample_gradients(backend, device):
@@ -285,6 +290,26 @@ def test_prior_makes_no_latent_sized_pass_beside_the_kernels(backend, device, re
                 out.backward(upstream(out))
             assert sorted(mode.ops) == backward_ops, mode.ops
             assert all(x.grad is not None for x in inputs[1:])
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum"))
+def test_free_bits_make_no_latent_sized_pass_beside_the_kernel(backend, device, reduction):
+    """Free bits and the per-element KL take the KL op's column reduction in the latents' own
+    layout: no transposed copy and no other latent-sized op beside the fused one, forward or
+    backward, with or without a per-sample prior (it copied both latents each way before)."""
+    if backend == "reference":
+        pytest.skip("the oracle differentiates the KL by plain autograd")
+    mu, logvar = latents((6, 7), torch.float32, device)
+    for prior in ((None, None), (_prior((6, 7), torch.float32, device, 0.3), _prior((6, 7), torch.float32, device, 0.3))):
+        for kw in ({"free_bits": 0.1}, {"return_per_dim": True}):
+            inputs = [None if x is None else leaf(x) for x in (mu, logvar, *prior)]
+            with SizedOps(mu.numel()) as mode:
+                out = vaekern.gaussian_kl(*inputs, reduction=reduction, backend=backend, **kw)
+            assert not mode.ops, mode.ops
+            kl = out[0] if isinstance(out, tuple) else out
+            with SizedOps(mu.numel()) as mode:
+                kl.backward(upstream(kl))
+            assert not mode.ops, mode.ops
 
 
 def test_one_prior_argument_alone(backend, device):

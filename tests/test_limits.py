@@ -51,6 +51,14 @@ def cpp_constants() -> dict[str, float]:
     return {name: float(value.strip()) for name, value in _CONSTANT.findall(HEADER.read_text())}
 
 
+def test_cpp_kl_columns_code_is_the_op_layers():
+    """The one interface code in csrc/conventions.h: gaussian_kl's column reduction."""
+    from vaekern._ops._common import KL_COLUMNS, REDUCTIONS
+
+    (value,) = re.findall(r"constexpr\s+int64_t\s+kKlColumns\s*=\s*(\d+);", HEADER.read_text())
+    assert int(value) == KL_COLUMNS and KL_COLUMNS not in REDUCTIONS.values()
+
+
 def test_cpp_limits_equal_the_reference():
     constants = cpp_constants()
     assert set(constants) == set(CPP_NAMES) | set(FLOAT_ONLY), f"{HEADER.name} defines {sorted(constants)}"

@@ -267,6 +267,18 @@ def _cases():
             {"mu_ptr": dt, "lv_ptr": dt, "out_ptr": acc, **prior}, ("Z", "stride_mu", "stride_lv"),
             {"REDUCTION": 1, "BLOCK_B": BLOCK_B, "BLOCK_Z": BLOCK_Z, **with_prior}, lwarps,
         ))
+        # The column reduction of free bits, with a learned prior: forward and backward.
+        cases.append((
+            f"gaussian_kl_fwd {dt} reduction=3 prior", "gaussian_kl", "_gaussian_kl_fwd_kernel",
+            {"mu_ptr": dt, "lv_ptr": dt, "out_ptr": acc, **prior}, ("Z", "stride_mu", "stride_lv"),
+            {"REDUCTION": 3, "BLOCK_B": BLOCK_B, "BLOCK_Z": BLOCK_Z, **with_prior}, lwarps,
+        ))
+        cases.append((
+            f"gaussian_kl_bwd {dt} columns prior", "gaussian_kl", "_gaussian_kl_bwd_kernel",
+            {"go_ptr": acc, "mu_ptr": dt, "lv_ptr": dt, "gmu_ptr": dt, "glv_ptr": dt, **prior},
+            ("Z", "stride_mu", "stride_lv"),
+            {"MEAN": False, "COLUMNS": True, "BLOCK_B": BLOCK_B, "BLOCK_Z": BLOCK_Z, **with_prior}, lwarps,
+        ))
         cases.append((
             f"gaussian_kl_bwd {dt} prior", "gaussian_kl", "_gaussian_kl_bwd_kernel",
             {"go_ptr": acc, "mu_ptr": dt, "lv_ptr": dt, "gmu_ptr": dt, "glv_ptr": dt, **prior},
@@ -363,6 +375,8 @@ def _ptx(case, arch: int) -> str:
     if "HAS_PM" in fn.arg_names:
         constexprs = {"HAS_PM": False, "HAS_PLV": False, **constexprs}
         ptrs = {**{p: "fp32" for p in PRIOR_PTRS if p in fn.arg_names}, **ptrs}
+    if "COLUMNS" in fn.arg_names:  # the KL's column reduction likewise (a case names it)
+        constexprs = {"COLUMNS": False, **constexprs}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:

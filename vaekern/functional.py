@@ -20,7 +20,14 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from vaekern import reference
-from vaekern._ops._common import LIKELIHOODS, REDUCTIONS, SQUARED_ERROR_LOG_SCALE, acc_dtype, below_autograd
+from vaekern._ops._common import (
+    KL_COLUMNS,
+    LIKELIHOODS,
+    REDUCTIONS,
+    SQUARED_ERROR_LOG_SCALE,
+    acc_dtype,
+    below_autograd,
+)
 from vaekern._ops.bernoulli_nll import BernoulliNLLFunction
 from vaekern._ops.continuous_bernoulli_nll import ContinuousBernoulliNLLFunction
 from vaekern._ops.gaussian_kl import GaussianKLFunction
@@ -568,19 +575,12 @@ def _free_bits_kl(
     """(the KL term, the batch-mean KL per latent element) of the kernel ops' operands
     (``_kl_operands``).
 
-    The per-element batch sums are the kernels' per-row KL of the transposed latents, one
-    row per latent element: the same fused pass, its backward scaling each element's row
-    by the upstream gradient of its batch mean (0 below the free bits). The priors are
-    transposed with them, as views at their broadcast strides."""
+    The per-element batch sums are the KL op's column reduction (``KL_COLUMNS``), in the
+    latents' own layout: one fused pass, its backward scaling each element by the upstream
+    gradient of its batch mean (0 below the free bits)."""
     B = mu.shape[0]
-    cols = math.prod(mu.shape[1:])
-
-    def columns(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.expand(mu.shape).reshape(B, cols).t()
-
-    latents = (columns(mu), columns(logvar), columns(prior_mu), columns(prior_logvar))
-    sums = _gaussian_kl(kernels, *latents, REDUCTIONS["none"])
-    per_dim = (sums / B).reshape(mu.shape[1:])
+    sums = _gaussian_kl(kernels, mu, logvar, prior_mu, prior_logvar, KL_COLUMNS)
+    per_dim = sums / B
     if _binds(free_bits):
         # where, not maximum: the gradient passes at equality, and a NaN stays NaN.
         kl = torch.where(per_dim < free_bits, free_bits, per_dim)

@@ -9,8 +9,9 @@
 // The clamp (60 is kLogvarMax, conventions.h) keeps float32 from overflowing; it is
 // straight-through, so the gradient keeps the clamped variance's sign
 // (vaekern/reference.py). Backward recomputes from mu, logvar and the prior (latent-sized,
-// cheap) and scales row b by s_b = grad_out (/ B for mean). The KL term itself (row sums,
-// gradients) is shared with vae_loss: kl.h.
+// cheap) and scales row b by s_b = grad_out (/ B for mean). Reduction 3 sums each latent
+// element over the rows instead (free bits), and its backward scales element j of every row
+// by grad_out[j]. The KL term itself (row sums, gradients) is shared with vae_loss: kl.h.
 //
 // dtypes: mu and logvar float32/float64/bfloat16/float16, same dtype; computed in float
 // (double for double), the prior's parts in that dtype. Loss float32, float64 for float64
@@ -20,30 +21,48 @@
 #include "cpu/checks.h"
 #include "cpu/kl.h"
 #include "cpu/row_ops.h"
+#include "conventions.h"
 
 namespace vaekern::cpu {
 
 namespace {
 
+void check_kl_reduction(int64_t reduction) {
+  if (reduction != kKlColumns) check_reduction(reduction);
+}
+
 at::Tensor gaussian_kl_cpu(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
                            const std::optional<at::Tensor>& prior_logvar, int64_t reduction) {
   check_latents(mu, logvar);
-  check_reduction(reduction);
+  check_kl_reduction(reduction);
   const c10::ScalarType acc = acc_dtype({&mu, &logvar});
-  return reduce_rows(gaussian_kl_rows(mu, logvar, kl_prior(prior_mu, prior_logvar, mu), acc, false), reduction, acc);
+  const KlPrior prior = kl_prior(prior_mu, prior_logvar, mu);
+  if (reduction == kKlColumns) {
+    const std::vector<double> sums = gaussian_kl_columns(mu, logvar, prior);
+    return reduce_rows(sums, 0, acc).view(mu.sizes().slice(1));  // one value per column
+  }
+  return reduce_rows(gaussian_kl_rows(mu, logvar, prior, acc, false), reduction, acc);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& mu, const at::Tensor& logvar,
     const std::optional<at::Tensor>& prior_mu, const std::optional<at::Tensor>& prior_logvar, int64_t reduction) {
   check_latents(mu, logvar);
-  check_reduction(reduction);
+  check_kl_reduction(reduction);
   const int64_t rows = mu.size(0);
+  const KlPrior prior = kl_prior(prior_mu, prior_logvar, mu);
+  if (reduction == kKlColumns) {  // one upstream per latent element
+    TORCH_CHECK(grad_out.sizes() == mu.sizes().slice(1), "vaekern (cpu): grad_out must have shape ",
+                mu.sizes().slice(1), " (mu.shape[1:]) for the column reduction, got ", grad_out.sizes());
+    const at::Tensor g = grad_out.to(at::kDouble).contiguous();
+    const std::vector<double> scale(g.const_data_ptr<double>(), g.const_data_ptr<double>() + g.numel());
+    return gaussian_kl_grads(scale, /*per_column=*/true, mu, logvar, prior);
+  }
   std::vector<double> scale = row_values(grad_out, rows, "grad_out");
   if (reduction == 1) {
     for (double& s : scale) s /= static_cast<double>(rows);
   }
-  return gaussian_kl_grads(scale, mu, logvar, kl_prior(prior_mu, prior_logvar, mu));
+  return gaussian_kl_grads(scale, /*per_column=*/false, mu, logvar, prior);
 }
 
 }  // namespace

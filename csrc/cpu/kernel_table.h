@@ -30,6 +30,7 @@ const Kernels kKernels = {
                                             &scale_rows_kernel<ContinuousBernoulliNll<true>>},
     .gaussian_kl = &gaussian_kl_kernel,
     .gaussian_kl_backward = &gaussian_kl_backward_kernel,
+    .gaussian_kl_columns = &gaussian_kl_columns_kernel,
     .reparameterize = &reparameterize_kernel,
     .reparameterize_backward = &reparameterize_backward_kernel,
 };

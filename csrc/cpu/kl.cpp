@@ -3,6 +3,7 @@
 
 #include <ATen/ExpandUtils.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/accumulate.h>
 
 #include "cpu/row_ops.h"
 
@@ -65,7 +66,21 @@ std::vector<double> gaussian_kl_rows(const at::Tensor& mu_, const at::Tensor& lo
   return out;
 }
 
+std::vector<double> gaussian_kl_columns(const at::Tensor& mu_, const at::Tensor& logvar_, const KlPrior& prior) {
+  const at::Tensor mu = mu_.contiguous(), logvar = logvar_.contiguous();
+  // The columns' count from the shape: with no rows there are still columns, each summing to 0.
+  const int64_t rows = mu.size(0), cols = c10::multiply_integers(mu.sizes().slice(1));
+  std::vector<double> out(cols);
+  GaussianKlArgs args = latent_args(mu, logvar, prior);
+  args.cols = cols;
+  args.out = out.data();
+  const Kernels& k = kernels();
+  at::parallel_for(0, cols, grain(rows), [&](int64_t begin, int64_t end) { k.gaussian_kl_columns(args, begin, end); });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_grads(const std::vector<double>& scale,
+                                                                             bool per_column,
                                                                              const at::Tensor& mu_,
                                                                              const at::Tensor& logvar_,
                                                                              const KlPrior& prior) {
@@ -77,6 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_grads(con
   at::Tensor grad_prior_logvar = prior_grad_output(prior.logvar, mu);
   GaussianKlArgs args = latent_args(mu, logvar, prior);
   args.scale = scale.data();
+  args.per_column = per_column;
   args.grad_mu = grad_mu.mutable_data_ptr();
   args.grad_logvar = grad_logvar.mutable_data_ptr();
   args.grad_prior_mu = prior.mu.defined() ? grad_prior_mu.mutable_data_ptr() : nullptr;

@@ -28,10 +28,15 @@ KlPrior kl_prior(const std::optional<at::Tensor>& prior_mu, const std::optional<
 std::vector<double> gaussian_kl_rows(const at::Tensor& mu, const at::Tensor& logvar, const KlPrior& prior,
                                      c10::ScalarType acc, bool wide_sums);
 
-// (scale[b] * d kl_b / d mu, scale[b] * d kl_b / d logvar, and the same per element for
-// prior_mu and prior_logvar, or (0,) where a part is absent), contiguous.
+// The KL of each latent column summed over the rows (the KL_COLUMNS reduction), in the
+// latents' arithmetic type, each column's rows added in order.
+std::vector<double> gaussian_kl_columns(const at::Tensor& mu, const at::Tensor& logvar, const KlPrior& prior);
+
+// (s * d kl / d mu, s * d kl / d logvar, and the same per element for prior_mu and
+// prior_logvar, or (0,) where a part is absent), contiguous, with s = scale[b] for row b,
+// or scale[j] for column j where per_column (the KL_COLUMNS reduction's upstream).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_grads(const std::vector<double>& scale,
-                                                                             const at::Tensor& mu,
+                                                                             bool per_column, const at::Tensor& mu,
                                                                              const at::Tensor& logvar,
                                                                              const KlPrior& prior);
 

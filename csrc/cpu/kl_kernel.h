@@ -5,7 +5,9 @@
 //   g_m     = s * m,   g_l = s * 0.5 * (exp(min(l, 60)) - 1)   (straight-through clamp)
 //   d/dmu   = g_m * e, d/dlv = g_l, d/dpm = -d/dmu, d/dplv = -g_l - 0.5 * g_m * m
 // 60 is kLogvarMax (conventions.h). Forward computes in acc_dtype (float or double, as the
-// caller says; with wide_sums, m^2 and the sums in double); backward forms m, l, e and
+// caller says; with wide_sums, m^2 and the sums in double); the KL_COLUMNS reduction sums
+// each column over the rows instead (gaussian_kl_columns_tasks), and its backward scales
+// per column. Backward forms m, l, e and
 // d kl / d l in float (double for double latents) and the products with the row's scale in
 // double, each output rounded once to its dtype. The prior is read at its broadcast
 // strides, in the latents' arithmetic type (P = acc_t<T>).
@@ -99,6 +101,28 @@ inline void store_kl_grads(const GaussianKlArgs& a, int64_t at, int64_t cnt, con
   }
 }
 
+// KL_COLUMNS: the KL of each of columns [begin, end) summed over every row, each lane's rows
+// added in order (deterministic whatever the split into tasks).
+template <typename T>
+void gaussian_kl_columns_tasks(const GaussianKlArgs& a, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  constexpr int64_t W = Vec<A>::size();
+  const Vec<A> zero(A(0)), half(A(0.5));
+  for (int64_t j = begin; j < end; j += W) {
+    const int64_t n = std::min(W, end - j);
+    Vec<A> acc(A(0));
+    for (int64_t row = 0; row < a.rows; ++row) {
+      Vec<A> mv = load_as<A>(static_cast<const T*>(a.mu) + row * a.cols + j, n);
+      Vec<A> lvv = load_as<A>(static_cast<const T*>(a.logvar) + row * a.cols + j, n), e(A(1));
+      standardize<A, A>(a, row, j, n, mv, lvv, e);
+      acc += half * (mv * mv + (clamped_var_m1(lvv) - lvv));
+    }
+    alignas(64) A sums[W];
+    (n == W ? acc : Vec<A>::set(zero, acc, n)).store(sums);
+    for (int64_t i = 0; i < n; ++i) a.out[j + i] = static_cast<double>(sums[i]);
+  }
+}
+
 template <typename T>
 void gaussian_kl_backward_tasks(const GaussianKlArgs& a, int64_t begin, int64_t end) {
   using A = acc_t<T>;
@@ -109,22 +133,25 @@ void gaussian_kl_backward_tasks(const GaussianKlArgs& a, int64_t begin, int64_t 
     const T* m = static_cast<const T*>(a.mu) + off;
     const T* lv = static_cast<const T*>(a.logvar) + off;
     // The scale is a double (a float64 loss's upstream times beta may be beyond float's
-    // range, or below its normals): the products in double.
-    const Vec<double> s(a.scale[row]);
+    // range, or below its normals): the products in double. One per row, or per column.
+    const Vec<double> s_row(a.per_column ? 0.0 : a.scale[row]);
+    const auto scale = [&](int64_t at, int64_t cnt) {
+      return a.per_column ? Vec<double>::loadu(a.scale + at, cnt) : s_row;
+    };
     for (int64_t j = 0; j < a.cols; j += W) {
       const int64_t n = std::min(W, a.cols - j);
       Vec<A> mv = load_as<A>(m + j, n), lvv = load_as<A>(lv + j, n), e(A(1));
       standardize<A, A>(a, row, j, n, mv, lvv, e);
       const Vec<A> dlv = half * clamped_var_m1(lvv);
       if constexpr (std::is_same_v<A, double>) {
-        store_kl_grads<T, A>(a, off + j, n, s, mv, dlv, e);
+        store_kl_grads<T, A>(a, off + j, n, scale(j, n), mv, dlv, e);
       } else {
         constexpr int64_t H = Vec<double>::size();
         const auto [m0, m1] = widen(mv);
         const auto [g0, g1] = widen(dlv);
         const auto [e0, e1] = widen(e);
-        store_kl_grads<T, A>(a, off + j, std::min(H, n), s, m0, g0, e0);
-        if (n > H) store_kl_grads<T, A>(a, off + j + H, n - H, s, m1, g1, e1);
+        store_kl_grads<T, A>(a, off + j, std::min(H, n), scale(j, std::min(H, n)), m0, g0, e0);
+        if (n > H) store_kl_grads<T, A>(a, off + j + H, n - H, scale(j + H, n - H), m1, g1, e1);
       }
     }
   }
@@ -141,6 +168,10 @@ inline void gaussian_kl_kernel(const GaussianKlArgs& a, int64_t begin, int64_t e
       gaussian_kl_tasks<T, A, false>(a, begin, end);
     });
   });
+}
+
+inline void gaussian_kl_columns_kernel(const GaussianKlArgs& a, int64_t begin, int64_t end) {
+  dispatch_float(a.dtype, [&](auto v) { gaussian_kl_columns_tasks<decltype(v)>(a, begin, end); });
 }
 
 inline void gaussian_kl_backward_kernel(const GaussianKlArgs& a, int64_t begin, int64_t end) {

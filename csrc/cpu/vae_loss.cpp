@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cpu
     scale_rows_(lik.scale_rows, grad_recon, recon_scale, recon, target,
                 reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0, param);
   }
-  return gaussian_kl_grads(kl_scale, mu, logvar, prior);
+  return gaussian_kl_grads(kl_scale, /*per_column=*/false, mu, logvar, prior);
 }
 
 }  // namespace

@@ -111,8 +111,9 @@ struct GaussianKlArgs {
   PriorOperand prior_logvar;
   c10::ScalarType acc_dtype;  // forward: float or double, the element math (and the sums)
   bool wide_sums;             // forward: mu^2 and the sums in double whatever acc_dtype
-  double* out;                // forward: [rows] row sums of the KL
-  const double* scale;        // backward: [rows] d(loss)/d(row KL)
+  double* out;                // forward: [rows] row sums of the KL, or [cols] column sums (KL_COLUMNS)
+  const double* scale;        // backward: [rows] d(loss)/d(row KL), or [cols] per column (per_column)
+  bool per_column;            // backward: scale is per column (the KL_COLUMNS reduction's upstream)
   void* grad_mu;              // backward: [rows, cols]
   void* grad_logvar;          // backward: [rows, cols]
   void* grad_prior_mu;        // backward: [rows, cols] per element, the prior's type (if present)
@@ -146,6 +147,8 @@ struct Kernels {
   // Tasks are rows.
   void (*gaussian_kl)(const GaussianKlArgs&, int64_t begin, int64_t end);
   void (*gaussian_kl_backward)(const GaussianKlArgs&, int64_t begin, int64_t end);
+  // Tasks are columns (each over every row).
+  void (*gaussian_kl_columns)(const GaussianKlArgs&, int64_t begin, int64_t end);
   // Tasks are blocks of kNoiseBlock elements.
   void (*reparameterize)(const ReparameterizeArgs&, int64_t begin, int64_t end);
   void (*reparameterize_backward)(const ReparameterizeArgs&, int64_t begin, int64_t end);

@@ -1,5 +1,5 @@
 // gaussian_kl_grads and kl_prior (kl.cuh): the latent and prior gradients of the KL term
-// for per-row scales s_b, with m, l, e the latents standardized by the prior (kl.cuh),
+// for per-row scales s_b (or per-column ones s_j), with m, l, e the latents standardized by the prior (kl.cuh),
 //   grad_mu = s_b * m * e,  grad_logvar = s_b * 0.5 * (exp(min(l, 60)) - 1),
 //   grad_prior_mu = -grad_mu,  grad_prior_logvar = -grad_logvar - 0.5 * s_b * m^2
 // recomputed from mu, logvar and the prior (latent-sized, cheap) by gaussian_kl_backward and
@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kThreads)
                              scalar_t* __restrict__ grad_lv,                 // [B, D] contiguous
                              acc_type<scalar_t>* __restrict__ grad_prior_mu, // [B, D] or nullptr
                              acc_type<scalar_t>* __restrict__ grad_prior_lv, // [B, D] or nullptr
-                             KlPrior prior, RowScale scale, int64_t n, int64_t D) {
+                             KlPrior prior, RowScale scale, bool per_column, int64_t n, int64_t D) {
   using acc_t = acc_type<scalar_t>;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kThreads)
     PriorRow<acc_t>(prior, b).standardize(i - b * D, m, l, e);
     // The scale stays double (a float64 loss's upstream times beta may be beyond float's
     // range, or below its normals): each product in double, rounded once to its output.
-    const double s = scale(b);
+    const double s = scale(per_column ? i - b * D : b);
     const double g_m = s * static_cast<double>(m), g_l = s * static_cast<double>(kl_grad_lv(l));
     const double g_mu = prior.lv != nullptr ? g_m * static_cast<double>(e) : g_m;
     grad_mu[i] = static_cast<scalar_t>(g_mu);
@@ -74,7 +74,7 @@ KlPriorViews kl_prior(const std::optional<Tensor>& prior_mu, const std::optional
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_kl_grads(const Tensor& mu, const Tensor& logvar,
                                                              const KlPriorViews& prior, const RowScale& scale,
-                                                             cudaStream_t stream) {
+                                                             bool per_column, cudaStream_t stream) {
   const Tensor m = mu.contiguous();
   const Tensor l = logvar.contiguous();
   Tensor grad_mu = at::empty(mu.sizes(), mu.options());
@@ -88,7 +88,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_kl_grads(const Tensor& mu, c
     gaussian_kl_grads_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         m.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(), grad_mu.data_ptr<scalar_t>(), grad_lv.data_ptr<scalar_t>(),
         prior.mu.defined() ? grad_pm.data_ptr<acc_t>() : nullptr,
-        prior.lv.defined() ? grad_plv.data_ptr<acc_t>() : nullptr, prior.operand(), scale, n, D);
+        prior.lv.defined() ? grad_plv.data_ptr<acc_t>() : nullptr, prior.operand(), scale, per_column, n, D);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_mu, grad_lv, grad_pm, grad_plv};

@@ -126,13 +126,14 @@ __device__ __forceinline__ double kl_tile_wide(const lat_t* mu, const lat_t* lv,
 // Tile of a row of latents for G lanes: short, since latents are few.
 inline int64_t kl_tile_len(int G) { return static_cast<int64_t>(G) * 32; }
 
-// (grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar) for the row scales s_b (the
+// (grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar) for the row scales s_b (per column,
+// s_j, where per_column: the column reduction's upstream) (the
 // header's derivatives times s_b), contiguous, in mu's dtype and the prior's (per element,
 // mu's shape; (0,) where a part is absent): the backward of gaussian_kl, and the latent
 // half of vae_loss_backward_'s.
 std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_kl_grads(const Tensor& mu, const Tensor& logvar,
                                                              const KlPriorViews& prior, const RowScale& scale,
-                                                             cudaStream_t stream);
+                                                             bool per_column, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace vaekern

@@ -280,7 +280,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_backward_cuda(
                           .beta_kind = kind_of(beta.scalar_type()),
                           .grad_term_kind = kind_of(kl_g.scalar_type()),
                           .divisor = reduction == 1 ? static_cast<double>(B) : 1.0};
-  return gaussian_kl_grads(mu, logvar, prior, kl_scale, stream);
+  return gaussian_kl_grads(mu, logvar, prior, kl_scale, /*per_column=*/false, stream);
 }
 
 TORCH_LIBRARY_IMPL(vaekern, CUDA, m) {

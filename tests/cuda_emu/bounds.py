@@ -104,6 +104,10 @@ def _run(ops, shapes) -> int:
                         ops.gaussian_kl(mu, lv, *kl_prior, r)
                         ops.gaussian_kl_backward(scale, mu, lv, *kl_prior, r)
                         calls += 2
+                # The column reduction of free bits (vaekern._ops._common.KL_COLUMNS).
+                ops.gaussian_kl(mu, lv, *prior, 3)
+                ops.gaussian_kl_backward(exact(torch.rand(Z) + 0.5, misaligned), mu, lv, *prior, 3)
+                calls += 2
                 seed = torch.tensor([7])
                 for e, s in ((eps, None), (None, seed)):
                     z = ops.reparameterize(mu, lv, e, s)

@@ -16,6 +16,10 @@ from torch import Tensor
 # ``reduction`` as the kernels take it, an int as in ``at::Reduction``: 0 none (one value
 # per row, shape (B,)), 1 mean over rows, 2 sum over rows.
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+# gaussian_kl's own reduction code beside those: the KL of each latent element summed over
+# the batch, shape mu.shape[1:] (the free bits' batch means and the per-element KL are these
+# over B: functional._free_bits_kl); its backward's upstream has that shape too.
+KL_COLUMNS = 3
 # ``likelihood`` of vae_loss as the kernels take it.
 LIKELIHOODS = {"bernoulli": 0, "gaussian": 1, "continuous_bernoulli": 2}
 # The Gaussian NLL's constant, 0.5 * log(2 pi), correctly rounded (tests/test_limits.py).
@@ -144,7 +148,10 @@ def differentiable_kl_grads(grad_out, mu, logvar, prior_mu, prior_logvar, reduct
     11.09 where s * 0.5 * expm1 is finite (636 at logvar 12 with s = 1/128), and in
     bfloat16 it would round twice."""
     acc = torch.promote_types(acc_dtype(mu, logvar), grad_out.dtype)
-    s = per_row((grad_out / mu.shape[0] if reduction == 1 else grad_out).to(acc), mu.shape[0], mu.dim())
+    if reduction == KL_COLUMNS:  # one upstream per latent element, for every row
+        s = grad_out.to(acc).reshape((1,) + tuple(mu.shape[1:]))
+    else:
+        s = per_row((grad_out / mu.shape[0] if reduction == 1 else grad_out).to(acc), mu.shape[0], mu.dim())
     m, lv = mu.to(acc), logvar.to(acc)
     if prior_mu is not None:
         m = m - prior_mu.to(acc)

@@ -12,6 +12,10 @@ gradient per row (times 1/B for ``mean``), ``g_m = s * m`` and
 * ``d/dpm = -d/dmu``, ``d/dplv = -g_l - 0.5 * g_m * m``, per element; each prior's is
   summed over the dims it broadcasts (``prior_grad``, one ATen op).
 
+Reductions: none, mean and sum over rows (``REDUCTIONS``), and ``KL_COLUMNS``: the KL of each
+latent element summed over the rows, shape ``mu.shape[1:]`` (free bits and the per-element
+KL), whose backward takes one upstream gradient per element (``s`` per column, not per row).
+
 Kernels: ``gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction) -> loss`` and
 ``gaussian_kl_backward(grad_out, mu, logvar, prior_mu, prior_logvar, reduction) ->
 (grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar)``, the last two per element
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from vaekern._ops._common import acc_dtype, below_autograd, kl_grads, loss_like, prior_fake, register_op
+from vaekern._ops._common import KL_COLUMNS, acc_dtype, below_autograd, kl_grads, loss_like, prior_fake, register_op
 
 SCHEMAS = {
     "gaussian_kl": "(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, int reduction) -> Tensor",
@@ -37,6 +41,8 @@ SCHEMAS = {
 
 
 def gaussian_kl_fake(mu, logvar, prior_mu, prior_logvar, reduction):
+    if reduction == KL_COLUMNS:
+        return mu.new_empty(mu.shape[1:], dtype=acc_dtype(mu, logvar))
     return loss_like(mu, reduction, acc_dtype(mu, logvar))
 
 
