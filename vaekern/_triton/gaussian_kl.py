@@ -66,6 +66,25 @@ SINGLE_PROGRAM_MAX = 1 << 18
 
 
 @triton.jit
+def _kl_block(
+    mu_ptr, lv_ptr, pm_ptr, plv_ptr, rows, cols, m,
+    stride_mu, stride_lv, stride_pm_b, stride_pm_z, stride_plv_b, stride_plv_z,
+    ACC: tl.constexpr, HAS_PM: tl.constexpr, HAS_PLV: tl.constexpr,
+):  # fmt: skip
+    """Twice the KL to the prior of the latents at ``rows`` x ``cols`` (a [BLOCK_B, BLOCK_Z]
+    block), in ACC, 0 off the mask ``m``: what every reduction of the forward sums."""
+    mu = tl.load(mu_ptr + rows[:, None] * stride_mu + cols[None, :], mask=m, other=0.0).to(ACC)
+    lv = tl.load(lv_ptr + rows[:, None] * stride_lv + cols[None, :], mask=m, other=0.0).to(ACC)
+    mu, lv, _ = _prior_standardized(
+        mu, lv,
+        pm_ptr + rows[:, None] * stride_pm_b + cols[None, :] * stride_pm_z,
+        plv_ptr + rows[:, None] * stride_plv_b + cols[None, :] * stride_plv_z,
+        m, HAS_PM, HAS_PLV,
+    )  # fmt: skip
+    return tl.where(m, _gaussian_kl_elem(mu, lv), 0.0)
+
+
+@triton.jit
 def _gaussian_kl_fwd_kernel(
     mu_ptr,  # [B, Z] posterior means, row stride stride_mu, unit column stride
     lv_ptr,  # [B, Z] posterior log-variances, row stride stride_lv
@@ -97,15 +116,10 @@ def _gaussian_kl_fwd_kernel(
         for z0 in range(0, Z, BLOCK_Z):
             cols = z0 + offs_z
             m = rmask[:, None] & (cols < Z)[None, :]
-            mu = tl.load(mu_ptr + rows[:, None] * stride_mu + cols[None, :], mask=m, other=0.0).to(ACC)
-            lv = tl.load(lv_ptr + rows[:, None] * stride_lv + cols[None, :], mask=m, other=0.0).to(ACC)
-            mu, lv, _ = _prior_standardized(
-                mu, lv,
-                pm_ptr + rows[:, None] * stride_pm_b + cols[None, :] * stride_pm_z,
-                plv_ptr + rows[:, None] * stride_plv_b + cols[None, :] * stride_plv_z,
-                m, HAS_PM, HAS_PLV,
+            acc += _kl_block(
+                mu_ptr, lv_ptr, pm_ptr, plv_ptr, rows, cols, m,
+                stride_mu, stride_lv, stride_pm_b, stride_pm_z, stride_plv_b, stride_plv_z, ACC, HAS_PM, HAS_PLV,
             )  # fmt: skip
-            acc += tl.where(m, _gaussian_kl_elem(mu, lv), 0.0)
         tl.store(out_ptr + rows, 0.5 * tl.sum(acc, axis=1), mask=rmask)
     elif REDUCTION == 3:
         # This program's columns, every row in a fixed order: deterministic.
@@ -115,15 +129,10 @@ def _gaussian_kl_fwd_kernel(
         for b0 in range(0, B, BLOCK_B):
             rows = b0 + offs_b.to(tl.int64)
             m = (rows < B)[:, None] & cmask[None, :]
-            mu = tl.load(mu_ptr + rows[:, None] * stride_mu + cols[None, :], mask=m, other=0.0).to(ACC)
-            lv = tl.load(lv_ptr + rows[:, None] * stride_lv + cols[None, :], mask=m, other=0.0).to(ACC)
-            mu, lv, _ = _prior_standardized(
-                mu, lv,
-                pm_ptr + rows[:, None] * stride_pm_b + cols[None, :] * stride_pm_z,
-                plv_ptr + rows[:, None] * stride_plv_b + cols[None, :] * stride_plv_z,
-                m, HAS_PM, HAS_PLV,
+            acc += _kl_block(
+                mu_ptr, lv_ptr, pm_ptr, plv_ptr, rows, cols, m,
+                stride_mu, stride_lv, stride_pm_b, stride_pm_z, stride_plv_b, stride_plv_z, ACC, HAS_PM, HAS_PLV,
             )  # fmt: skip
-            acc += tl.where(m, _gaussian_kl_elem(mu, lv), 0.0)
         tl.store(out_ptr + cols, 0.5 * tl.sum(acc, axis=0), mask=cmask)
     else:
         # One program walks every row in a fixed order: one launch, deterministic.
@@ -134,15 +143,10 @@ def _gaussian_kl_fwd_kernel(
             for z0 in range(0, Z, BLOCK_Z):
                 cols = z0 + offs_z
                 m = rmask[:, None] & (cols < Z)[None, :]
-                mu = tl.load(mu_ptr + rows[:, None] * stride_mu + cols[None, :], mask=m, other=0.0).to(ACC)
-                lv = tl.load(lv_ptr + rows[:, None] * stride_lv + cols[None, :], mask=m, other=0.0).to(ACC)
-                mu, lv, _ = _prior_standardized(
-                    mu, lv,
-                    pm_ptr + rows[:, None] * stride_pm_b + cols[None, :] * stride_pm_z,
-                    plv_ptr + rows[:, None] * stride_plv_b + cols[None, :] * stride_plv_z,
-                    m, HAS_PM, HAS_PLV,
+                acc += _kl_block(
+                    mu_ptr, lv_ptr, pm_ptr, plv_ptr, rows, cols, m,
+                    stride_mu, stride_lv, stride_pm_b, stride_pm_z, stride_plv_b, stride_plv_z, ACC, HAS_PM, HAS_PLV,
                 )  # fmt: skip
-                acc += tl.where(m, _gaussian_kl_elem(mu, lv), 0.0)
         total = 0.5 * tl.sum(tl.sum(acc, axis=1), axis=0)
         if REDUCTION == 1:
             total = total / B
