@@ -706,7 +706,7 @@ def test_vae_loss_with_prior(backend, device):
         note(f"known fault: {fault}")
         if fault is not None:
             return
-        kw = dict(beta=beta, likelihood=likelihood, reduction=reduction)
+        kw = {"beta": beta, "likelihood": likelihood, "reduction": reduction}
         if likelihood == "gaussian":
             kw["log_scale"] = 0.3
         t_read = t.view.sigmoid() if likelihood == "bernoulli" else t.view

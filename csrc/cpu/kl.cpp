@@ -1,4 +1,5 @@
-// The KL term of kl.h: one task per row of latents (latent rows are short).
+// The KL term of kl.h: one task per row of latents (latent rows are short), or per group of
+// columns for the column reduction.
 #include "cpu/kl.h"
 
 #include <ATen/ExpandUtils.h>

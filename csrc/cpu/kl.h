@@ -1,6 +1,6 @@
 // The Gaussian KL term on CPU, shared by the ops that have one (gaussian_kl.cpp,
-// vae_loss.cpp): per-row sums of the KL to a diagonal Gaussian prior, and the latents' and
-// the prior's gradients for per-row scales.
+// vae_loss.cpp): per-row (or per-column) sums of the KL to a diagonal Gaussian prior, and
+// the latents' and the prior's gradients for per-row (or per-column) scales.
 // Math and vectorized loops: kl_kernel.h.
 #pragma once
 

@@ -32,7 +32,15 @@ from __future__ import annotations
 
 import torch
 
-from vaekern._ops._common import KL_COLUMNS, acc_dtype, below_autograd, kl_grads, loss_like, prior_fake, register_op
+from vaekern._ops._common import (
+    KL_COLUMNS,
+    acc_dtype,
+    below_autograd,
+    kl_grads,
+    loss_like,
+    prior_fake,
+    register_op,
+)
 
 SCHEMAS = {
     "gaussian_kl": "(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, int reduction) -> Tensor",

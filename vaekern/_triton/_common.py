@@ -393,20 +393,18 @@ def _kl_grad_lv(s, lv):
 
 @triton.jit
 def _prior_standardized(mu, lv, pm_ptrs, plv_ptrs, mask, HAS_PM: tl.constexpr, HAS_PLV: tl.constexpr):
-    """(m, l, e): latents whose KL to N(0, I) is that of (mu, lv) to the prior N(pm,
-    exp(plv)), ``m = (mu - pm) * e`` and ``l = lv - plv`` with ``e = exp(-plv / 2)`` (1
-    without plv), in mu's dtype (the math dtype): the affine map that takes the prior to
-    N(0, I) leaves the KL unchanged. ``pm_ptrs``/``plv_ptrs`` address the prior's elements
-    of the block at its broadcast strides; an absent prior (HAS_* False) is not read."""
-    e = 1.0
+    """(m, l): latents whose KL to N(0, I) is that of (mu, lv) to the prior N(pm,
+    exp(plv)), ``m = (mu - pm) * exp(-plv / 2)`` and ``l = lv - plv``, in mu's dtype (the
+    math dtype): the affine map that takes the prior to N(0, I) leaves the KL unchanged.
+    ``pm_ptrs``/``plv_ptrs`` address the prior's elements of the block at its broadcast
+    strides; an absent prior (HAS_* False) is not read."""
     if HAS_PM:
         mu = mu - tl.load(pm_ptrs, mask=mask, other=0.0).to(mu.dtype)
     if HAS_PLV:
         plv = tl.load(plv_ptrs, mask=mask, other=0.0).to(lv.dtype)
-        e = tl.exp(-0.5 * plv)
-        mu = mu * e
+        mu = mu * tl.exp(-0.5 * plv)
         lv = lv - plv
-    return mu, lv, e
+    return mu, lv
 
 
 @triton.jit

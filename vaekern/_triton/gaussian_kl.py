@@ -75,7 +75,7 @@ def _kl_block(
     block), in ACC, 0 off the mask ``m``: what every reduction of the forward sums."""
     mu = tl.load(mu_ptr + rows[:, None] * stride_mu + cols[None, :], mask=m, other=0.0).to(ACC)
     lv = tl.load(lv_ptr + rows[:, None] * stride_lv + cols[None, :], mask=m, other=0.0).to(ACC)
-    mu, lv, _ = _prior_standardized(
+    mu, lv = _prior_standardized(
         mu, lv,
         pm_ptr + rows[:, None] * stride_pm_b + cols[None, :] * stride_pm_z,
         plv_ptr + rows[:, None] * stride_plv_b + cols[None, :] * stride_plv_z,
@@ -88,7 +88,7 @@ def _kl_block(
 def _gaussian_kl_fwd_kernel(
     mu_ptr,  # [B, Z] posterior means, row stride stride_mu, unit column stride
     lv_ptr,  # [B, Z] posterior log-variances, row stride stride_lv
-    out_ptr,  # [B] (REDUCTION 0) or [] acc dtype: KL per row, or reduced over rows
+    out_ptr,  # [B] (REDUCTION 0), [] or [Z] (REDUCTION 3) acc dtype: KL per row, reduced, or per column
     pm_ptr,  # [B, Z] acc dtype: prior means at strides (stride_pm_b, stride_pm_z) (HAS_PM)
     plv_ptr,  # [B, Z] acc dtype: prior log-variances, likewise (HAS_PLV)
     B,  # rows
@@ -285,7 +285,7 @@ def gaussian_kl_backward(grad_out, mu, logvar, prior_mu, prior_logvar, reduction
         grad_out: ``()`` or ``(B,)`` upstream gradient (``mu.shape[1:]`` for reduction 3),
             float32/float64.
         mu, logvar, prior_mu, prior_logvar: the forward's inputs.
-        reduction: 0 none, 1 mean, 2 sum.
+        reduction: 0 none, 1 mean, 2 sum, 3 the batch sum of each latent element.
 
     Returns:
         ``(grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar)``, contiguous, in mu's,

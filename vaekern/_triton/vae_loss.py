@@ -161,7 +161,7 @@ def _vae_loss_fwd_kernel(
             m = cols < Z
             mu = tl.load(mu_ptr + row * stride_mu + cols, mask=m, other=0.0).to(ACC)
             lv = tl.load(lv_ptr + row * stride_lv + cols, mask=m, other=0.0).to(ACC)
-            mu, lv, _ = _prior_standardized(
+            mu, lv = _prior_standardized(
                 mu, lv, pm_ptr + row * stride_pm_b + cols * stride_pm_z,
                 plv_ptr + row * stride_plv_b + cols * stride_plv_z, m, HAS_PM, HAS_PLV,
             )  # fmt: skip
