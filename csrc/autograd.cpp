@@ -362,24 +362,30 @@ KLGrads differentiable_kl_grads(const Tensor& grad_out, const Tensor& mu, const 
   return {g_mu.to(mu.scalar_type()), g_lv.to(logvar.scalar_type()), g_pm, g_plv};
 }
 
-// A prior's gradient, which the kernels write per latent element, summed over the dims the
-// prior broadcasts (the one ATen op of its backward); undefined where the prior is absent
-// or needs none.
-Tensor prior_grad(const Tensor& grad, const Tensor& prior, bool wanted) {
-  if (!prior.defined() || !wanted) return Tensor();
-  return grad.sym_sizes().equals(prior.sym_sizes()) ? grad : grad.sum_to_size_symint(prior.sym_sizes());
+// A KL backward's gradients with each prior's, which the kernels write per latent element,
+// summed over the dims the prior broadcasts (the one ATen op of its backward); undefined
+// where the prior is absent or needs none (vaekern/_ops/_common.py reduced_prior_grads).
+KLGrads reduced_prior_grads(KLGrads grads, const Tensor& prior_mu, const Tensor& prior_logvar, bool want_prior_mu,
+                            bool want_prior_logvar) {
+  const auto reduced = [](const Tensor& grad, const Tensor& prior, bool wanted) {
+    if (!prior.defined() || !wanted) return Tensor();
+    return grad.sym_sizes().equals(prior.sym_sizes()) ? grad : grad.sum_to_size_symint(prior.sym_sizes());
+  };
+  std::get<2>(grads) = reduced(std::get<2>(grads), prior_mu, want_prior_mu);
+  std::get<3>(grads) = reduced(std::get<3>(grads), prior_logvar, want_prior_logvar);
+  return grads;
 }
 
 // The KL's backward: the kernel, or its differentiable form when backward builds a graph;
 // each prior's gradient reduced to its shape where wanted.
 KLGrads kl_grads(const Tensor& grad_out, const Tensor& mu, const Tensor& logvar, const Tensor& prior_mu,
                  const Tensor& prior_logvar, int64_t reduction, bool want_prior_mu, bool want_prior_logvar) {
-  auto [g_mu, g_lv, g_pm, g_plv] =
+  return reduced_prior_grads(
       at::GradMode::is_enabled()
           ? differentiable_kl_grads(grad_out, mu, logvar, prior_mu, prior_logvar, reduction)
           : gaussian_kl_backward_kernel().call(grad_out, mu, logvar, optional(prior_mu), optional(prior_logvar),
-                                               reduction);
-  return {g_mu, g_lv, prior_grad(g_pm, prior_mu, want_prior_mu), prior_grad(g_plv, prior_logvar, want_prior_logvar)};
+                                               reduction),
+      prior_mu, prior_logvar, want_prior_mu, want_prior_logvar);
 }
 
 // needs_input_grad counts the tensors given, an absent optional skipped: (whether the prior's
@@ -506,11 +512,6 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
       out[7] = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction, rec);
     }
     const auto set_kl = [&](KLGrads g) { std::tie(out[2], out[3], out[4], out[5]) = std::move(g); };
-    const auto reduced_priors = [&](KLGrads g) {
-      std::get<2>(g) = prior_grad(std::get<2>(g), prior_mu, want_pm);
-      std::get<3>(g) = prior_grad(std::get<3>(g), prior_logvar, want_plv);
-      return g;
-    };
     if (at::GradMode::is_enabled()) {  // create_graph=True, recon needs no gradient: the KL's, differentiable
       set_kl(kl_grads(grad_loss * beta + grad_kl_term, mu, logvar, prior_mu, prior_logvar, reduction, want_pm,
                       want_plv));
@@ -529,10 +530,11 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
       return out;
     }
     if (!want_recon) grad = recon.new_empty_symint({c10::SymInt(0)});
-    set_kl(reduced_priors(vae_loss_backward_kernel().call(grad, grad_loss, grad_recon_term, grad_kl_term, recon,
-                                                          target, log_scale, mu, logvar, optional(prior_mu),
-                                                          optional(prior_logvar), beta, likelihood, from_logits,
-                                                          reduction)));
+    set_kl(reduced_prior_grads(vae_loss_backward_kernel().call(grad, grad_loss, grad_recon_term, grad_kl_term, recon,
+                                                               target, log_scale, mu, logvar, optional(prior_mu),
+                                                               optional(prior_logvar), beta, likelihood,
+                                                               from_logits, reduction),
+                               prior_mu, prior_logvar, want_pm, want_plv));
     if (want_recon) out[0] = grad;
     return out;
   }

@@ -250,6 +250,13 @@ def _batch(features) -> st.SearchStrategy[int]:
     return st.integers(1, 3 if math.prod(features) > 1000 else 6)
 
 
+@st.composite
+def recon_shapes(draw, backend):
+    """A reconstruction's shape: drawn features (feature_shapes), then a batch for them."""
+    features = draw(feature_shapes(None, backend))
+    return (draw(_batch(features)),) + features
+
+
 target_dtypes = st.sampled_from(DTYPES + (torch.bool, torch.uint8))
 
 
@@ -366,9 +373,8 @@ def _check_bernoulli_likelihood(backend, device, op: str):
     @given(data=st.data())
     def check(data):
         from_logits = data.draw(st.booleans(), "from_logits")
-        features = data.draw(feature_shapes(None, backend), "features")
-        batch = data.draw(_batch(features), "batch")
-        shape = (batch,) + features
+        shape = data.draw(recon_shapes(backend), "shape")
+        batch = shape[0]
         dtype = data.draw(st.sampled_from(DTYPES), "dtype")
         t_dtype = data.draw(target_dtypes, "target dtype")
         reduction = data.draw(st.sampled_from(REDUCTIONS), "reduction")
@@ -438,9 +444,8 @@ def test_gaussian_nll(backend, device):
     @settings(max_examples=_examples(backend))
     @given(data=st.data())
     def check(data):
-        features = data.draw(feature_shapes(None, backend), "features")
-        batch = data.draw(_batch(features), "batch")
-        shape = (batch,) + features
+        shape = data.draw(recon_shapes(backend), "shape")
+        batch, features = shape[0], shape[1:]
         dtype = data.draw(st.sampled_from(DTYPES), "dtype")
         t_dtype = data.draw(target_dtypes, "target dtype")
         reduction = data.draw(st.sampled_from(REDUCTIONS), "reduction")
@@ -643,7 +648,7 @@ def test_gaussian_kl_with_prior_and_free_bits(backend, device):
     def check(data):
         mu_spec, lv_spec = _latent_pair(data, backend)
         dtype, shape = mu_spec.dtype, mu_spec.shape
-        finite = lambda spec: dataclasses.replace(spec, specials=(), scale=min(spec.scale, 2.0))  # noqa: E731
+        finite = lambda spec: dataclasses.replace(spec, specials=(), scale=min(spec.scale, 2.0))
         mu_spec, lv_spec = finite(mu_spec), finite(lv_spec)
         p_dtype = data.draw(st.sampled_from((dtype, torch.float32, torch.float64)), "prior dtype")
         pm_spec = finite(data.draw(specs(data.draw(prior_shapes(shape), "prior_mu shape") or (1,), p_dtype, "mu"), "prior_mu"))
@@ -683,13 +688,12 @@ def test_vae_loss_with_prior(backend, device):
     @settings(max_examples=_examples(backend))
     @given(data=st.data())
     def check(data):
-        features = data.draw(feature_shapes(None, backend), "features")
-        batch = data.draw(_batch(features), "batch")
-        shape = (batch,) + features
+        shape = data.draw(recon_shapes(backend), "shape")
+        batch = shape[0]
         likelihood = data.draw(st.sampled_from(("bernoulli", "gaussian")), "likelihood")
         dtype = data.draw(st.sampled_from(DTYPES), "recon dtype")
         mu_spec, lv_spec = _latent_pair(data, backend, batch=batch)
-        finite = lambda spec: dataclasses.replace(spec, specials=(), scale=min(spec.scale, 2.0))  # noqa: E731
+        finite = lambda spec: dataclasses.replace(spec, specials=(), scale=min(spec.scale, 2.0))
         mu_spec, lv_spec = finite(mu_spec), finite(lv_spec)
         z_shape, z_dtype = mu_spec.shape, mu_spec.dtype
         p_dtype = data.draw(st.sampled_from((z_dtype, torch.float32, torch.float64)), "prior dtype")
@@ -778,9 +782,8 @@ def test_vae_loss(backend, device):
         likelihood = data.draw(st.sampled_from(("bernoulli", "bernoulli", "continuous_bernoulli", "gaussian")), "likelihood")
         from_logits = likelihood == "gaussian" or data.draw(st.booleans(), "from_logits")
         log_scale = data.draw(st.sampled_from((-0.3, 0.7, "optimal")), "log_scale") if likelihood == "gaussian" else 0.0
-        features = data.draw(feature_shapes(None, backend), "features")
-        batch = data.draw(_batch(features), "batch")
-        shape = (batch,) + features
+        shape = data.draw(recon_shapes(backend), "shape")
+        batch = shape[0]
         dtype = data.draw(st.sampled_from(DTYPES), "recon dtype")
         t_dtype = data.draw(target_dtypes, "target dtype")
         mu_spec, lv_spec = _latent_pair(data, backend, batch=batch)

@@ -494,8 +494,9 @@ def _prior(name: str, prior, mu: Tensor) -> Tensor | None:
     if prior.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {prior.layout}")
     _same_device(("mu", mu), (name, prior))
-    # Dim by dim from the right: torch.broadcast_shapes took 18 us a call (its symbolic-shape
-    # guards), a fifth of a vae_loss call on 128x784 CPU tensors (Intel Xeon, torch 2.14.1).
+    # Dim by dim from the right: torch.broadcast_shapes (its symbolic-shape guards) made a
+    # no-grad vae_loss call with a prior 143 us instead of 119 on 128x784 CPU tensors, for its
+    # two calls (Intel Xeon, torch 2.14.1).
     fits = prior.dim() <= mu.dim() and all(p in (1, m) for p, m in zip(reversed(prior.shape), reversed(mu.shape)))
     if not fits:
         raise ValueError(

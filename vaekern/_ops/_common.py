@@ -108,23 +108,28 @@ def kl_grads(kernels, grad_out, mu, logvar, prior_mu, prior_logvar, reduction: i
     absent or not ``wanted``): the kernel, or the differentiable form when backward builds
     a graph (double backward)."""
     if torch.is_grad_enabled():
-        g_mu, g_lv, g_pm, g_plv = differentiable_kl_grads(grad_out, mu, logvar, prior_mu, prior_logvar, reduction)
+        grads = differentiable_kl_grads(grad_out, mu, logvar, prior_mu, prior_logvar, reduction)
     else:
-        g_mu, g_lv, g_pm, g_plv = kernels.gaussian_kl_backward(grad_out, mu, logvar, prior_mu, prior_logvar, reduction)
-    return g_mu, g_lv, prior_grad(g_pm, prior_mu, wanted[0]), prior_grad(g_plv, prior_logvar, wanted[1])
+        grads = kernels.gaussian_kl_backward(grad_out, mu, logvar, prior_mu, prior_logvar, reduction)
+    return reduced_prior_grads(grads, prior_mu, prior_logvar, wanted)
 
 
-def prior_grad(grad: Tensor, prior: Tensor | None, wanted: bool = True) -> Tensor | None:
-    """A prior's gradient, which the kernels write per latent element (mu's shape), summed
-    over the dims the prior broadcasts: the one ATen op of the prior's backward."""
-    if prior is None or not wanted:
-        return None
-    return grad if grad.shape == prior.shape else grad.sum_to_size(prior.shape)
+def reduced_prior_grads(grads, prior_mu: Tensor | None, prior_logvar: Tensor | None, wanted=(True, True)):
+    """A KL backward's ``(d/dmu, d/dlogvar, d/dprior_mu, d/dprior_logvar)`` with each prior's
+    gradient, which the kernels write per latent element (mu's shape), summed over the dims
+    the prior broadcasts (the one ATen op of the prior's backward); None where a prior is
+    absent or not ``wanted``."""
+    g_mu, g_lv, *g_priors = grads
+    reduced = [
+        None if p is None or not want else (g if g.shape == p.shape else g.sum_to_size(p.shape))
+        for g, p, want in zip(g_priors, (prior_mu, prior_logvar), wanted)
+    ]
+    return g_mu, g_lv, *reduced
 
 
-def prior_fake(prior: Tensor | None, mu: Tensor) -> Tensor:
-    """The fake of a kernel's per-element prior gradient: mu's shape in the prior's dtype,
-    or (0,) without the prior."""
+def prior_grad_like(prior: Tensor | None, mu: Tensor) -> Tensor:
+    """An empty per-element prior-gradient output of the KL kernels (their fakes' and the
+    Triton launchers'): mu's shape in the prior's dtype, or (0,) without the prior."""
     if prior is None:
         return mu.new_empty((0,))
     return torch.empty(mu.shape, dtype=prior.dtype, device=mu.device)

@@ -10,7 +10,7 @@ gradient per row (times 1/B for ``mean``), ``g_m = s * m`` and
 
 * ``d/dmu = g_m * exp(-plv / 2)``, ``d/dlv = g_l``;
 * ``d/dpm = -d/dmu``, ``d/dplv = -g_l - 0.5 * g_m * m``, per element; each prior's is
-  summed over the dims it broadcasts (``prior_grad``, one ATen op).
+  summed over the dims it broadcasts (``reduced_prior_grads``, one ATen op).
 
 Reductions: none, mean and sum over rows (``REDUCTIONS``), and ``KL_COLUMNS``: the KL of each
 latent element summed over the rows, shape ``mu.shape[1:]`` (free bits and the per-element
@@ -38,7 +38,7 @@ from vaekern._ops._common import (
     below_autograd,
     kl_grads,
     loss_like,
-    prior_fake,
+    prior_grad_like,
     register_op,
 )
 
@@ -58,8 +58,8 @@ def gaussian_kl_backward_fake(grad_out, mu, logvar, prior_mu, prior_logvar, redu
     return (
         torch.empty_like(mu, memory_format=torch.contiguous_format),
         torch.empty_like(logvar, memory_format=torch.contiguous_format),
-        prior_fake(prior_mu, mu),
-        prior_fake(prior_logvar, mu),
+        prior_grad_like(prior_mu, mu),
+        prior_grad_like(prior_logvar, mu),
     )
 
 

@@ -53,8 +53,8 @@ from vaekern._ops._common import (
     loss_like,
     loss_read_by_backward,
     no_double_backward,
-    prior_fake,
-    prior_grad,
+    prior_grad_like,
+    reduced_prior_grads,
     register_op,
     scaled_rows,
     take_saved_grad,
@@ -91,8 +91,8 @@ def vae_loss_backward_fake(
     return (
         torch.empty_like(mu, memory_format=torch.contiguous_format),
         torch.empty_like(logvar, memory_format=torch.contiguous_format),
-        prior_fake(prior_mu, mu),
-        prior_fake(prior_logvar, mu),
+        prior_grad_like(prior_mu, mu),
+        prior_grad_like(prior_logvar, mu),
     )
 
 
@@ -187,13 +187,14 @@ class VAELossFunction(torch.autograd.Function):
         grad = take_saved_grad(ctx)
         if grad is None:  # a second backward through the same graph
             grad = ctx.kernels.vae_loss(recon, target, *latents, beta, log_scale, *ctx.args, ctx.needs_input_grad[1])[3]
-        g_mu, g_lv, g_pm, g_plv = ctx.kernels.vae_loss_backward_(
-            grad, *grads, recon, target, log_scale, *latents, beta, likelihood, from_logits, reduction
-        )
+        g_kl = reduced_prior_grads(
+            ctx.kernels.vae_loss_backward_(
+                grad, *grads, recon, target, log_scale, *latents, beta, likelihood, from_logits, reduction
+            ),
+            prior_mu, prior_logvar, ctx.needs_input_grad[5:7],
+        )  # fmt: skip
         g_recon = grad if ctx.needs_input_grad[1] else None
-        g_pm = prior_grad(g_pm, prior_mu, ctx.needs_input_grad[5])
-        g_plv = prior_grad(g_plv, prior_logvar, ctx.needs_input_grad[6])
-        return None, g_recon, None, g_mu, g_lv, g_pm, g_plv, None, g_scale, None, None, None
+        return None, g_recon, None, *g_kl, None, g_scale, None, None, None
 
 
 def register(lib: torch.library.Library, kernels) -> None:

@@ -566,13 +566,6 @@ def prior_operand(prior: torch.Tensor | None, mu: torch.Tensor, name: str) -> tu
     return rows, rows.stride(0), rows.stride(1)
 
 
-def prior_grad_buffer(prior: torch.Tensor | None, mu: torch.Tensor) -> torch.Tensor:
-    """A prior's per-element gradient output: mu's shape in the prior's dtype, or (0,)."""
-    if prior is None:
-        return mu.new_empty((0,))
-    return torch.empty(mu.shape, dtype=prior.dtype, device=mu.device)
-
-
 def as_loadable(t: torch.Tensor) -> torch.Tensor:
     """Targets are read in their own width; a bool is loaded as the uint8 it is stored as."""
     return t.view(torch.uint8) if t.dtype == torch.bool else t

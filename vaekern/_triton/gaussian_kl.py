@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vaekern._ops._common import KL_COLUMNS, acc_dtype
+from vaekern._ops._common import KL_COLUMNS, acc_dtype, prior_grad_like
 from vaekern._triton._common import (
     _gaussian_kl_elem,
     _prior_kl_grads,
@@ -55,7 +55,6 @@ from vaekern._triton._common import (
     finalize,
     latent_config,
     math_itemsize,
-    prior_grad_buffer,
     prior_operand,
     scale_stride,
 )
@@ -294,7 +293,7 @@ def gaussian_kl_backward(grad_out, mu, logvar, prior_mu, prior_logvar, reduction
     """
     gmu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     glv = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)
-    gpm, gplv = prior_grad_buffer(prior_mu, mu), prior_grad_buffer(prior_logvar, mu)
+    gpm, gplv = prior_grad_like(prior_mu, mu), prior_grad_like(prior_logvar, mu)
     with device_guard(mu):
         kl_grads(grad_out, mu, logvar, prior_mu, prior_logvar, reduction, gmu, glv, gpm, gplv)
     return gmu, glv, gpm, gplv

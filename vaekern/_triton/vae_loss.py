@@ -68,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vaekern._ops._common import acc_dtype
+from vaekern._ops._common import acc_dtype, prior_grad_like
 from vaekern._triton._common import (
     _bernoulli_logits_elem,
     _bernoulli_probs_elem,
@@ -87,7 +87,6 @@ from vaekern._triton._common import (
     finalize,
     log_scale_operand,
     math_itemsize,
-    prior_grad_buffer,
     prior_operand,
     recompute_operands,
     row_config,
@@ -342,7 +341,7 @@ def vae_loss_backward_(
     plv, stride_plv_b, stride_plv_z = prior_operand(prior_logvar, mu, "prior_logvar")
     gmu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     glv = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)
-    gpm, gplv = prior_grad_buffer(prior_mu, mu), prior_grad_buffer(prior_logvar, mu)
+    gpm, gplv = prior_grad_like(prior_mu, mu), prior_grad_like(prior_logvar, mu)
     if grad_recon.numel():
         if not grad_recon.is_contiguous():
             raise ValueError("vae_loss_backward_: grad_recon must be the contiguous saved gradient")
