@@ -562,7 +562,7 @@ def _kl_operands(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logv
     if prior_mu is None and prior_logvar is None:
         return mu, logvar, None, None
     dtype = _kl_dtype(mu, prior_mu, prior_logvar)
-    if mu.dtype != dtype and dtype == torch.float64:
+    if dtype == torch.float64:  # a no-op for float64 latents
         mu, logvar = mu.to(dtype), logvar.to(dtype)
     return (
         mu, logvar, None if prior_mu is None else prior_mu.to(dtype),
