@@ -44,6 +44,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "conventions.h"  // kLogvarMax, kHalfLog2Pi, kKlColumns
 
@@ -67,14 +68,13 @@ using ReparameterizeBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, cons
                                                              const std::optional<Tensor>&);
 using GaussianNLLSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, bool);
 using ScaleGaussianRowsSig = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t);
-using VAELossSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                              const Tensor&, const OptionalTensor&,
-                                                              const OptionalTensor&, const Tensor&, const Tensor&,
-                                                              int64_t, bool, int64_t, bool);
+using VAELossSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&,
+    const OptionalTensor&, const Tensor&, const Tensor&, int64_t, bool, int64_t, bool);
 using VAELossBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&, int64_t, bool,
-    int64_t);
+    const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, const Tensor&,
+    int64_t, bool, int64_t);
 
 // The kernel op `vaekern::<name>`, looked up on first use: the schemas are defined in
 // Python after this library is loaded.
@@ -466,20 +466,33 @@ Tensor reparameterize_autograd(const Tensor& mu, const Tensor& logvar, const std
 }
 
 // ---- vae_loss ------------------------------------------------------------------------------
+// The KL backward's (upstream, reduction) for the loss's KL scale g_loss * beta + g_kl: as it
+// is, or under free bits one per latent element, scale * kl_weight (/ B for mean), for the
+// column reduction (vaekern/_ops/vae_loss.py _kl_upstream).
+std::pair<Tensor, int64_t> kl_upstream(const Tensor& scale, const Tensor& kl_weight, const Tensor& mu,
+                                       int64_t reduction) {
+  if (!kl_weight.defined()) return {scale, reduction};
+  return {(reduction == 1 ? scale.div(c10::Scalar(mu.sym_size(0))) : scale) * kl_weight, kKlColumns};
+}
+
 struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& target, const Tensor& mu,
                                const Tensor& logvar, const OptionalTensor& prior_mu,
-                               const OptionalTensor& prior_logvar, const Tensor& beta, const Tensor& log_scale,
-                               int64_t likelihood, bool from_logits, int64_t reduction, bool compute_grad) {
+                               const OptionalTensor& prior_logvar, const OptionalTensor& free_bits,
+                               const Tensor& beta, const Tensor& log_scale, int64_t likelihood, bool from_logits,
+                               int64_t reduction, bool compute_grad) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [loss, rec, kl, grad] = vae_loss_kernel().call(recon, target, mu, logvar, prior_mu, prior_logvar, beta,
-                                                        log_scale, likelihood, from_logits, reduction, compute_grad);
+    auto [loss, rec, kl, grad, weight] = vae_loss_kernel().call(recon, target, mu, logvar, prior_mu, prior_logvar,
+                                                                free_bits, beta, log_scale, likelihood, from_logits,
+                                                                reduction, compute_grad);
     Tensor shown = keep_saved_grad(ctx, grad, from_logits, reduction, compute_grad);
+    ctx->mark_non_differentiable({weight});
     ctx->saved_data["likelihood"] = likelihood;
     ctx->save_for_backward({recon, target, mu, logvar, beta, log_scale,
                             likelihood == kGaussian ? loss_read_by_backward(log_scale, rec) : Tensor(),
-                            prior_mu.value_or(Tensor()), prior_logvar.value_or(Tensor())});
-    return {loss, rec, kl, shown};
+                            prior_mu.value_or(Tensor()), prior_logvar.value_or(Tensor()),
+                            free_bits.value_or(Tensor()), free_bits.has_value() ? weight : Tensor()});
+    return {loss, rec, kl, shown, weight};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -489,7 +502,7 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     for (int i = 0; i < 3; ++i) {
       if (grads[i].defined()) present = &grads[i];
     }
-    if (present == nullptr) return variable_list(12);
+    if (present == nullptr) return variable_list(13);
     // An output that took no part in the loss has an undefined gradient: zero.
     Tensor zero;
     for (int i = 0; i < 3; ++i) {
@@ -498,62 +511,66 @@ struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {
     const Tensor &grad_loss = grads[0], &grad_recon_term = grads[1], &grad_kl_term = grads[2];
     auto saved = ctx->get_saved_variables();
     const Tensor &recon = saved[0], &target = saved[1], &mu = saved[2], &logvar = saved[3], &beta = saved[4],
-                 &log_scale = saved[5], &rec = saved[6], &prior_mu = saved[7], &prior_logvar = saved[8];
+                 &log_scale = saved[5], &rec = saved[6], &prior_mu = saved[7], &prior_logvar = saved[8],
+                 &free_bits = saved[9], &kl_weight = saved[10];
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const int64_t likelihood = ctx->saved_data["likelihood"].toInt();
     const bool from_logits = ctx->saved_data["from_logits"].toBool();
-    // One gradient per argument: recon, target, mu, logvar, prior_mu, prior_logvar, beta,
-    // log_scale and four non-tensors. needs_input_grad skips an absent prior part.
-    variable_list out(12);
+    // One gradient per argument: recon, target, mu, logvar, prior_mu, prior_logvar,
+    // free_bits, beta, log_scale and four non-tensors. needs_input_grad skips an absent
+    // optional (a prior part, free_bits).
+    variable_list out(13);
     const auto [want_pm, want_plv] = prior_needs_grad(ctx, prior_mu, prior_logvar, 4);
-    const size_t log_scale_edge = 5 + (prior_mu.defined() ? 1 : 0) + (prior_logvar.defined() ? 1 : 0);
+    const size_t log_scale_edge =
+        5 + (prior_mu.defined() ? 1 : 0) + (prior_logvar.defined() ? 1 : 0) + (free_bits.defined() ? 1 : 0);
     // A learned Gaussian log_scale: its formula, before the saved gradient is scaled.
     if (ctx->needs_input_grad(log_scale_edge)) {
-      out[7] = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction, rec);
+      out[8] = log_scale_grad(grad_loss + grad_recon_term, recon, target, log_scale, reduction, rec);
     }
     const auto set_kl = [&](KLGrads g) { std::tie(out[2], out[3], out[4], out[5]) = std::move(g); };
+    const auto latent_grads = [&] {
+      const auto [upstream, kl_reduction] = kl_upstream(grad_loss * beta + grad_kl_term, kl_weight, mu, reduction);
+      set_kl(kl_grads(upstream, mu, logvar, prior_mu, prior_logvar, kl_reduction, want_pm, want_plv));
+    };
     if (at::GradMode::is_enabled()) {  // create_graph=True, recon needs no gradient: the KL's, differentiable
-      set_kl(kl_grads(grad_loss * beta + grad_kl_term, mu, logvar, prior_mu, prior_logvar, reduction, want_pm,
-                      want_plv));
+      latent_grads();
       return out;
     }
     Tensor grad = take_saved_grad(ctx);
     if (want_recon && (!grad.defined() || !ctx->saved_data["grad_computed"].toBool())) {  // a second backward, or none
       grad = std::get<3>(vae_loss_kernel().call(recon, target, mu, logvar, optional(prior_mu), optional(prior_logvar),
-                                                beta, log_scale, likelihood, from_logits, reduction, true));
+                                                optional(free_bits), beta, log_scale, likelihood, from_logits,
+                                                reduction, true));
     }
     if (want_recon && !scale_in_place(grad, grad_loss)) {
       out[0] = scaled_rows(likelihood, grad, grad_loss + grad_recon_term, recon, target, log_scale, from_logits,
                            reduction);
-      set_kl(kl_grads(grad_loss * beta + grad_kl_term, mu, logvar, prior_mu, prior_logvar, reduction, want_pm,
-                      want_plv));
+      latent_grads();
       return out;
     }
     if (!want_recon) grad = recon.new_empty_symint({c10::SymInt(0)});
     set_kl(reduced_prior_grads(vae_loss_backward_kernel().call(grad, grad_loss, grad_recon_term, grad_kl_term, recon,
                                                                target, log_scale, mu, logvar, optional(prior_mu),
-                                                               optional(prior_logvar), beta, likelihood,
-                                                               from_logits, reduction),
+                                                               optional(prior_logvar), optional(kl_weight), beta,
+                                                               likelihood, from_logits, reduction),
                                prior_mu, prior_logvar, want_pm, want_plv));
     if (want_recon) out[0] = grad;
     return out;
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_autograd(const Tensor& recon, const Tensor& target,
-                                                             const Tensor& mu, const Tensor& logvar,
-                                                             const OptionalTensor& prior_mu,
-                                                             const OptionalTensor& prior_logvar, const Tensor& beta,
-                                                             const Tensor& log_scale, int64_t likelihood,
-                                                             bool from_logits, int64_t reduction, bool compute_grad) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_autograd(
+    const Tensor& recon, const Tensor& target, const Tensor& mu, const Tensor& logvar, const OptionalTensor& prior_mu,
+    const OptionalTensor& prior_logvar, const OptionalTensor& free_bits, const Tensor& beta, const Tensor& log_scale,
+    int64_t likelihood, bool from_logits, int64_t reduction, bool compute_grad) {
   if (!builds_graph({&recon, &target, &mu, &logvar, present(prior_mu), present(prior_logvar), &beta, &log_scale})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return vae_loss_kernel().call(recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale, likelihood,
-                                  from_logits, reduction, compute_grad);
+    return vae_loss_kernel().call(recon, target, mu, logvar, prior_mu, prior_logvar, free_bits, beta, log_scale,
+                                  likelihood, from_logits, reduction, compute_grad);
   }
-  auto out = VAELossFunction::apply(recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale, likelihood,
-                                    from_logits, reduction, compute_grad);
-  return {out[0], out[1], out[2], out[3]};
+  auto out = VAELossFunction::apply(recon, target, mu, logvar, prior_mu, prior_logvar, free_bits, beta, log_scale,
+                                    likelihood, from_logits, reduction, compute_grad);
+  return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 }  // namespace

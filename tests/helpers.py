@@ -11,6 +11,7 @@ from conftest import GRAD_TOL, LOSS_TOL
 
 import vaekern
 from vaekern import reference
+from vaekern._ops._common import KL_COLUMNS
 
 
 # Faults of Triton's interpreter (triton 3.8, triton/runtime/interpreter.py), not of the
@@ -134,6 +135,19 @@ class SizedOps(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+class KernelOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops of vaekern's namespaces that run: the fused launches of a call."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace.startswith("vaekern"):
+            self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
 class ReferenceKernels:
     """The kernel ops' interface (the schemas of vaekern._ops), computed by vaekern.reference
     in float64 under plain autograd: the oracle for tests that call kernels directly."""
@@ -171,7 +185,10 @@ class ReferenceKernels:
         element's share of the reduced KL's gradient, or (0,) where a prior is absent."""
         m, lv = (x.detach().double().requires_grad_() for x in (mu, logvar))
         priors = [None if p is None else p.detach().double().expand(mu.shape).clone().requires_grad_() for p in (prior_mu, prior_logvar)]
-        out = reference.gaussian_kl_ref(m, lv, *priors, reduction=self._NAMES[reduction])
+        if reduction == KL_COLUMNS:  # each latent element's KL summed over the batch
+            out = reference.gaussian_kl_per_dim_ref(m, lv, *priors) * mu.shape[0]
+        else:
+            out = reference.gaussian_kl_ref(m, lv, *priors, reduction=self._NAMES[reduction])
         present = [p for p in priors if p is not None]
         g_mu, g_lv, *g_priors = self._grads(out, (m, lv, *present), grad_out.double().expand_as(out))
         g_priors = iter(g_priors)
@@ -199,30 +216,40 @@ class ReferenceKernels:
         return self._grads(rec, x)[0]
 
     def vae_loss(
-        self, recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale, likelihood, from_logits, reduction,
-        compute_grad,
+        self, recon, target, mu, logvar, prior_mu, prior_logvar, free_bits, beta, log_scale, likelihood, from_logits,
+        reduction, compute_grad,
     ):
         acc = self._acc(recon, mu, logvar)
         kw = dict(likelihood=self._LIKELIHOODS[likelihood], from_logits=from_logits, reduction=self._NAMES[reduction])
         kw.update(prior_mu=prior_mu, prior_logvar=prior_logvar)
         if likelihood == 1:
             kw["log_scale"] = log_scale.reshape(recon.shape[1:]) if log_scale.dim() else log_scale
+        weight = mu.new_empty((0,), dtype=acc)
+        if free_bits is not None:
+            kw["free_bits"] = free_bits
+            per_dim = reference.gaussian_kl_per_dim_ref(mu, logvar, prior_mu, prior_logvar)
+            lam = free_bits.double()
+            weight = ((per_dim >= lam) | per_dim.isnan()).logical_and(~lam.isnan()).to(acc)
         loss, rec, kl = reference.vae_loss_ref(recon, target, mu, logvar, beta=beta, **kw)
         grad = recon.new_empty((0,))
         if compute_grad:
             grad = self._recon_grad(recon, target, log_scale, likelihood, from_logits, reduction).to(recon.dtype)
-        return loss.to(acc), rec.to(acc), kl.to(acc), grad
+        return loss.to(acc), rec.to(acc), kl.to(acc), grad, weight
 
     def vae_loss_backward_(
         self, grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, log_scale, mu, logvar, prior_mu,
-        prior_logvar, beta, likelihood, from_logits, reduction,
+        prior_logvar, kl_weight, beta, likelihood, from_logits, reduction,
     ):
         if grad_recon.numel():
             # The definition, as bernoulli_nll_backward_'s: the float64 gradient times the upstream.
             scale = (grad_loss + grad_recon_term).double()
             scale = scale.reshape((-1,) + (1,) * (recon.dim() - 1)) if scale.dim() else scale
             grad_recon.copy_(self._recon_grad(recon, target, log_scale, likelihood, from_logits, reduction) * scale)
-        return self.gaussian_kl_backward(grad_loss * beta + grad_kl_term, mu, logvar, prior_mu, prior_logvar, reduction)
+        scale = grad_loss * beta + grad_kl_term
+        if kl_weight is not None:  # the column reduction's upstream, one per latent element
+            scale = (scale.double() / (mu.shape[0] if reduction == 1 else 1)) * kl_weight.double()
+            reduction = KL_COLUMNS
+        return self.gaussian_kl_backward(scale, mu, logvar, prior_mu, prior_logvar, reduction)
 
 
 reference_kernels = ReferenceKernels()

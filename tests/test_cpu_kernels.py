@@ -97,8 +97,8 @@ def test_vae_loss_thread_count_invariant(threads, shape):
     g = torch.randn(shape[0])
 
     def run():
-        loss, rec, kl, grad = ops.vae_loss(x, t, mu, logvar, None, None, beta, beta.new_zeros(()), 0, True, 0, True)
-        g_mu, g_lv, _, _ = ops.vae_loss_backward_(grad, g, g * 0.5, g * 2.0, x, t, beta.new_zeros(()), mu, logvar, None, None, beta, 0, True, 0)
+        loss, rec, kl, grad, _ = ops.vae_loss(x, t, mu, logvar, None, None, None, beta, beta.new_zeros(()), 0, True, 0, True)
+        g_mu, g_lv, _, _ = ops.vae_loss_backward_(grad, g, g * 0.5, g * 2.0, x, t, beta.new_zeros(()), mu, logvar, None, None, None, beta, 0, True, 0)
         return loss, rec, kl, grad, g_mu, g_lv
 
     assert _bitwise_equal(_at_threads(threads, 1, run), _at_threads(threads, 2, run))

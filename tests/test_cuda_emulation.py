@@ -326,9 +326,11 @@ def test_cuda_kernels_give_the_same_bits_in_any_schedule(schedule):
             per_column = torch.linspace(-0.5, 0.5, x.shape[1])
             # A learned prior (one per latent) and a per-sample log-variance, read at stride 0.
             prior = (torch.linspace(-1, 1, mu.shape[1]), torch.linspace(-0.5, 0.5, mu.shape[0])[:, None])
-            yield from ops.vae_loss(x, t, mu, lv, None, None, beta, beta.new_zeros(()), 0, True, r, True)
-            yield from ops.vae_loss(x, t, mu, lv, None, None, beta, torch.full((), 0.3), 1, True, r, True)
-            yield from ops.vae_loss(x, t, mu, lv, *prior, beta, beta.new_zeros(()), 2, True, r, True)
+            yield from ops.vae_loss(x, t, mu, lv, None, None, None, beta, beta.new_zeros(()), 0, True, r, True)
+            yield from ops.vae_loss(x, t, mu, lv, None, None, None, beta, torch.full((), 0.3), 1, True, r, True)
+            yield from ops.vae_loss(x, t, mu, lv, *prior, None, beta, beta.new_zeros(()), 2, True, r, True)
+            if r:  # free bits: the KL's column sums, lambda applied in stage 2
+                yield from ops.vae_loss(x, t, mu, lv, *prior, torch.full((), 0.4), beta, beta.new_zeros(()), 0, True, r, True)
             yield from ops.bernoulli_nll(torch.sigmoid(x), t, False, r, True)
             yield from ops.gaussian_nll(x, t, per_column, r, True)
             yield from ops.continuous_bernoulli_nll(x, t, True, r, True)

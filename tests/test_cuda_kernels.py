@@ -338,10 +338,10 @@ def test_forward_is_bitwise_deterministic(kernels, monkeypatch):
     target = torch.rand_like(recon)
     mu, logvar = torch.randn(513, 64, device=dev), torch.randn(513, 64, device=dev)
     beta = torch.ones((), device=dev)
-    first = ops.vae_loss(recon, target, mu, logvar, None, None, beta, beta.new_zeros(()), 0, True, 1, True)
+    first = ops.vae_loss(recon, target, mu, logvar, None, None, None, beta, beta.new_zeros(()), 0, True, 1, True)
     for schedule in ("reverse", "shuffled:1", "greedy", "shuffled:2", "forward"):
         monkeypatch.setenv("VKEMU_SCHEDULE", schedule)
-        again = ops.vae_loss(recon, target, mu, logvar, None, None, beta, beta.new_zeros(()), 0, True, 1, True)
+        again = ops.vae_loss(recon, target, mu, logvar, None, None, None, beta, beta.new_zeros(()), 0, True, 1, True)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
 
@@ -405,8 +405,8 @@ def test_vae_loss_mixed_dtypes(recon_dtype, latent_dtype, reduction, kernels):
     logvar = torch.randn(12, 20, device=dev).to(latent_dtype)
     acc = torch.float64 if torch.float64 in (recon_dtype, latent_dtype) else torch.float32
     beta = torch.full((), 0.7, device=dev, dtype=acc)
-    got = ops.vae_loss(recon, target, mu, logvar, None, None, beta, beta.new_zeros(()), 0, True, reduction, True)
-    ref = reference_kernels.vae_loss(recon, target, mu, logvar, None, None, beta, beta.new_zeros(()), 0, True, reduction, True)
+    got = ops.vae_loss(recon, target, mu, logvar, None, None, None, beta, beta.new_zeros(()), 0, True, reduction, True)
+    ref = reference_kernels.vae_loss(recon, target, mu, logvar, None, None, None, beta, beta.new_zeros(()), 0, True, reduction, True)
     for g, r in zip(got[:3], ref[:3]):
         assert g.dtype == r.dtype == acc
         _close(g, r, rtol=1e-5)
@@ -424,8 +424,8 @@ def test_vae_loss_backward_scales(reduction, kernels):
     grads = [torch.randn(shape, device=dev) for _ in range(3)]
     outs = {}
     for name, impl in (("cuda", ops), ("reference", reference_kernels)):
-        saved = impl.vae_loss(recon, target, mu, logvar, None, None, beta, beta.new_zeros(()), 0, True, reduction, True)[3]
-        g_mu, g_lv, _, _ = impl.vae_loss_backward_(saved, *grads, recon, target, beta.new_zeros(()), mu, logvar, None, None, beta, 0, True, reduction)
+        saved = impl.vae_loss(recon, target, mu, logvar, None, None, None, beta, beta.new_zeros(()), 0, True, reduction, True)[3]
+        g_mu, g_lv, _, _ = impl.vae_loss_backward_(saved, *grads, recon, target, beta.new_zeros(()), mu, logvar, None, None, None, beta, 0, True, reduction)
         outs[name] = (saved, g_mu, g_lv)
     for a, b in zip(outs["cuda"], outs["reference"]):
         _close(a, b, atol=1e-6, rtol=1e-5)
@@ -479,8 +479,8 @@ def test_empty_batch(kernels):
         )
         # The KL stream of an empty batch has no storage: stage 2 must still write kl and loss.
         beta = torch.full((), 0.5, device=dev)
-        got = ops.vae_loss(x, x, mu, mu, None, None, beta, beta.new_zeros(()), 0, True, red, True)
-        ref = reference_kernels.vae_loss(x, x, mu, mu, None, None, beta, beta.new_zeros(()), 0, True, red, True)
+        got = ops.vae_loss(x, x, mu, mu, None, None, None, beta, beta.new_zeros(()), 0, True, red, True)
+        ref = reference_kernels.vae_loss(x, x, mu, mu, None, None, None, beta, beta.new_zeros(()), 0, True, red, True)
         for g, r in zip(got, ref):
             assert g.shape == r.shape and g.dtype == r.dtype
         for g, r in zip(got[:3], ref[:3]):

@@ -681,10 +681,11 @@ def test_gaussian_kl_with_prior_and_free_bits(backend, device):
 
 
 def test_vae_loss_with_prior(backend, device):
-    """vae_loss with a drawn diagonal prior (any broadcast form, any layout, its own dtype):
-    its KL part is read by the fused kernels' own KL code (not gaussian_kl's), so the prior
-    map and its gradients are drawn here too, beside a Bernoulli or Gaussian recon term and
-    a drawn beta. Finite inputs, as in test_gaussian_kl_with_prior_and_free_bits."""
+    """vae_loss with a drawn diagonal prior (any broadcast form, any layout, its own dtype)
+    and drawn free bits: its KL part is read by the fused kernels' own KL code (not
+    gaussian_kl's), and free bits by its own finalize and backward, so the prior map and its
+    gradients are drawn here too, beside a Bernoulli or Gaussian recon term and a drawn beta.
+    Finite inputs, as in test_gaussian_kl_with_prior_and_free_bits."""
     @settings(max_examples=_examples(backend))
     @given(data=st.data())
     def check(data):
@@ -701,6 +702,7 @@ def test_vae_loss_with_prior(backend, device):
         plv_spec = finite(data.draw(specs(data.draw(prior_shapes(z_shape), "prior_logvar shape") or (1,), p_dtype, "logvar"), "prior_logvar"))
         reduction = data.draw(st.sampled_from(REDUCTIONS), "reduction")
         beta = data.draw(st.sampled_from((0.0, 0.5, 2.5)), "beta")
+        free_bits = 0.0 if reduction == "none" else data.draw(st.sampled_from((0.0, 0.05, 0.5, 2.0)), "free_bits")
         x_spec = finite(data.draw(specs(shape, dtype, "logits"), "recon"))
         t_spec = data.draw(specs(shape, dtype, "target", ("contiguous",)), "target")
         u = data.draw(upstreams(reduction, batch), "upstream")
@@ -710,7 +712,7 @@ def test_vae_loss_with_prior(backend, device):
         note(f"known fault: {fault}")
         if fault is not None:
             return
-        kw = {"beta": beta, "likelihood": likelihood, "reduction": reduction}
+        kw = {"beta": beta, "likelihood": likelihood, "reduction": reduction, "free_bits": free_bits}
         if likelihood == "gaussian":
             kw["log_scale"] = 0.3
         t_read = t.view.sigmoid() if likelihood == "bernoulli" else t.view

@@ -301,6 +301,24 @@ def _cases():
             {"LIKELIHOOD": 0, "S_STRIDE": 0, "FROM_LOGITS": True, "MEAN": True, "RECOMPUTE": dt == "fp16",
              "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z, **with_prior}, warps,
         ))
+        if dt in ("fp32", "fp64"):  # free bits: no KL rows forward, a weight per latent backward
+            cases.append((
+                f"vae_loss_fwd x={dt} prior free_bits", "vae_loss", "_vae_loss_fwd_kernel",
+                {"x_ptr": dt, "t_ptr": "u8", "grad_ptr": dt, "part_ptr": acc, "mu_ptr": dt, "lv_ptr": dt,
+                 "kl_ptr": acc, "s_ptr": acc, **prior},
+                ("D", "Z", "stride_x", "stride_t", "stride_mu", "stride_lv"),
+                {"LIKELIHOOD": 0, "S_STRIDE": 0, "FROM_LOGITS": True, "COMPUTE_GRAD": True, "MEAN": True,
+                 "KL_ROWS": False, "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z, **with_prior}, warps,
+            ))
+            cases.append((
+                f"vae_loss_bwd x={dt} prior free_bits", "vae_loss", "_vae_loss_bwd_kernel",
+                {"grad_ptr": dt, "gl_ptr": acc, "gr_ptr": acc, "gk_ptr": acc, "beta_ptr": acc, "mu_ptr": dt,
+                 "lv_ptr": dt, "gmu_ptr": dt, "glv_ptr": dt, "x_ptr": dt, "t_ptr": dt, "s_ptr": acc, "w_ptr": acc,
+                 **prior},
+                ("D", "Z", "stride_mu", "stride_lv", "stride_x", "stride_t"),
+                {"LIKELIHOOD": 0, "S_STRIDE": 0, "FROM_LOGITS": True, "MEAN": True, "RECOMPUTE": False,
+                 "FREE_BITS": True, "BLOCK": BLOCK, "BLOCK_Z": VAE_BLOCK_Z, **with_prior}, warps,
+            ))
         for has_eps in (True, False):
             src = "eps" if has_eps else "seed"
             cases.append((
@@ -357,6 +375,12 @@ def _cases():
                     | ({"kl_ptr": "fp64"} if has_kl else {}), (),
                     {"HAS_KL": has_kl, "REDUCTION": red, "BLOCK_B": 16, "BLOCK_C": 64}, 4,
                 ))
+        # Free bits: the KL's column sums (the latents' math dtype), lambda and the weights.
+        cases.append((
+            f"finalize {acc} free_bits", "_common", "_finalize_kernel",
+            {p: acc for p in ("part_ptr", "kl_ptr", "beta_ptr", "loss_ptr", "rec_ptr", "kl_out_ptr", "fb_ptr", "w_ptr")},
+            (), {"HAS_KL": True, "FREE_BITS": True, "REDUCTION": 1, "BLOCK_B": 16, "BLOCK_C": 64}, 4,
+        ))
     return cases
 
 
@@ -377,6 +401,10 @@ def _ptx(case, arch: int) -> str:
         ptrs = {**{p: "fp32" for p in PRIOR_PTRS if p in fn.arg_names}, **ptrs}
     if "COLUMNS" in fn.arg_names:  # the KL's column reduction likewise (a case names it)
         constexprs = {"COLUMNS": False, **constexprs}
+    if "FREE_BITS" in fn.arg_names:  # and free bits (their unread pointers pass as ints)
+        constexprs = {"FREE_BITS": False, **constexprs}
+    if "KL_ROWS" in fn.arg_names:
+        constexprs = {"KL_ROWS": True, **constexprs}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -588,12 +616,12 @@ def test_split_rows_match_reference(split_rows, reduction, from_logits):
 
     pm, plv = torch.randn(20, dtype=torch.float64, device=dev), torch.randn(3, 1, dtype=torch.float64, device=dev)
     for prior in ((None, None), (pm, plv)):
-        res = tri.vae_loss(x, t, mu, lv, *prior, beta, beta.new_zeros(()), 0, from_logits, reduction, True)
-        res_r = ref.vae_loss(x, t, mu, lv, *prior, beta, beta.new_zeros(()), 0, from_logits, reduction, True)
+        res = tri.vae_loss(x, t, mu, lv, *prior, None, beta, beta.new_zeros(()), 0, from_logits, reduction, True)
+        res_r = ref.vae_loss(x, t, mu, lv, *prior, None, beta, beta.new_zeros(()), 0, from_logits, reduction, True)
         for a, b in zip(res, res_r):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         gk = go * 2
-        args = (go, go * 0.5, gk, x, t, beta.new_zeros(()), mu, lv, *prior, beta, 0, from_logits, reduction)
+        args = (go, go * 0.5, gk, x, t, beta.new_zeros(()), mu, lv, *prior, None, beta, 0, from_logits, reduction)
         grads = tri.vae_loss_backward_(res[3], *args)
         grads_r = ref.vae_loss_backward_(res_r[3], *args)
         torch.testing.assert_close(res[3], res_r[3], rtol=1e-12, atol=1e-12)

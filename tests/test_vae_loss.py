@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from conftest import DTYPES, REDUCTIONS, SHAPES
 from helpers import (
     INTERPRETER_F64_TO_BF16,
+    KernelOps,
+    SizedOps,
     assert_compiled_matches_eager,
     assert_grad_close,
     assert_loss_close,
@@ -26,7 +28,7 @@ from helpers import (
 )
 
 import vaekern
-from vaekern.reference import vae_loss_ref
+from vaekern.reference import gaussian_kl_per_dim_ref, vae_loss_ref
 
 
 def _check(backend, recon, t, mu, logvar, *, beta, from_logits, reduction, dtype, grads=(1.0, 0.0, 0.0)):
@@ -287,24 +289,32 @@ def test_opcheck(backend, device):
     mu, logvar = latents((5, 3), torch.float32, device)
     beta = torch.tensor(0.7, device=device)
     for reduction in (0, 1, 2):
-        torch.library.opcheck(ops.vae_loss, (recon, t, leaf(mu), leaf(logvar), None, None, beta, beta.new_zeros(()), 0, True, reduction, False))
+        torch.library.opcheck(ops.vae_loss, (recon, t, leaf(mu), leaf(logvar), None, None, None, beta, beta.new_zeros(()), 0, True, reduction, False))
         # As in test_bernoulli_nll.py::test_opcheck: every opcheck test, gradients included.
-        torch.library.opcheck(ops.vae_loss, (leaf(recon), t, leaf(mu), leaf(logvar), None, None, beta, beta.new_zeros(()), 0, True, reduction, True))
+        torch.library.opcheck(ops.vae_loss, (leaf(recon), t, leaf(mu), leaf(logvar), None, None, None, beta, beta.new_zeros(()), 0, True, reduction, True))
         # Probabilities, and no gradient asked while recon needs one: backward recomputes it.
         p = probs((5, 13), torch.float32, device)
-        torch.library.opcheck(ops.vae_loss, (leaf(p), t, mu, logvar, None, None, beta, beta.new_zeros(()), 0, False, reduction, False))
+        torch.library.opcheck(ops.vae_loss, (leaf(p), t, mu, logvar, None, None, None, beta, beta.new_zeros(()), 0, False, reduction, False))
         g = (lambda: torch.rand(5, device=device)) if reduction == 0 else (lambda: torch.rand((), device=device))
         grad = torch.randn(5, 13, device=device)
         torch.library.opcheck(
-            ops.vae_loss_backward_, (grad, g(), g(), g(), recon, t, beta.new_zeros(()), mu, logvar, None, None, beta, 0, True, reduction)
+            ops.vae_loss_backward_, (grad, g(), g(), g(), recon, t, beta.new_zeros(()), mu, logvar, None, None, None, beta, 0, True, reduction)
         )
         # A prior, learned per latent (a mean) and per sample (a log-variance), read in place.
         pm, plv = torch.randn(3, device=device) * 0.3, torch.randn(5, 1, device=device) * 0.3
-        prior_args = (leaf(recon), t, leaf(mu), leaf(logvar), leaf(pm), leaf(plv), beta, beta.new_zeros(()), 0, True)
+        prior_args = (leaf(recon), t, leaf(mu), leaf(logvar), leaf(pm), leaf(plv), None, beta, beta.new_zeros(()), 0, True)
         torch.library.opcheck(ops.vae_loss, (*prior_args, reduction, True))
         torch.library.opcheck(
-            ops.vae_loss_backward_, (grad, g(), g(), g(), recon, t, beta.new_zeros(()), mu, logvar, pm, plv, beta, 0, True, reduction)
+            ops.vae_loss_backward_, (grad, g(), g(), g(), recon, t, beta.new_zeros(()), mu, logvar, pm, plv, None, beta, 0, True, reduction)
         )
+        if reduction:  # free bits (a batch quantity), holding some latent elements
+            fb = torch.tensor(0.4, device=device)
+            free_args = (leaf(recon), t, leaf(mu), leaf(logvar), leaf(pm), leaf(plv), fb, beta, beta.new_zeros(()), 0, True)
+            torch.library.opcheck(ops.vae_loss, (*free_args, reduction, True))
+            weight = torch.tensor([1.0, 0.0, 1.0], device=device)
+            torch.library.opcheck(
+                ops.vae_loss_backward_, (grad, g(), g(), g(), recon, t, beta.new_zeros(()), mu, logvar, pm, plv, weight, beta, 0, True, reduction)
+            )
 
 
 def test_backward_leaves_rows_scaled_by_one_untouched(backend, device):
@@ -317,7 +327,7 @@ def test_backward_leaves_rows_scaled_by_one_untouched(backend, device):
     grad_recon = torch.tensor([0.0, 0.5, 0.25], device=device)
     beta = torch.tensor(1.0, device=device)
     recon, t = torch.zeros_like(grad), torch.zeros_like(grad)  # read only for float16
-    ops.vae_loss_backward_(grad, grad_loss, grad_recon, torch.zeros(3, device=device), recon, t, beta.new_zeros(()), mu, logvar, None, None, beta, 0, True, 0)
+    ops.vae_loss_backward_(grad, grad_loss, grad_recon, torch.zeros(3, device=device), recon, t, beta.new_zeros(()), mu, logvar, None, None, None, beta, 0, True, 0)
     after = grad.view(torch.int32)
     assert torch.equal(after[:2], bits[:2])
     assert not torch.equal(after[2], bits[2])
@@ -362,13 +372,13 @@ def test_backward_adopts_the_forward_gradient_in_place(backend, device):
     mu, logvar = latents((4, 3), torch.float32, device)
     beta = torch.tensor(0.5, device=device)
     r = leaf(recon)
-    loss, _, _, grad = ops.vae_loss(r, t, leaf(mu), leaf(logvar), None, None, beta, beta.new_zeros(()), 0, True, 1, True)
+    loss, _, _, grad, _ = ops.vae_loss(r, t, leaf(mu), leaf(logvar), None, None, None, beta, beta.new_zeros(()), 0, True, 1, True)
     ptr = grad.data_ptr()
     del grad
     (loss * 3).backward()
     assert r.grad.data_ptr() == ptr
     r2 = leaf(recon)
-    loss, _, _, kept = ops.vae_loss(r2, t, leaf(mu), leaf(logvar), None, None, beta, beta.new_zeros(()), 0, True, 1, True)
+    loss, _, _, kept, _ = ops.vae_loss(r2, t, leaf(mu), leaf(logvar), None, None, None, beta, beta.new_zeros(()), 0, True, 1, True)
     before = kept.clone()
     (loss * 3).backward()
     assert torch.equal(kept, before) and r2.grad.data_ptr() != kept.data_ptr()
@@ -422,7 +432,7 @@ def test_double_backward_through_the_latents(backend, device, reduction):
     red = {"none": 0, "mean": 1, "sum": 2}[reduction]
 
     def op(m, lv):
-        return ops.vae_loss(recon, t, m, lv, None, None, beta, beta.new_zeros(()), 0, True, red, False)[:3]
+        return ops.vae_loss(recon, t, m, lv, None, None, None, beta, beta.new_zeros(()), 0, True, red, False)[:3]
 
     assert torch.autograd.gradgradcheck(op, (leaf(mu), leaf(logvar)), fast_mode=True)
 
@@ -573,7 +583,7 @@ def test_likelihood_gradcheck_opcheck_and_compile(backend, device, likelihood):
         for reduction in (0, 1):
             for s in scales:
                 args = (
-                    leaf(r32), t32, leaf(mu.float()), leaf(logvar.float()), None, None, beta,
+                    leaf(r32), t32, leaf(mu.float()), leaf(logvar.float()), None, None, None, beta,
                     leaf(s) if likelihood == "gaussian" else s,
                 )  # fmt: skip
                 torch.library.opcheck(ops.vae_loss, (*args, code, True, reduction, True))
@@ -636,6 +646,61 @@ def test_free_bits_kl_part_is_the_term_in_the_loss(backend, device):
     torch.testing.assert_close(parts.recon, vaekern.bernoulli_nll(recon, t, backend=backend))
     plain = vaekern.gaussian_kl(mu, logvar, pm, plv, backend=backend)
     assert parts.kl > plain  # two elements lifted to the free bits
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum"))
+def test_free_bits_are_one_fused_op_each_way(backend, device, reduction):
+    """Free bits inside vae_loss (issue 14): the forward is the one fused op and the backward
+    its one backward op, with no op beside them on a tensor of two elements or more (a
+    per-sample prior, whose gradient needs no reduction). It was the likelihood's op and the
+    KL's column op each way, with five small ATen ops around them, before."""
+    if backend == "reference":
+        pytest.skip("the oracle differentiates the KL by plain autograd")
+    recon, t = logits((6, 9), torch.float32, device), target((6, 9), "float", device)
+    mu, logvar = latents((6, 5), torch.float32, device)
+    pm, plv = torch.randn(6, 5, device=device) * 0.3, torch.randn(6, 5, device=device) * 0.3
+    # lambda between the third and fourth batch-mean KLs: it holds three elements, not two.
+    per_dim = gaussian_kl_per_dim_ref(mu.double(), logvar.double(), pm.double(), plv.double())
+    held = per_dim < per_dim.sort().values[2:4].mean()
+    lam = float(per_dim.sort().values[2:4].mean())
+
+    def call(*inputs):
+        x, m, lv, p, q = inputs
+        return vaekern.vae_loss(x, t, m, lv, beta=0.7, prior_mu=p, prior_logvar=q, free_bits=lam, reduction=reduction, backend=backend)
+
+    call(*(leaf(x) for x in (recon, mu, logvar, pm, plv)))  # the constants' caches filled
+    inputs = [leaf(x) for x in (recon, mu, logvar, pm, plv)]
+    with KernelOps() as kernels, SizedOps(2) as sized:
+        call(*inputs)
+    assert kernels.ops == ["vae_loss"] and not sized.ops, (kernels.ops, sized.ops)
+    # A forward of its own: under the modes the saved gradient gains a Python object, and the
+    # C++ backward then scales a copy of it (csrc/autograd.cpp, scale_in_place).
+    inputs = [leaf(x) for x in (recon, mu, logvar, pm, plv)]
+    loss = call(*inputs)
+    with KernelOps() as kernels, SizedOps(2) as sized:
+        loss.backward(upstream(loss))
+    assert kernels.ops == ["vae_loss_backward_"] and not sized.ops, (kernels.ops, sized.ops)
+    for x in inputs[1:]:
+        assert (x.grad[:, held] == 0).all() and (x.grad[:, ~held] != 0).all()
+
+
+def test_free_bits_nan_threshold_and_empty_batch(backend, device):
+    """A NaN free-bits tensor makes the KL term and the loss NaN and the latents' gradient 0
+    (the oracle's where); over an empty batch the free-bits term is NaN for mean and sum."""
+    recon, t = logits((4, 6), torch.float64, device), target((4, 6), "float", device, torch.float64)
+    mu, logvar = latents((4, 3), torch.float64, device)
+    inputs = [leaf(x) for x in (recon, mu, logvar)]
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
+    parts = vaekern.vae_loss(inputs[0], t, *inputs[1:], free_bits=nan, return_parts=True, backend=backend)
+    assert parts.loss.isnan() and parts.kl.isnan() and parts.recon.isfinite()
+    parts.recon.add(parts.kl.nan_to_num(0.0)).backward()
+    assert (inputs[1].grad == 0).all() and (inputs[2].grad == 0).all() and inputs[0].grad.isfinite().all()
+    for reduction in ("mean", "sum"):
+        empty = [x[:0] for x in (recon, t, mu, logvar)]
+        got = vaekern.vae_loss(*empty, free_bits=0.1, reduction=reduction, return_parts=True, backend=backend)
+        want = vae_loss_ref(*empty, free_bits=0.1, reduction=reduction)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, equal_nan=True)
 
 
 def test_free_bits_as_a_tensor_in_the_loss_and_the_module(backend, device):

@@ -787,9 +787,10 @@ def vae_loss(
     beta_t = _beta(beta, dtype, device, in_graph)
     lik = _likelihood(likelihood, log_scale, from_logits)
     kernels = resolve(backend, device)
-    if kernels is not None and not plain_kl and _binds(free_bits):
-        # The free-bits term needs every latent element's batch mean before any row's loss:
-        # the likelihood's fused op and the KL's, two launches each way. With beta = 0 a KL
+    optimal = isinstance(log_scale, str)
+    if kernels is not None and optimal and not plain_kl and _binds(free_bits):
+        # The optimal scale needs the rows' squared errors, the free bits a reduced KL: the
+        # likelihood's fused op and the KL's, two launches each way. With beta = 0 a KL
         # beyond the latents' precision (inf) makes the loss NaN here, where the fused path
         # forms the KL in float64 (README, Numerical conventions).
         rec = _recon_nll(recon, target, lik, log_scale, from_logits, reduction, backend).to(dtype)
@@ -808,22 +809,25 @@ def vae_loss(
         )  # fmt: skip
         loss, rec, kl = (p.to(dtype) for p in parts)
     else:
-        latents = (mu, logvar, None, None) if plain_kl else _kl_operands(mu, logvar, prior_mu, prior_logvar)
-        optimal = ls is None
+        if plain_kl:
+            latents, fb = (mu, logvar, None, None), None
+        else:
+            latents = _kl_operands(mu, logvar, prior_mu, prior_logvar)
+            fb = _free_bits_operand(free_bits, dtype, device) if _binds(free_bits) else None
         if optimal:  # the rows' squared errors from the same launch (_optimal_nll)
             ls = _constant(SQUARED_ERROR_LOG_SCALE, dtype, device)
-        args = (recon, target, *latents, beta_t, ls, lik, from_logits, REDUCTIONS["none"] if optimal else red)
+        args = (recon, target, *latents, fb, beta_t, ls, lik, from_logits, REDUCTIONS["none"] if optimal else red)
         # target, beta_t: for a tangent
         match _path(kernels, "vae_loss", recon, *latents, ls, target, beta_t):
             case "op":
-                loss, rec, kl, _ = kernels.vae_loss(*args, _needs_grad(recon))
+                loss, rec, kl, _, _ = kernels.vae_loss(*args, _needs_grad(recon))
             case "function":
                 loss, rec, kl = VAELossFunction.apply(kernels, *args)
             case "transform":
-                loss, rec, kl, _ = kernels.transforms["vae_loss"].apply(*args, _needs_grad(recon))
+                loss, rec, kl, _, _ = kernels.transforms["vae_loss"].apply(*args, _needs_grad(recon))
             case _:
                 with below_autograd():
-                    loss, rec, kl, _ = kernels.vae_loss(*args, False)
+                    loss, rec, kl, _, _ = kernels.vae_loss(*args, False)
         if optimal:  # the terms summed and combined in float64, as the kernels' finalize does
             rec, kl = _optimal_nll(rec, math.prod(recon.shape[1:]), red), _reduced64(kl, red)
             loss, rec, kl = (rec + beta_t * kl).to(dtype), rec.to(dtype), kl.to(dtype)
@@ -851,6 +855,14 @@ def _likelihood(likelihood, log_scale, from_logits: bool) -> int:
     elif not (isinstance(log_scale, (int, float)) and not isinstance(log_scale, bool) and log_scale == 0.0):
         raise ValueError(f'log_scale applies to likelihood="gaussian" only, got it with likelihood={likelihood!r}')
     return LIKELIHOODS[likelihood]
+
+
+def _free_bits_operand(free_bits: float | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Binding free bits (``_binds``) as the 0-d tensor in the loss dtype that the fused
+    ``vae_loss`` reads: a float once per value (``_constant``), a tensor cast (not read)."""
+    if isinstance(free_bits, Tensor):
+        return free_bits.to(dtype)
+    return _constant(free_bits, dtype, device)
 
 
 def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:

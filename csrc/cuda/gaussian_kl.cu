@@ -7,7 +7,7 @@
 //   grad_mu = s * mu,  grad_logvar = s * 0.5 * (exp(min(lv, 60)) - 1)
 // (the straight-through clamp of vaekern.reference: no -0.5 plateau above lv = 60; 60 is
 // kLogvarMax, conventions.h), and with one as kl.cuh's header states. Reduction 3 sums each
-// latent element over the rows instead (gaussian_kl_columns_kernel: free bits), and its
+// latent element over the rows instead (gaussian_kl_columns, kl.cu: free bits), and its
 // backward scales element j of every row by grad_out[j].
 //
 // Dtypes: mu and logvar float16, bfloat16, float32 or float64, the same for both;
@@ -45,39 +45,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Latent columns per block of the column reduction: a warp's lanes.
-constexpr int kColumnsPerBlock = 32;
-
-// KL_COLUMNS: lane c of every warp takes column blockIdx.x * 32 + c, warp w its rows w, w + W,
-// ... (W warps per block); the warps' sums are then added in warp order: deterministic.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    gaussian_kl_columns_kernel(const scalar_t* __restrict__ mu,  // [B, D], rows mu_stride apart
-                               const scalar_t* __restrict__ lv,  // [B, D], rows lv_stride apart
-                               acc_t* __restrict__ out,          // [D] column sums
-                               KlPrior prior, int64_t mu_stride, int64_t lv_stride, int64_t B, int64_t D) {
-  __shared__ acc_t warp_sums[kThreads];
-  const int lane = threadIdx.x % kColumnsPerBlock, warp = threadIdx.x / kColumnsPerBlock;
-  const int warps = blockDim.x / kColumnsPerBlock;
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * kColumnsPerBlock + lane;
-  acc_t sum = 0;
-  if (k < D) {
-    for (int64_t b = warp; b < B; b += warps) {
-      acc_t m = to_acc<scalar_t, acc_t>(mu[b * mu_stride + k]), l = to_acc<scalar_t, acc_t>(lv[b * lv_stride + k]);
-      acc_t e = 1;
-      PriorRow<acc_t>(prior, b).standardize(k, m, l, e);
-      sum += kl_elem(m, l);
-    }
-  }
-  warp_sums[threadIdx.x] = sum;
-  __syncthreads();
-  if (warp == 0 && k < D) {
-    acc_t total = 0;
-    for (int w = 0; w < warps; ++w) total += warp_sums[w * kColumnsPerBlock + lane];
-    out[k] = total;
-  }
-}
-
 void check_kl_reduction(int64_t reduction) {
   if (reduction != kKlColumns) check_reduction(reduction);
 }
@@ -96,14 +63,7 @@ Tensor gaussian_kl_cuda(const Tensor& mu, const Tensor& logvar, const std::optio
   const int64_t B = m.B, D = m.D;
   if (reduction == kKlColumns) {
     Tensor sums = at::empty(mu.sizes().slice(1), mu.options().dtype(acc_scalar(mu.scalar_type())));
-    if (D == 0) return sums;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "gaussian_kl_columns", [&] {
-      using acc_t = acc_type<scalar_t>;
-      gaussian_kl_columns_kernel<scalar_t, acc_t><<<ceil_div(D, kColumnsPerBlock), kThreads, 0, stream>>>(
-          m.tensor.data_ptr<scalar_t>(), l.tensor.data_ptr<scalar_t>(), sums.data_ptr<acc_t>(), prior.operand(),
-          m.row_stride, l.row_stride, B, D);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    gaussian_kl_columns(m, l, mu.scalar_type(), prior.operand(), sums, stream);
     return sums;
   }
   Tensor out = at::empty(loss_shape(reduction, B),

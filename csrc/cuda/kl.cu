@@ -1,4 +1,6 @@
-// gaussian_kl_grads and kl_prior (kl.cuh): the latent and prior gradients of the KL term
+// gaussian_kl_columns, gaussian_kl_grads and kl_prior (kl.cuh): the KL of each latent column
+// summed over the rows (the KL_COLUMNS reduction: gaussian_kl's, and vae_loss's free bits),
+// and the latent and prior gradients of the KL term
 // for per-row scales s_b (or per-column ones s_j), with m, l, e the latents standardized by the prior (kl.cuh),
 //   grad_mu = s_b * m * e,  grad_logvar = s_b * 0.5 * (exp(min(l, 60)) - 1),
 //   grad_prior_mu = -grad_mu,  grad_prior_logvar = -grad_logvar - 0.5 * s_b * m^2
@@ -46,6 +48,39 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Latent columns per block of the column reduction: a warp's lanes.
+constexpr int kColumnsPerBlock = 32;
+
+// KL_COLUMNS: lane c of every warp takes column blockIdx.x * 32 + c, warp w its rows w, w + W,
+// ... (W warps per block); the warps' sums are then added in warp order: deterministic.
+template <typename scalar_t, typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kThreads)
+    gaussian_kl_columns_kernel(const scalar_t* __restrict__ mu,  // [B, D], rows mu_stride apart
+                               const scalar_t* __restrict__ lv,  // [B, D], rows lv_stride apart
+                               out_t* __restrict__ out,          // [D] column sums
+                               KlPrior prior, int64_t mu_stride, int64_t lv_stride, int64_t B, int64_t D) {
+  __shared__ acc_t warp_sums[kThreads];
+  const int lane = threadIdx.x % kColumnsPerBlock, warp = threadIdx.x / kColumnsPerBlock;
+  const int warps = blockDim.x / kColumnsPerBlock;
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kColumnsPerBlock + lane;
+  acc_t sum = 0;
+  if (k < D) {
+    for (int64_t b = warp; b < B; b += warps) {
+      acc_t m = to_acc<scalar_t, acc_t>(mu[b * mu_stride + k]), l = to_acc<scalar_t, acc_t>(lv[b * lv_stride + k]);
+      acc_t e = 1;
+      PriorRow<acc_t>(prior, b).standardize(k, m, l, e);
+      sum += kl_elem(m, l);
+    }
+  }
+  warp_sums[threadIdx.x] = sum;
+  __syncthreads();
+  if (warp == 0 && k < D) {
+    acc_t total = 0;
+    for (int w = 0; w < warps; ++w) total += warp_sums[w * kColumnsPerBlock + lane];
+    out[k] = static_cast<out_t>(total);
+  }
+}
+
 Tensor prior_view(const std::optional<Tensor>& part, const Tensor& mu, const char* name) {
   if (!part.has_value()) return {};
   const Tensor& p = *part;
@@ -70,6 +105,21 @@ Tensor prior_grad_output(const Tensor& part, const Tensor& mu) {
 KlPriorViews kl_prior(const std::optional<Tensor>& prior_mu, const std::optional<Tensor>& prior_logvar,
                       const Tensor& mu) {
   return {prior_view(prior_mu, mu, "prior_mu"), prior_view(prior_logvar, mu, "prior_logvar")};
+}
+
+void gaussian_kl_columns(const Rows& m, const Rows& l, at::ScalarType dtype, const KlPrior& prior, const Tensor& sums,
+                         cudaStream_t stream) {
+  if (m.D == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gaussian_kl_columns", [&] {
+    using acc_t = acc_type<scalar_t>;
+    auto launch = [&](auto* out) {
+      gaussian_kl_columns_kernel<scalar_t, acc_t><<<ceil_div(m.D, kColumnsPerBlock), kThreads, 0, stream>>>(
+          m.tensor.data_ptr<scalar_t>(), l.tensor.data_ptr<scalar_t>(), out, prior, m.row_stride, l.row_stride, m.B,
+          m.D);
+    };
+    if (sums.scalar_type() == at::kDouble) launch(sums.data_ptr<double>()); else launch(sums.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_kl_grads(const Tensor& mu, const Tensor& logvar,

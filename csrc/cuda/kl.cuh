@@ -124,6 +124,12 @@ __device__ __forceinline__ double kl_tile_wide(const lat_t* mu, const lat_t* lv,
   return sum;
 }
 
+// Each latent column's KL summed over the rows (the KL_COLUMNS reduction) into `sums` ([D]:
+// the latents' arithmetic type, or double), summed in that type: gaussian_kl's reduction 3
+// and vae_loss's free bits. m and l are the latents as rows of dtype `dtype`.
+void gaussian_kl_columns(const Rows& m, const Rows& l, at::ScalarType dtype, const KlPrior& prior, const Tensor& sums,
+                         cudaStream_t stream);
+
 // Tile of a row of latents for G lanes: short, since latents are few.
 inline int64_t kl_tile_len(int G) { return static_cast<int64_t>(G) * 32; }
 

@@ -10,6 +10,11 @@
 // is one row of the batch; for mean and sum, long flat streams are first shrunk by fixed
 // segments, and one block sums what remains. No float atomics; the order depends on the
 // shapes only.
+//
+// Free bits (vae_loss): the KL stream is then the [Z] column sums S_j of the KL over the B
+// rows, and the KL term is sum_j where(S_j / B < lambda, lambda, S_j / B), times B for
+// sum, with weight[j] = 0 where lambda holds column j (or is NaN), else 1; summed in the
+// KL stream's type, in the fixed order of the other sums.
 #pragma once
 
 #include "common.cuh"
@@ -35,6 +40,11 @@ struct FinalArgs {
   acc_t* out;
   acc_t* out_kl;
   acc_t* out_loss;
+  const void* free_bits = nullptr;  // () of kind free_bits_kind: lambda, or nullptr for none
+  int free_bits_kind = kF32;
+  acc_t* weight = nullptr;  // [Z] out, with free_bits
+  kl_t batch = 0;           // B, with free_bits
+  kl_t free_bits_factor = 1;  // 1 for mean, B for sum, with free_bits
 };
 
 template <typename acc_t, typename kl_t>
@@ -42,7 +52,7 @@ __device__ __forceinline__ void final_store(const FinalArgs<acc_t, kl_t>& a, int
   sum = sum / a.divisor;
   a.out[s] = sum;
   if (a.has_kl) {
-    kl_sum = kl_sum / static_cast<kl_t>(a.divisor);
+    kl_sum = a.free_bits != nullptr ? kl_sum * a.free_bits_factor : kl_sum / static_cast<kl_t>(a.divisor);
     if (a.out_kl != nullptr) a.out_kl[s] = static_cast<acc_t>(kl_sum);
     if (a.out_loss != nullptr) {
       a.out_loss[s] = static_cast<acc_t>(sum + load_kind<kl_t>(a.beta, 0, a.beta_kind) * kl_sum);
@@ -65,8 +75,17 @@ __device__ __forceinline__ acc_t row_sum(const FinalArgs<acc_t, kl_t>& a, int64_
 }
 template <typename acc_t, typename kl_t>
 __device__ __forceinline__ kl_t kl_row_sum(const FinalArgs<acc_t, kl_t>& a, int64_t s, int64_t first, int step) {
-  return strided_sum(a.kl_partials, s * a.kl_partials_per_row, min((s + 1) * a.kl_partials_per_row, a.num_kl_partials),
-                     first, step);
+  const int64_t begin = s * a.kl_partials_per_row, end = min((s + 1) * a.kl_partials_per_row, a.num_kl_partials);
+  if (a.free_bits == nullptr) return strided_sum(a.kl_partials, begin, end, first, step);
+  const kl_t lambda = load_kind<kl_t>(a.free_bits, 0, a.free_bits_kind);
+  kl_t v = 0;
+  for (int64_t j = begin + first; j < end; j += step) {
+    const kl_t per = a.kl_partials[j] / a.batch;
+    const bool held = per < lambda || lambda != lambda;
+    a.weight[j] = held ? acc_t(0) : acc_t(1);
+    v += held ? lambda : per;
+  }
+  return v;
 }
 
 // A group of G <= 32 lanes per row (many short rows).
@@ -144,12 +163,16 @@ inline Tensor shrink_flat(Tensor p, int64_t* n, cudaStream_t stream) {
 // Stage 2: B rows of partials_per_row partials (required) and of kl_partials_per_row KL
 // partials (optional: kl_partials_per_row == 0) into the outputs, reduced over rows as
 // `reduction` says. out_kl and out_loss may be undefined; beta is read on the device. The
-// KL partials are of kl_t, the outputs all of acc_t.
+// KL partials are of kl_t, the outputs all of acc_t. With free_bits (0-d, mean or sum),
+// kl_partials holds the kl_partials_per_row = Z column sums instead (the header's), and
+// weight (Z elements of acc_t) takes the free bits' weights.
 template <typename acc_t, typename kl_t = acc_t>
 inline void reduce_partials(const Tensor& partials, int64_t partials_per_row, const Tensor& kl_partials,
                             int64_t kl_partials_per_row, int64_t B, int64_t reduction, const Tensor& beta,
-                            const Tensor& out, const Tensor& out_kl, const Tensor& out_loss, cudaStream_t stream) {
-  const bool has_kl = kl_partials_per_row > 0;
+                            const Tensor& out, const Tensor& out_kl, const Tensor& out_loss, cudaStream_t stream,
+                            const Tensor& free_bits = Tensor(), const Tensor& weight = Tensor()) {
+  const bool free = free_bits.defined();
+  const bool has_kl = kl_partials_per_row > 0 || free;
   const void* beta_ptr = beta.defined() ? beta.data_ptr() : nullptr;
   const int beta_kind = beta.defined() ? kind_of(beta.scalar_type()) : kF32;
   acc_t* out_kl_ptr = out_kl.defined() ? out_kl.data_ptr<acc_t>() : nullptr;
@@ -172,9 +195,10 @@ inline void reduce_partials(const Tensor& partials, int64_t partials_per_row, co
     launch_final(a, stream);
     return;
   }
-  int64_t num_partials = B * partials_per_row, num_kl_partials = B * kl_partials_per_row;
+  int64_t num_partials = B * partials_per_row, num_kl_partials = free ? kl_partials_per_row : B * kl_partials_per_row;
   const Tensor flat = shrink_flat<acc_t>(partials, &num_partials, stream);
-  const Tensor kl_flat = has_kl ? shrink_flat<kl_t>(kl_partials, &num_kl_partials, stream) : kl_partials;
+  // Free bits apply lambda to each column sum before adding: no segment may pre-sum them.
+  const Tensor kl_flat = has_kl && !free ? shrink_flat<kl_t>(kl_partials, &num_kl_partials, stream) : kl_partials;
   // mean over B = 0 rows is 0/0 = NaN, as torch's mean of an empty tensor.
   const acc_t divisor = reduction == 1 ? static_cast<acc_t>(B) : acc_t(1);
   const FinalArgs<acc_t, kl_t> a{.partials = flat.data_ptr<acc_t>(),
@@ -190,7 +214,12 @@ inline void reduce_partials(const Tensor& partials, int64_t partials_per_row, co
                                  .beta_kind = beta_kind,
                                  .out = out.data_ptr<acc_t>(),
                                  .out_kl = out_kl_ptr,
-                                 .out_loss = out_loss_ptr};
+                                 .out_loss = out_loss_ptr,
+                                 .free_bits = free ? free_bits.data_ptr() : nullptr,
+                                 .free_bits_kind = free ? kind_of(free_bits.scalar_type()) : kF32,
+                                 .weight = free ? weight.data_ptr<acc_t>() : nullptr,
+                                 .batch = static_cast<kl_t>(B),
+                                 .free_bits_factor = reduction == 2 ? static_cast<kl_t>(B) : kl_t(1)};
   final_block_kernel<acc_t, kl_t><<<1, kFinalThreads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

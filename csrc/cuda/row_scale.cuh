@@ -9,10 +9,11 @@
 namespace vaekern {
 namespace cuda {
 
-// s_b = (grad_loss_b * beta + grad_term_b) / divisor, evaluated in double. grad_loss is the
-// upstream gradient of the loss and is required; beta (the loss's weight of the term) and
-// grad_term (the upstream gradient of the term as an output of its own) are optional.
-// Each gradient is () (stride 0) or (B,), float or double (scale_operand); beta is ().
+// s_b = (grad_loss_b * beta + grad_term_b) / divisor * weight_b, evaluated in double.
+// grad_loss is the upstream gradient of the loss and is required; beta (the loss's weight of
+// the term), grad_term (the upstream gradient of the term as an output of its own) and
+// weight (vae_loss's free-bits weight per latent column, indexed as b) are optional. Each
+// gradient is () (stride 0) or (B,), float or double (scale_operand); beta is ().
 struct RowScale {
   const void* grad_loss;
   const void* beta = nullptr;
@@ -20,12 +21,15 @@ struct RowScale {
   int64_t grad_loss_stride = 0, grad_term_stride = 0;
   int grad_loss_kind = kF32, beta_kind = kF32, grad_term_kind = kF32;
   double divisor = 1.0;
+  const void* weight = nullptr;
+  int weight_kind = kF32;
 
   __device__ __forceinline__ double operator()(int64_t b) const {
     double s = load_kind<double>(grad_loss, b * grad_loss_stride, grad_loss_kind);
     if (beta != nullptr) s *= load_kind<double>(beta, 0, beta_kind);
     if (grad_term != nullptr) s += load_kind<double>(grad_term, b * grad_term_stride, grad_term_kind);
-    return divisor == 1.0 ? s : s / divisor;
+    if (divisor != 1.0) s /= divisor;
+    return weight != nullptr ? s * load_kind<double>(weight, b, weight_kind) : s;
   }
 };
 

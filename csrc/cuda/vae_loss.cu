@@ -4,11 +4,14 @@
 // log_scale, or ContinuousBernoulliNll, by `likelihood`; and kl.cuh): per row b,
 //   recon_b = sum_j nll(recon[b, j], target[b, j]),  kl_b = sum_k kl(mu[b, k], logvar[b, k])
 //   (the KL to the prior, which kl.cuh takes to N(0, I) on load)
-//   loss = R(recon) + beta * R(kl), with R the reduction over rows (none, mean, sum).
+//   loss = R(recon) + beta * R(kl), with R the reduction over rows (none, mean, sum);
+//   with free bits lambda (mean or sum only) the KL term is instead that of the column sums
+//   S_j of the KL over the rows: sum_j where(S_j / B < lambda, lambda, S_j / B), times B for
+//   sum, and kl_weight[j] = 0 where lambda holds column j (or is NaN), else 1.
 // Backward, for upstream gradients gL (loss), gR (recon term), gK (kl term):
 //   grad_recon[b] = (gL + gR)_b * d R(recon) / d recon[b]   (the gradient saved by forward)
 //   grad_mu, grad_logvar (and the prior's, per element) = gaussian_kl's gradients for the
-//   scale gL * beta + gK (/ B for mean)
+//   scale gL * beta + gK (/ B for mean), times kl_weight[j] per latent column under free bits
 //
 // Forward is one stage-1 launch: row b has tiles_per_row reconstruction tiles plus
 // kl_tiles latent tiles, each summed by one group of lanes (likelihood_tile of
@@ -16,7 +19,9 @@
 // latents; the gradient of the reduced reconstruction term (upstream 1) is written on the
 // way. Stage 2 (reduce_partials.cuh) reduces both streams of partials in a fixed order and
 // forms loss = recon + beta * kl with beta read on the device. The kernel is templated on
-// the likelihood's element functor, as likelihood.cuh describes.
+// the likelihood's element functor, as likelihood.cuh describes. Under free bits stage 1 has
+// no latent tiles: gaussian_kl's column kernel (kl.cu) writes the column sums in between,
+// and stage 2 applies lambda to them.
 // The KL's mu^2 and its sums are double whatever the loss dtype (kl_tile_wide), and the loss
 // is formed from them in double, then rounded, as the float64 oracle forms it: for finite
 // float32 latents the KL is then finite (mu^2 <= 1.2e77), so beta = 0 leaves the recon term
@@ -125,15 +130,17 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks<Elem, acc_t>())
 
 template <typename scalar_t, typename acc_t>
 void vae_loss_launch(const Rows& x, const Rows& t, at::ScalarType target_dtype, const Rows& m, const Rows& lv,
-                     at::ScalarType latent_dtype, const KlPrior& prior, const Tensor& beta, const Tensor& log_scale,
-                     int64_t likelihood, bool from_logits, int64_t reduction, const Tensor& grad, const Tensor& loss,
-                     const Tensor& rec, const Tensor& kl, cudaStream_t stream) {
+                     at::ScalarType latent_dtype, const KlPrior& prior, const Tensor& free_bits, const Tensor& beta,
+                     const Tensor& log_scale, int64_t likelihood, bool from_logits, int64_t reduction,
+                     const Tensor& grad, const Tensor& loss, const Tensor& rec, const Tensor& kl,
+                     const Tensor& weight, cudaStream_t stream) {
   const int64_t B = x.B;
   const Tiling tl = tiling(B, x.D, likelihood_vec<scalar_t, acc_t>(), m.D);
   const int G = tl.G;
   const int64_t tile_len = tl.tile_len, tiles = tl.tiles_per_row;
   const int64_t kl_len = kl_tile_len(G);
-  const int64_t kl_tiles = std::max<int64_t>(1, ceil_div(m.D, kl_len));
+  const bool free = free_bits.defined();
+  const int64_t kl_tiles = free ? 0 : std::max<int64_t>(1, ceil_div(m.D, kl_len));
   Tensor recon_partials = at::empty({B * tiles}, loss.options());
   Tensor kl_partials = at::empty({B * kl_tiles}, loss.options().dtype(at::kDouble));
   const LikelihoodArgs<scalar_t, acc_t> a{x.tensor.data_ptr<scalar_t>(),
@@ -164,6 +171,13 @@ void vae_loss_launch(const Rows& x, const Rows& t, at::ScalarType target_dtype, 
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  if (free) {
+    const Tensor sums = at::empty({m.D}, loss.options().dtype(at::kDouble));
+    gaussian_kl_columns(m, lv, latent_dtype, prior, sums, stream);
+    reduce_partials<acc_t, double>(recon_partials, tiles, sums, m.D, B, reduction, beta, rec, kl, loss, stream,
+                                   free_bits, weight);
+    return;
+  }
   reduce_partials<acc_t, double>(recon_partials, tiles, kl_partials, kl_tiles, B, reduction, beta, rec, kl, loss,
                                  stream);
 }
@@ -183,11 +197,11 @@ void check_beta(const Tensor& beta, const Tensor& like) {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(const Tensor& recon, const Tensor& target, const Tensor& mu,
-                                                         const Tensor& logvar, const std::optional<Tensor>& prior_mu,
-                                                         const std::optional<Tensor>& prior_logvar, const Tensor& beta,
-                                                         const Tensor& log_scale, int64_t likelihood, bool from_logits,
-                                                         int64_t reduction, bool compute_grad) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(
+    const Tensor& recon, const Tensor& target, const Tensor& mu, const Tensor& logvar,
+    const std::optional<Tensor>& prior_mu, const std::optional<Tensor>& prior_logvar,
+    const std::optional<Tensor>& free_bits, const Tensor& beta, const Tensor& log_scale, int64_t likelihood,
+    bool from_logits, int64_t reduction, bool compute_grad) {
   check_cuda(recon, "recon", recon);
   check_cuda(target, "target", recon);
   check_float(recon, "recon");
@@ -199,6 +213,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(const Tensor& recon, co
   check_beta(beta, recon);
   check_reduction(reduction);
   check_likelihood(likelihood);
+  if (free_bits.has_value()) {
+    check_cuda(*free_bits, "free_bits", recon);
+    check_float(*free_bits, "free_bits");
+    TORCH_CHECK(reduction != 0 && free_bits->dim() == 0,
+                "vaekern (cuda): free_bits must be 0-d, with reduction 1 (mean) or 2 (sum): they are a batch quantity");
+  }
   const c10::cuda::CUDAGuard guard(recon.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -212,29 +232,44 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(const Tensor& recon, co
   const std::vector<int64_t> shape = loss_shape(reduction, x.B);
   Tensor loss = at::empty(shape, opts), rec = at::empty(shape, opts), kl = at::empty(shape, opts);
   Tensor grad = compute_grad ? at::empty(recon.sizes(), recon.options()) : at::empty({0}, recon.options());
-  if (x.B == 0 && reduction == 0) return {loss, rec, kl, grad};
+  Tensor weight = at::empty(free_bits.has_value() ? mu.sizes().slice(1) : at::IntArrayRef{0}, opts);
+  if (x.B == 0 && reduction == 0) return {loss, rec, kl, grad, weight};
+  const Tensor fb = free_bits.value_or(Tensor());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "vae_loss_cuda", [&] {
     if (dbl) {
-      vae_loss_launch<scalar_t, double>(x, t, target.scalar_type(), m, l, mu.scalar_type(), prior.operand(), beta,
-                                        log_scale,
-                                        likelihood, from_logits, reduction, grad, loss, rec, kl, stream);
+      vae_loss_launch<scalar_t, double>(x, t, target.scalar_type(), m, l, mu.scalar_type(), prior.operand(), fb, beta,
+                                        log_scale, likelihood, from_logits, reduction, grad, loss, rec, kl, weight,
+                                        stream);
     } else if constexpr (!std::is_same_v<scalar_t, double>) {
-      vae_loss_launch<scalar_t, float>(x, t, target.scalar_type(), m, l, mu.scalar_type(), prior.operand(), beta,
-                                       log_scale,
-                                       likelihood, from_logits, reduction, grad, loss, rec, kl, stream);
+      vae_loss_launch<scalar_t, float>(x, t, target.scalar_type(), m, l, mu.scalar_type(), prior.operand(), fb, beta,
+                                       log_scale, likelihood, from_logits, reduction, grad, loss, rec, kl, weight,
+                                       stream);
     }
   });
-  return {loss, rec, kl, grad};
+  return {loss, rec, kl, grad, weight};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_backward_cuda(
     const Tensor& grad_recon, const Tensor& grad_loss, const Tensor& grad_recon_term, const Tensor& grad_kl_term,
     const Tensor& recon, const Tensor& target, const Tensor& log_scale, const Tensor& mu, const Tensor& logvar,
-    const std::optional<Tensor>& prior_mu, const std::optional<Tensor>& prior_logvar, const Tensor& beta,
-    int64_t likelihood, bool from_logits, int64_t reduction) {
+    const std::optional<Tensor>& prior_mu, const std::optional<Tensor>& prior_logvar,
+    const std::optional<Tensor>& kl_weight, const Tensor& beta, int64_t likelihood, bool from_logits,
+    int64_t reduction) {
   check_latents(mu, logvar, mu);
   const KlPriorViews prior = kl_prior(prior_mu, prior_logvar, mu);  // checked before grad_recon is written
+  Tensor weight;
+  if (kl_weight.has_value()) {
+    check_cuda(*kl_weight, "kl_weight", mu);
+    TORCH_CHECK(reduction != 0 && kl_weight->sizes() == mu.sizes().slice(1), "vaekern (cuda): kl_weight must have shape ",
+                mu.sizes().slice(1), " (mu.shape[1:]) with reduction 1 or 2, got ", kl_weight->sizes(),
+                " with reduction ", reduction);
+    TORCH_CHECK(kl_weight->scalar_type() == at::kFloat || kl_weight->scalar_type() == at::kDouble,
+                "vaekern (cuda): kl_weight must be float32 or float64, got ", kl_weight->scalar_type());
+    weight = kl_weight->contiguous();
+    TORCH_CHECK(grad_loss.dim() == 0 && grad_kl_term.dim() == 0,
+                "vaekern (cuda): grad_loss and grad_kl_term must be 0-d with kl_weight (a mean or sum loss)");
+  }
   check_beta(beta, mu);
   check_reduction(reduction);
   check_likelihood(likelihood);
@@ -279,8 +314,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_backward_cuda(
                           .grad_loss_kind = kind_of(loss_g.scalar_type()),
                           .beta_kind = kind_of(beta.scalar_type()),
                           .grad_term_kind = kind_of(kl_g.scalar_type()),
-                          .divisor = reduction == 1 ? static_cast<double>(B) : 1.0};
-  return gaussian_kl_grads(mu, logvar, prior, kl_scale, /*per_column=*/false, stream);
+                          .divisor = reduction == 1 ? static_cast<double>(B) : 1.0,
+                          .weight = weight.defined() ? weight.data_ptr() : nullptr,
+                          .weight_kind = weight.defined() ? kind_of(weight.scalar_type()) : kF32};
+  // Under free bits the (0-d) upstreams are read at every column, each times its weight.
+  return gaussian_kl_grads(mu, logvar, prior, kl_scale, /*per_column=*/weight.defined(), stream);
 }
 
 TORCH_LIBRARY_IMPL(vaekern, CUDA, m) {

@@ -85,10 +85,13 @@ def _run(ops, shapes) -> int:
                     for inp, logits, kl_prior in ((x, True, prior), (p, False, (None, None))):
                         _, grad = ops.bernoulli_nll(inp, t, logits, r, True)
                         ops.bernoulli_nll_backward_(grad, scale, inp, t, logits, r)
-                        *_, g = ops.vae_loss(inp, t, mu, lv, *kl_prior, beta, beta.new_zeros(()), 0, logits, r, True)
+                        # Free bits with the logits' mean: the KL by columns, and its weights.
+                        fb = torch.full((), 0.3, dtype=acc) if r and logits else None
+                        *_, g, w = ops.vae_loss(inp, t, mu, lv, *kl_prior, fb, beta, beta.new_zeros(()), 0, logits, r, True)
                         ops.vae_loss_backward_(
-                            g, scale, scale, scale, inp, t, beta.new_zeros(()), mu, lv, *kl_prior, beta, 0, logits, r
-                        )
+                            g, scale, scale, scale, inp, t, beta.new_zeros(()), mu, lv, *kl_prior,
+                            None if fb is None else w, beta, 0, logits, r,
+                        )  # fmt: skip
                         calls += 4
                         # The continuous Bernoulli runs the Bernoulli's tiling and loads as they
                         # are: once per width (4 and 2 bytes) covers its own code.

@@ -443,14 +443,18 @@ def _prior_kl_grads(
 @triton.jit
 def _finalize_kernel(
     part_ptr,  # [B, C] acc: partial sums of the first term (NLL), row b, column chunk c
-    kl_ptr,  # [B] float64: per-row KL (HAS_KL only; vae_loss.py says why float64)
+    kl_ptr,  # [B] float64: per-row KL (HAS_KL only; vae_loss.py says why float64); [Z] column sums for FREE_BITS
     beta_ptr,  # [] acc: KL weight (HAS_KL only)
     loss_ptr,  # [B] (REDUCTION 0) or [] acc: first term + beta * KL, or the first term alone
     rec_ptr,  # [B] or [] acc: the first term (HAS_KL only)
     kl_out_ptr,  # [B] or [] acc: the KL term (HAS_KL only)
     B,  # rows
     C,  # column chunks per row
+    fb_ptr,  # [] acc: the free bits lambda (FREE_BITS only)
+    w_ptr,  # [Z] acc: out, 1 where latent element j's gradient passes, else 0 (FREE_BITS only)
+    Z,  # latent elements per row (FREE_BITS only)
     HAS_KL: tl.constexpr,
+    FREE_BITS: tl.constexpr,  # kl_ptr holds [Z] column sums of the KL (KL_COLUMNS), not [B] rows
     REDUCTION: tl.constexpr,  # 0 none (grid cdiv(B, BLOCK_B)), 1 mean or 2 sum (grid 1)
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -487,13 +491,30 @@ def _finalize_kernel(
                 cols = c0 + offs_c
                 m = rmask[:, None] & (cols < C)[None, :]
                 acc += tl.load(part_ptr + rows[:, None] * C + cols[None, :], mask=m, other=0.0)
-            if HAS_KL:
+            if HAS_KL and not FREE_BITS:
                 acc_kl += tl.load(kl_ptr + rows, mask=rmask, other=0.0)
         rec = tl.sum(tl.sum(acc, axis=1), axis=0)
-        kl = tl.sum(acc_kl, axis=0)
         if REDUCTION == 1:
             rec = rec / B
-            kl = kl / B
+        if FREE_BITS:
+            # sum_j where(S_j / B < lambda, lambda, S_j / B), in float64 and in column order;
+            # B times it for sum (over no rows the means are 0/0: NaN, as the oracle's).
+            lam = tl.full([BLOCK_B], 0.0, tl.float64) + tl.load(fb_ptr).to(tl.float64)  # a block, for the |
+            acc_fb = tl.zeros([BLOCK_B], dtype=tl.float64)
+            for z0 in range(0, Z, BLOCK_B):
+                cols = z0 + offs_b
+                zmask = cols < Z
+                per = tl.load(kl_ptr + cols, mask=zmask, other=0.0).to(tl.float64) / B
+                held = (per < lam) | (lam != lam)
+                tl.store(w_ptr + cols, tl.where(held, 0.0, 1.0).to(w_ptr.dtype.element_ty), mask=zmask)
+                acc_fb += tl.where(zmask, tl.where(held, lam, per), 0.0)
+            kl = tl.sum(acc_fb, axis=0)
+            if REDUCTION == 2:
+                kl = kl * B
+        else:
+            kl = tl.sum(acc_kl, axis=0)
+            if REDUCTION == 1:
+                kl = kl / B
         if HAS_KL:
             beta = tl.load(beta_ptr)
             tl.store(rec_ptr, rec)
@@ -503,20 +524,25 @@ def _finalize_kernel(
             tl.store(loss_ptr, rec)
 
 
-def finalize(part, kl, beta, loss, rec, kl_out, reduction: int) -> None:
-    """Reduce the ``[B, C]`` partials (and the ``[B]`` KL rows) into the outputs."""
+def finalize(part, kl, beta, loss, rec, kl_out, reduction: int, free_bits=None, weight=None) -> None:
+    """Reduce the ``[B, C]`` partials (and the ``[B]`` KL rows) into the outputs; with
+    ``free_bits`` (mean or sum), ``kl`` holds the KL's column sums and ``weight`` (their
+    shape) takes the free bits' gradient mask."""
     B, C = part.shape
     has_kl = kl is not None
     if not has_kl:
         kl = beta = rec = kl_out = part  # never read: HAS_KL is a constexpr
+    if free_bits is None:
+        free_bits = weight = part  # never read: FREE_BITS is a constexpr
     BLOCK_C = min(triton.next_power_of_2(max(C, 1)), 64)
     BLOCK_B = max(1, min(triton.next_power_of_2(max(B, 1)), 1024 // BLOCK_C))
     grid = (triton.cdiv(B, BLOCK_B),) if reduction == 0 else (1,)
     if grid[0] == 0:
         return
     _finalize_kernel[grid](
-        part, kl, beta, loss, rec, kl_out, B, C,
-        HAS_KL=has_kl, REDUCTION=reduction, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, num_warps=4,
+        part, kl, beta, loss, rec, kl_out, B, C, free_bits, weight, weight.numel(),
+        HAS_KL=has_kl, FREE_BITS=free_bits is not part, REDUCTION=reduction, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C,
+        num_warps=4,
     )
 
 

@@ -11,6 +11,10 @@ Math (``vaekern.reference``), with ``reduce`` the batch reduction (mean, sum or 
   ``m = mu`` and ``l = lv``);
 * ``loss = recon + beta * kl``, beta a 0-d tensor (read in the kernel: no host sync,
   and annealing it in place needs no recompile).
+* with free bits lambda (a 0-d tensor, mean or sum only), ``kl = sum_z where(S_z / B <
+  lambda, lambda, S_z / B)``, times B for sum, where ``S_z`` is latent element z's KL
+  summed over the batch (NaN for a NaN lambda); ``w_z = 0`` where lambda holds element z
+  (or is NaN), else 1, is written for the backward.
 
 The KL's mu^2 and its sums are float64 whatever the loss dtype, and the loss is formed from
 them in float64, then rounded, as the float64 oracle forms it: for finite float32 latents
@@ -29,7 +33,8 @@ Backward, for upstream gradients ``(g_loss, g_recon, g_kl)``, each () or (B,):
   ``bernoulli_nll.py``).
 * the latents' and the priors' gradients as in ``gaussian_kl.py`` (``d/dmu = s * mu``,
   ``d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)`` without a prior), with
-  ``s = (g_loss * beta + g_kl)[b]``, divided by B for mean.
+  ``s = (g_loss * beta + g_kl)[b]``, divided by B for mean, and times ``w_z`` under free
+  bits.
 
 The reconstruction term is generic: the kernel hands the likelihood's element function
 (chosen at compile time by ``LIKELIHOOD`` and ``FROM_LOGITS``; the Gaussian's with its
@@ -43,8 +48,11 @@ Launches. Forward: ``_vae_loss_fwd_kernel`` over a (B, C) grid: program (b, c) r
 column chunk c of row b once (NLL partial sum + gradient), and program (b, 0) also sums
 row b's KL; then ``_finalize_kernel`` (a second, tiny launch) reduces the ``[B, C]`` and
 ``[B]`` partials in a fixed order and forms ``loss = recon + beta * kl``. No atomics: two
-runs are bitwise equal. Backward: ``_vae_loss_bwd_kernel``, one launch over the same
-grid; program (b, 0) also writes row b's latent gradients.
+runs are bitwise equal. Under free bits no program sums a row's KL: ``gaussian_kl.py``'s
+column pass (``kl_rows`` with ``KL_COLUMNS``, one program per block of latent elements)
+writes the ``[Z]`` batch sums first, and the finalize applies lambda to them in column
+order (three launches, one op). Backward: ``_vae_loss_bwd_kernel``, one launch over the
+same grid; program (b, 0) also writes row b's latent gradients.
 
 Dtypes: recon float16, bfloat16, float32, float64; target any float dtype, bool or uint8;
 mu/logvar the same float dtype as each other. Losses in float32, or float64 if any of
@@ -52,8 +60,8 @@ recon/mu/logvar is float64, computed in that dtype (the KL's square and sums in 
 above); gradients in each input's dtype.
 
 Saved for backward (by ``vaekern._ops.vae_loss``): the reconstruction gradient written here (our own
-buffer), mu, logvar, the priors and beta; recon and target by reference, read only for that
-recompute.
+buffer), mu, logvar, the priors, beta and the free bits' weights; recon and target by
+reference, read only for that recompute.
 
 Limits: as ``bernoulli_nll.py`` and ``gaussian_kl.py`` (row strides read in place,
 other layouts copied; D below 2**31 - 2**16, else ValueError). Blocks are sized by
@@ -68,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vaekern._ops._common import acc_dtype, prior_grad_like
+from vaekern._ops._common import KL_COLUMNS, acc_dtype, prior_grad_like
 from vaekern._triton._common import (
     _bernoulli_logits_elem,
     _bernoulli_probs_elem,
@@ -92,6 +100,7 @@ from vaekern._triton._common import (
     row_config,
     scale_stride,
 )
+from vaekern._triton.gaussian_kl import kl_rows
 
 
 @triton.jit
@@ -125,6 +134,7 @@ def _vae_loss_fwd_kernel(
     FROM_LOGITS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     MEAN: tl.constexpr,
+    KL_ROWS: tl.constexpr,  # sum each row's KL (not under free bits, whose KL is by columns)
     BLOCK: tl.constexpr,
     BLOCK_Z: tl.constexpr,
 ):
@@ -152,7 +162,7 @@ def _vae_loss_fwd_kernel(
             ACC, COMPUTE_GRAD, MEAN, BLOCK,
         )
     tl.store(part_ptr + row * C + chunk, total)
-    if chunk == 0:
+    if KL_ROWS and chunk == 0:
         # mu^2 and the sums in float64, the rest of each element in ACC (the header says why).
         acc = tl.zeros([BLOCK_Z], dtype=tl.float64)
         for z0 in range(0, Z, BLOCK_Z):
@@ -202,12 +212,14 @@ def _vae_loss_bwd_kernel(
     stride_x,
     stride_t,
     s_ptr,  # [D] or [] the Gaussian's log_scale, column stride S_STRIDE (likewise)
+    w_ptr,  # [Z] loss dtype: the free bits' per-element weight of the KL scale (FREE_BITS)
     LIKELIHOOD: tl.constexpr,
     S_STRIDE: tl.constexpr,
     HAS_PM: tl.constexpr,
     HAS_PLV: tl.constexpr,
     FROM_LOGITS: tl.constexpr,
     MEAN: tl.constexpr,
+    FREE_BITS: tl.constexpr,
     RECOMPUTE: tl.constexpr,  # float16: recompute the elements out of its normal range
     BLOCK: tl.constexpr,
     BLOCK_Z: tl.constexpr,
@@ -225,8 +237,11 @@ def _vae_loss_bwd_kernel(
             mu = tl.load(mu_ptr + row * stride_mu + cols, mask=m, other=0.0)
             lv = tl.load(lv_ptr + row * stride_lv + cols, mask=m, other=0.0)
             out = row * Z + cols
+            s_z = s
+            if FREE_BITS:  # a scale per latent element: 0 where the free bits hold it
+                s_z = s * tl.load(w_ptr + cols, mask=m, other=0.0).to(s.dtype)
             g_mu, g_lv = _prior_kl_grads(
-                s, mu.to(s.dtype), lv.to(s.dtype), pm_ptr + row * stride_pm_b + cols * stride_pm_z,
+                s_z, mu.to(s.dtype), lv.to(s.dtype), pm_ptr + row * stride_pm_b + cols * stride_pm_z,
                 plv_ptr + row * stride_plv_b + cols * stride_plv_z, gpm_ptr + out, gplv_ptr + out, m, HAS_PM, HAS_PLV,
             )  # fmt: skip
             tl.store(gmu_ptr + row * Z + cols, g_mu.to(gmu_ptr.dtype.element_ty), mask=m)
@@ -259,8 +274,8 @@ def _block_z(Z: int, num_warps: int, itemsize: int) -> int:
 
 
 def vae_loss(
-    recon, target, mu, logvar, prior_mu, prior_logvar, beta, log_scale, likelihood: int, from_logits: bool,
-    reduction: int, compute_grad: bool,
+    recon, target, mu, logvar, prior_mu, prior_logvar, free_bits, beta, log_scale, likelihood: int,
+    from_logits: bool, reduction: int, compute_grad: bool,
 ):
     """Fused negative ELBO (schema ``vaekern_triton::vae_loss``).
 
@@ -270,6 +285,7 @@ def vae_loss(
         mu, logvar: ``[B, ...]`` posterior parameters, same shape and dtype.
         prior_mu, prior_logvar: the KL's prior, None (0) or broadcasting to mu, in the
             latents' math dtype (``_common.prior_operand``).
+        free_bits: None, or the free bits lambda, 0-d in the loss dtype (mean or sum only).
         beta: 0-d tensor in the loss dtype, the KL weight.
         log_scale: the Gaussian's log standard deviation in the loss dtype, 0-d or one per
             column of the flattened row (read for ``likelihood`` 1 only).
@@ -279,10 +295,17 @@ def vae_loss(
         compute_grad: whether to write the reconstruction gradient.
 
     Returns:
-        ``(loss, recon_term, kl_term, grad_recon)``: three losses of shape ``(B,)`` or
-        ``()`` in float32 (float64 if any of recon/mu/logvar is), and the gradient of the
-        reduced recon term for an upstream 1 (contiguous, recon's dtype) or an empty tensor.
+        ``(loss, recon_term, kl_term, grad_recon, kl_weight)``: three losses of shape
+        ``(B,)`` or ``()`` in float32 (float64 if any of recon/mu/logvar is), the gradient
+        of the reduced recon term for an upstream 1 (contiguous, recon's dtype) or an empty
+        tensor, and the free bits' weights (``mu.shape[1:]``, loss dtype; ``(0,)`` without).
     """
+    free = free_bits is not None
+    if free and (reduction == 0 or free_bits.dim() != 0):
+        raise ValueError(
+            "vae_loss: free_bits must be 0-d, with reduction 1 (mean) or 2 (sum): they are a batch quantity; "
+            f"got shape {tuple(free_bits.shape)} with reduction {reduction}"
+        )
     acc = acc_dtype(recon, mu, logvar)
     B = recon.shape[0]
     x, D, stride_x = as_rows(recon)
@@ -297,26 +320,32 @@ def vae_loss(
     # Block sizes from the math dtype: float32 logits with float64 latents compute in float64.
     BLOCK, num_warps, C, n_blocks = row_config(B, D, math_itemsize(recon, acc))
     part = torch.empty((B, C), dtype=acc, device=recon.device)
-    kl_rows = torch.empty((B,), dtype=torch.float64, device=recon.device)
+    weight = recon.new_empty(mu.shape[1:] if free else (0,), dtype=acc)
+    if free:  # the KL's column sums, by gaussian_kl's own kernel: the finalize applies lambda
+        kl_part = recon.new_empty(mu.shape[1:], dtype=acc_dtype(mu, logvar))
+    else:
+        kl_part = torch.empty((B,), dtype=torch.float64, device=recon.device)
     s, s_stride = log_scale_operand(log_scale, recon, acc) if likelihood == 1 else (part, 0)
     with device_guard(recon):
+        if free:
+            kl_rows(mu, logvar, prior_mu, prior_logvar, kl_part, KL_COLUMNS)
         if B > 0:
             _vae_loss_fwd_kernel[(B, C)](
-                x, t, grad if compute_grad else x, part, m, lv, kl_rows,
+                x, t, grad if compute_grad else x, part, m, lv, kl_part,
                 D, Z, stride_x, stride_t, stride_mu, stride_lv, B, n_blocks, s,
                 pm, plv, stride_pm_b, stride_pm_z, stride_plv_b, stride_plv_z,
                 LIKELIHOOD=likelihood, S_STRIDE=s_stride,
                 HAS_PM=prior_mu is not None, HAS_PLV=prior_logvar is not None,
-                FROM_LOGITS=from_logits, COMPUTE_GRAD=compute_grad, MEAN=reduction == 1,
+                FROM_LOGITS=from_logits, COMPUTE_GRAD=compute_grad, MEAN=reduction == 1, KL_ROWS=not free,
                 BLOCK=BLOCK, BLOCK_Z=_block_z(Z, num_warps, math_itemsize(mu, acc)), num_warps=num_warps,
             )
-        finalize(part, kl_rows, beta, loss, rec, kl, reduction)
-    return loss, rec, kl, grad if compute_grad else recon.new_empty((0,))
+        finalize(part, kl_part, beta, loss, rec, kl, reduction, free_bits, weight if free else None)
+    return loss, rec, kl, grad if compute_grad else recon.new_empty((0,)), weight
 
 
 def vae_loss_backward_(
     grad_recon, grad_loss, grad_recon_term, grad_kl_term, recon, target, log_scale, mu, logvar, prior_mu,
-    prior_logvar, beta, likelihood: int, from_logits: bool, reduction: int,
+    prior_logvar, kl_weight, beta, likelihood: int, from_logits: bool, reduction: int,
 ):
     """Backward of the fused loss (schema ``vaekern_triton::vae_loss_backward_``).
 
@@ -327,6 +356,7 @@ def vae_loss_backward_(
         recon, target, log_scale: the forward's, read only to recompute float16 gradient
             elements outside float16's normal range (``_common._scale_row_chunk``).
         mu, logvar, prior_mu, prior_logvar: the forward's latents and prior.
+        kl_weight: None, or the forward's free-bits weights (``mu.shape[1:]``).
         beta: the forward's 0-d KL weight.
         likelihood, from_logits, reduction: the forward's.
 
@@ -339,6 +369,13 @@ def vae_loss_backward_(
     lv, _, stride_lv = as_rows(logvar)
     pm, stride_pm_b, stride_pm_z = prior_operand(prior_mu, mu, "prior_mu")
     plv, stride_plv_b, stride_plv_z = prior_operand(prior_logvar, mu, "prior_logvar")
+    if kl_weight is not None:
+        if reduction == 0 or kl_weight.shape != mu.shape[1:]:
+            raise ValueError(
+                f"vae_loss_backward_: kl_weight must have mu.shape[1:] = {tuple(mu.shape[1:])} with reduction 1 "
+                f"or 2, got shape {tuple(kl_weight.shape)} with reduction {reduction}"
+            )
+        kl_weight = kl_weight.reshape(-1)
     gmu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     glv = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)
     gpm, gplv = prior_grad_like(prior_mu, mu), prior_grad_like(prior_logvar, mu)
@@ -366,9 +403,10 @@ def vae_loss_backward_(
                 stride_pm_b, stride_pm_z, stride_plv_b, stride_plv_z,
                 D, Z, scale_stride(grad_loss), scale_stride(grad_recon_term), scale_stride(grad_kl_term),
                 stride_mu, stride_lv, B, n_blocks, x, t, stride_x, stride_t, s,
+                kl_weight if kl_weight is not None else gmu,
                 LIKELIHOOD=likelihood, S_STRIDE=s_stride, HAS_PM=prior_mu is not None,
                 HAS_PLV=prior_logvar is not None, FROM_LOGITS=from_logits, MEAN=reduction == 1,
-                RECOMPUTE=recompute, BLOCK=BLOCK, num_warps=num_warps,
+                FREE_BITS=kl_weight is not None, RECOMPUTE=recompute, BLOCK=BLOCK, num_warps=num_warps,
                 BLOCK_Z=_block_z(Z, num_warps, math_itemsize(mu, grad_loss.dtype)),
             )
     return gmu, glv, gpm, gplv
