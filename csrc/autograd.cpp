@@ -36,6 +36,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/expm1.h>
 #include <ATen/ops/exp.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -467,12 +468,14 @@ Tensor reparameterize_autograd(const Tensor& mu, const Tensor& logvar, const std
 
 // ---- vae_loss ------------------------------------------------------------------------------
 // The KL backward's (upstream, reduction) for the loss's KL scale g_loss * beta + g_kl: as it
-// is, or under free bits one per latent element, scale * kl_weight (/ B for mean), for the
-// column reduction (vaekern/_ops/vae_loss.py _kl_upstream).
+// is, or under free bits one per latent element for the column reduction, the scale (/ B
+// for mean) where kl_weight is not 0, else 0 whatever the scale (vaekern/_ops/vae_loss.py
+// _kl_upstream).
 std::pair<Tensor, int64_t> kl_upstream(const Tensor& scale, const Tensor& kl_weight, const Tensor& mu,
                                        int64_t reduction) {
   if (!kl_weight.defined()) return {scale, reduction};
-  return {(reduction == 1 ? scale.div(c10::Scalar(mu.sym_size(0))) : scale) * kl_weight, kKlColumns};
+  const Tensor s = reduction == 1 ? scale.div(c10::Scalar(mu.sym_size(0))) : scale;
+  return {at::where(kl_weight.ne(0), s, at::zeros_like(s)), kKlColumns};
 }
 
 struct VAELossFunction : public torch::autograd::Function<VAELossFunction> {

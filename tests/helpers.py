@@ -247,7 +247,7 @@ class ReferenceKernels:
             grad_recon.copy_(self._recon_grad(recon, target, log_scale, likelihood, from_logits, reduction) * scale)
         scale = grad_loss * beta + grad_kl_term
         if kl_weight is not None:  # the column reduction's upstream, one per latent element
-            scale = (scale.double() / (mu.shape[0] if reduction == 1 else 1)) * kl_weight.double()
+            scale = (scale.double() / (mu.shape[0] if reduction == 1 else 1)).where(kl_weight != 0, 0.0)
             reduction = KL_COLUMNS
         return self.gaussian_kl_backward(scale, mu, logvar, prior_mu, prior_logvar, reduction)
 

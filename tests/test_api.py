@@ -210,6 +210,7 @@ DUAL_CALLS = [
     ("vae_loss recon", lambda x, r, t, m, lv, b: vaekern.vae_loss(x, t, m, lv, backend=b), "r"),
     ("vae_loss target", lambda x, r, t, m, lv, b: vaekern.vae_loss(r, x, m, lv, backend=b), "t"),
     ("vae_loss beta", lambda x, r, t, m, lv, b: vaekern.vae_loss(r, t, m, lv, beta=x, backend=b), "scalar"),
+    ("vae_loss free_bits", lambda x, r, t, m, lv, b: vaekern.vae_loss(r, t, m, lv, free_bits=x, backend=b), "scalar"),
     (
         "vae_loss log_scale",
         lambda x, r, t, m, lv, b: vaekern.vae_loss(r, t, m, lv, likelihood="gaussian", log_scale=x, backend=b),

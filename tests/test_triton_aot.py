@@ -373,13 +373,13 @@ def _cases():
                     # vae_loss's KL rows are float64 whatever acc (_triton/vae_loss.py)
                     {p: acc for p in ("part_ptr", "kl_ptr", "beta_ptr", "loss_ptr", "rec_ptr", "kl_out_ptr")}
                     | ({"kl_ptr": "fp64"} if has_kl else {}), (),
-                    {"HAS_KL": has_kl, "REDUCTION": red, "BLOCK_B": 16, "BLOCK_C": 64}, 4,
+                    {"HAS_KL": has_kl, "REDUCTION": red, "BLOCK_B": 16, "BLOCK_C": 64, "BLOCK_Z": 1}, 4,
                 ))
         # Free bits: the KL's column sums (the latents' math dtype), lambda and the weights.
         cases.append((
             f"finalize {acc} free_bits", "_common", "_finalize_kernel",
             {p: acc for p in ("part_ptr", "kl_ptr", "beta_ptr", "loss_ptr", "rec_ptr", "kl_out_ptr", "fb_ptr", "w_ptr")},
-            (), {"HAS_KL": True, "FREE_BITS": True, "REDUCTION": 1, "BLOCK_B": 16, "BLOCK_C": 64}, 4,
+            (), {"HAS_KL": True, "FREE_BITS": True, "REDUCTION": 1, "BLOCK_B": 16, "BLOCK_C": 64, "BLOCK_Z": 64}, 4,
         ))
     return cases
 

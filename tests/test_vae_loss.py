@@ -13,6 +13,7 @@ from helpers import (
     INTERPRETER_F64_TO_BF16,
     KernelOps,
     SizedOps,
+    reference_kernels,
     assert_compiled_matches_eager,
     assert_grad_close,
     assert_loss_close,
@@ -670,8 +671,14 @@ def test_free_bits_are_one_fused_op_each_way(backend, device, reduction):
 
     call(*(leaf(x) for x in (recon, mu, logvar, pm, plv)))  # the constants' caches filled
     inputs = [leaf(x) for x in (recon, mu, logvar, pm, plv)]
-    with KernelOps() as kernels, SizedOps(2) as sized:
+    with KernelOps() as kernels, SizedOps(1) as sized:  # no op at all beside it
         call(*inputs)
+    assert kernels.ops == ["vae_loss"] and not sized.ops, (kernels.ops, sized.ops)
+    # A float64 lambda beside float32 latents is read as it is: no cast beside the op either.
+    lam64 = torch.tensor(lam, dtype=torch.float64, device=device)
+    with KernelOps() as kernels, SizedOps(1) as sized:
+        vaekern.vae_loss(*inputs[:1], t, *inputs[1:3], prior_mu=inputs[3], prior_logvar=inputs[4], free_bits=lam64,
+                         beta=0.7, reduction=reduction, backend=backend)  # fmt: skip
     assert kernels.ops == ["vae_loss"] and not sized.ops, (kernels.ops, sized.ops)
     # A forward of its own: under the modes the saved gradient gains a Python object, and the
     # C++ backward then scales a copy of it (csrc/autograd.cpp, scale_in_place).
@@ -682,6 +689,24 @@ def test_free_bits_are_one_fused_op_each_way(backend, device, reduction):
     assert kernels.ops == ["vae_loss_backward_"] and not sized.ops, (kernels.ops, sized.ops)
     for x in inputs[1:]:
         assert (x.grad[:, held] == 0).all() and (x.grad[:, ~held] != 0).all()
+    # The kernel itself, at any stride of the weights: a weight of 0 holds its element at 0
+    # even for an infinite upstream, as the oracle's where does.
+    ops = kernels_of(backend, device)
+    beta, zero = torch.tensor(0.7, device=device), torch.zeros((), device=device)
+    code = {"mean": 1, "sum": 2}[reduction]
+    weights = torch.stack([(~held).float(), held.float()], 1).to(device).reshape(-1)[::2]  # stride 2
+    g_inf = torch.tensor(float("inf"), device=device)
+    for g_loss, g_kl in ((torch.tensor(1.5, device=device), zero), (zero, g_inf)):
+        got = ops.vae_loss_backward_(
+            recon.new_empty(0), g_loss, zero, g_kl, recon, t, zero, mu, logvar, pm, plv, weights, beta, 0, True, code
+        )
+        want = reference_kernels.vae_loss_backward_(
+            recon.new_empty(0), g_loss, zero, g_kl, recon, t, zero, mu, logvar, pm, plv, weights.contiguous(), beta, 0, True, code
+        )
+        for g, w in zip(got, want):
+            assert (g[:, held] == 0).all()
+            if g_kl is zero:  # beside an infinite scale the free elements' products are inf or NaN
+                torch.testing.assert_close(g, w)
 
 
 def test_free_bits_nan_threshold_and_empty_batch(backend, device):

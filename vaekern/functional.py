@@ -790,9 +790,8 @@ def vae_loss(
     optimal = isinstance(log_scale, str)
     if kernels is not None and optimal and not plain_kl and _binds(free_bits):
         # The optimal scale needs the rows' squared errors, the free bits a reduced KL: the
-        # likelihood's fused op and the KL's, two launches each way. With beta = 0 a KL
-        # beyond the latents' precision (inf) makes the loss NaN here, where the fused path
-        # forms the KL in float64 (README, Numerical conventions).
+        # likelihood's fused op and the KL's, two launches each way. As in the fused op, the
+        # free bits' column sums are in the latents' precision (README, Numerical conventions).
         rec = _recon_nll(recon, target, lik, log_scale, from_logits, reduction, backend).to(dtype)
         kl = _free_bits_kl(kernels, *_kl_operands(mu, logvar, prior_mu, prior_logvar), free_bits, red)[0].to(dtype)
         loss = rec + beta_t * kl
@@ -813,12 +812,12 @@ def vae_loss(
             latents, fb = (mu, logvar, None, None), None
         else:
             latents = _kl_operands(mu, logvar, prior_mu, prior_logvar)
-            fb = _free_bits_operand(free_bits, dtype, device) if _binds(free_bits) else None
+            fb = _free_bits_operand(free_bits, device) if _binds(free_bits) else None
         if optimal:  # the rows' squared errors from the same launch (_optimal_nll)
             ls = _constant(SQUARED_ERROR_LOG_SCALE, dtype, device)
         args = (recon, target, *latents, fb, beta_t, ls, lik, from_logits, REDUCTIONS["none"] if optimal else red)
-        # target, beta_t: for a tangent
-        match _path(kernels, "vae_loss", recon, *latents, ls, target, beta_t):
+        # target, beta_t, fb: for a tangent
+        match _path(kernels, "vae_loss", recon, *latents, ls, target, beta_t, fb):
             case "op":
                 loss, rec, kl, _, _ = kernels.vae_loss(*args, _needs_grad(recon))
             case "function":
@@ -857,12 +856,13 @@ def _likelihood(likelihood, log_scale, from_logits: bool) -> int:
     return LIKELIHOODS[likelihood]
 
 
-def _free_bits_operand(free_bits: float | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Binding free bits (``_binds``) as the 0-d tensor in the loss dtype that the fused
-    ``vae_loss`` reads: a float once per value (``_constant``), a tensor cast (not read)."""
+def _free_bits_operand(free_bits: float | Tensor, device: torch.device) -> Tensor:
+    """Binding free bits (``_binds``) as the 0-d tensor that the fused ``vae_loss`` reads as
+    float64, as the oracle does: a tensor as it is (no cast, and so no op beside the fused
+    one), a float as float64, made once per value (``_constant``)."""
     if isinstance(free_bits, Tensor):
-        return free_bits.to(dtype)
-    return _constant(free_bits, dtype, device)
+        return free_bits
+    return _constant(free_bits, torch.float64, device)
 
 
 def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -13,13 +13,15 @@
 //   d/d recon = saved gradient * (g_loss + g_recon_term)   (rows whose factor is 1 skipped;
 //               float16 elements that overflowed or lost bits recomputed, see row_ops.h)
 //   d/d mu, d/d logvar (and the prior's parts, per element) = gaussian_kl gradients *
-//               (g_loss * beta + g_kl_term) (/ B for mean), times kl_weight[j] per
-//               latent element j under free bits
+//               (g_loss * beta + g_kl_term) (/ B for mean); under free bits 0 for
+//               latent element j where kl_weight[j] is 0 (whatever the scale)
 //
 // dtypes: as bernoulli_nll and gaussian_kl; the loss dtype is float64 if any of recon, mu,
 // logvar is float64, else float32. The recon term is computed in the loss dtype (float32
 // recon beside float64 latents in double), and so is the KL, but with mu^2 and its sums in
-// double (see vae_loss_cpu); the loss is formed in double, then rounded to the loss dtype.
+// double (see vae_loss_cpu; under free bits the column sums are in the latents' arithmetic
+// type, as gaussian_kl's, and lambda and their means in double); the loss is formed in
+// double, then rounded to the loss dtype.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -97,7 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_
   if (lik.takes_log_scale) check_column_param(log_scale, recon, dt, "log_scale");
   const KlPrior prior = kl_prior(prior_mu, prior_logvar, mu);
   TORCH_CHECK(!free_bits.has_value() || (reduction != 0 && free_bits->dim() == 0),
-              "vaekern (cpu): free_bits must be 0-d, with reduction 1 (mean) or 2 (sum): they are a batch quantity");
+              "vaekern (cpu): free_bits must be 0-d, with reduction 1 (mean) or 2 (sum): they are a batch quantity; "
+              "got shape ", free_bits.has_value() ? free_bits->sizes() : at::IntArrayRef{}, " with reduction ", reduction);
   at::Tensor weight = at::empty(free_bits.has_value() ? mu.sizes().slice(1) : at::IntArrayRef{0},
                                 recon.options().dtype(dt));
 
@@ -176,10 +179,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cpu
     scale_rows_(lik.scale_rows, grad_recon, recon_scale, recon, target,
                 reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0, param);
   }
-  if (kl_weight.has_value()) {  // the one scale times each latent element's weight
+  if (kl_weight.has_value()) {  // the one scale, or 0 where the free bits hold the element
     const double s = (scalar_value(grad_loss, "grad_loss") * b + scalar_value(grad_kl_term, "grad_kl_term")) /
                      (reduction == 1 ? static_cast<double>(rows) : 1.0);
-    for (double& w : weight) w *= s;
+    for (double& w : weight) w = w != 0 ? s : 0.0;  // a held element: 0 whatever s, as the oracle's where
     return gaussian_kl_grads(weight, /*per_column=*/true, mu, logvar, prior);
   }
   return gaussian_kl_grads(kl_scale, /*per_column=*/false, mu, logvar, prior);

@@ -9,11 +9,12 @@
 namespace vaekern {
 namespace cuda {
 
-// s_b = (grad_loss_b * beta + grad_term_b) / divisor * weight_b, evaluated in double.
-// grad_loss is the upstream gradient of the loss and is required; beta (the loss's weight of
-// the term), grad_term (the upstream gradient of the term as an output of its own) and
-// weight (vae_loss's free-bits weight per latent column, indexed as b) are optional. Each
-// gradient is () (stride 0) or (B,), float or double (scale_operand); beta is ().
+// s_b = (grad_loss_b * beta + grad_term_b) / divisor, evaluated in double, or 0 where
+// weight_b is 0. grad_loss is the upstream gradient of the loss and is required; beta (the
+// loss's weight of the term), grad_term (the upstream gradient of the term as an output of
+// its own) and weight (vae_loss's free-bits mask per latent column, indexed as b: 0 holds
+// the column's gradient at 0 whatever s, as the oracle's where) are optional. Each gradient
+// is () (stride 0) or (B,), float or double (scale_operand); beta is ().
 struct RowScale {
   const void* grad_loss;
   const void* beta = nullptr;
@@ -29,7 +30,7 @@ struct RowScale {
     if (beta != nullptr) s *= load_kind<double>(beta, 0, beta_kind);
     if (grad_term != nullptr) s += load_kind<double>(grad_term, b * grad_term_stride, grad_term_kind);
     if (divisor != 1.0) s /= divisor;
-    return weight != nullptr ? s * load_kind<double>(weight, b, weight_kind) : s;
+    return weight != nullptr && load_kind<double>(weight, b, weight_kind) == 0.0 ? 0.0 : s;
   }
 };
 

@@ -11,7 +11,8 @@
 // Backward, for upstream gradients gL (loss), gR (recon term), gK (kl term):
 //   grad_recon[b] = (gL + gR)_b * d R(recon) / d recon[b]   (the gradient saved by forward)
 //   grad_mu, grad_logvar (and the prior's, per element) = gaussian_kl's gradients for the
-//   scale gL * beta + gK (/ B for mean), times kl_weight[j] per latent column under free bits
+//   scale gL * beta + gK (/ B for mean), or 0 for latent column j where kl_weight[j] is 0
+//   under free bits (whatever the scale, as the oracle's where)
 //
 // Forward is one stage-1 launch: row b has tiles_per_row reconstruction tiles plus
 // kl_tiles latent tiles, each summed by one group of lanes (likelihood_tile of
@@ -22,7 +23,8 @@
 // the likelihood's element functor, as likelihood.cuh describes. Under free bits stage 1 has
 // no latent tiles: gaussian_kl's column kernel (kl.cu) writes the column sums in between,
 // and stage 2 applies lambda to them.
-// The KL's mu^2 and its sums are double whatever the loss dtype (kl_tile_wide), and the loss
+// The KL's mu^2 and its sums are double whatever the loss dtype (kl_tile_wide; under free bits
+// the column sums are in the latents' accumulation type, as gaussian_kl's), and the loss
 // is formed from them in double, then rounded, as the float64 oracle forms it: for finite
 // float32 latents the KL is then finite (mu^2 <= 1.2e77), so beta = 0 leaves the recon term
 // where a float KL beyond its range made the loss 0 * inf = NaN. Skipping the product at
@@ -217,7 +219,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_cuda(
     check_cuda(*free_bits, "free_bits", recon);
     check_float(*free_bits, "free_bits");
     TORCH_CHECK(reduction != 0 && free_bits->dim() == 0,
-                "vaekern (cuda): free_bits must be 0-d, with reduction 1 (mean) or 2 (sum): they are a batch quantity");
+                "vaekern (cuda): free_bits must be 0-d, with reduction 1 (mean) or 2 (sum): they are a batch quantity; "
+                "got shape ", free_bits->sizes(), " with reduction ", reduction);
   }
   const c10::cuda::CUDAGuard guard(recon.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -17,12 +17,12 @@ Kernels:
   as in the likelihood ops (``_likelihood``); ``likelihood`` is ``LIKELIHOODS``' code,
   ``log_scale`` the Gaussian's (0-d or one per column, loss dtype; read by the Gaussian
   only) and ``from_logits`` the Bernoullis' (ignored by the Gaussian). ``free_bits`` (0-d,
-  loss dtype; mean or sum only, None for none) makes the KL term the free-bits term of
+  any float dtype, read as float64; mean or sum only, None for none) makes the KL term the free-bits term of
   ``vaekern.reference``: with ``S_j`` latent element j's KL summed over the batch (the
   ``KL_COLUMNS`` sums, in the latents' math dtype), ``sum_j where(S_j / B < lambda, lambda,
   S_j / B)`` (NaN for a NaN lambda), B times it for sum; ``kl_weight`` (``mu.shape[1:]``,
   loss dtype; ``(0,)`` without free bits) is then 1 where element j's gradient passes, 0
-  where it is held at lambda (or lambda is NaN).
+  where it is held at lambda (or lambda is NaN); lambda and the means are compared in float64.
 * ``vae_loss_backward_(grad, g_loss, g_recon, g_kl, recon, target, log_scale, mu, logvar,
   prior_mu, prior_logvar, kl_weight, beta, likelihood, from_logits, reduction) ->
   (grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar)``: scales ``grad`` in place per
@@ -31,7 +31,8 @@ Kernels:
   ``recon`` and ``target``, and doing nothing when ``grad`` is empty) and returns the
   latents' and the priors' gradients as ``gaussian_kl_backward`` does, in one launch; with
   the forward's ``kl_weight`` (free bits) element j of every row takes the scale
-  ``(g_loss * beta + g_kl) * kl_weight[j]`` (/ B for mean).
+  ``g_loss * beta + g_kl`` (/ B for mean) where ``kl_weight[j]`` is not 0, else 0 (whatever
+  the scale, as the oracle's where).
 
 Autograd, as in the likelihood ops: eager (:class:`VAELossFunction`) scales the forward's
 gradient in place; traced (registered) scales the saved output out of place. The recon
@@ -110,11 +111,13 @@ def vae_loss_backward_fake(
 
 def _kl_upstream(scale: Tensor, kl_weight: Tensor | None, mu: Tensor, reduction: int) -> tuple[Tensor, int]:
     """The KL backward's (upstream, reduction) for the loss's KL scale ``g_loss * beta +
-    g_kl``: as it is, or under free bits one per latent element, ``scale * kl_weight`` (/ B
-    for mean), for the column reduction."""
+    g_kl``: as it is, or under free bits one per latent element for the column reduction,
+    the scale (/ B for mean) where ``kl_weight`` is not 0, else 0 (a where: an element held
+    at lambda gets 0 even from an infinite scale, as in the oracle)."""
     if kl_weight is None:
         return scale, reduction
-    return (scale / mu.shape[0] if reduction == 1 else scale) * kl_weight, KL_COLUMNS
+    scale = scale / mu.shape[0] if reduction == 1 else scale
+    return torch.where(kl_weight != 0, scale, torch.zeros_like(scale)), KL_COLUMNS
 
 
 def _rec_read(likelihood: int, log_scale: Tensor, rec: Tensor) -> Tensor | None:

@@ -458,6 +458,7 @@ def _finalize_kernel(
     REDUCTION: tl.constexpr,  # 0 none (grid cdiv(B, BLOCK_B)), 1 mean or 2 sum (grid 1)
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLOCK_Z: tl.constexpr,  # latent elements per step of the free bits' loop
 ):
     ACC = part_ptr.dtype.element_ty
     KL_ACC = kl_ptr.dtype.element_ty
@@ -499,10 +500,10 @@ def _finalize_kernel(
         if FREE_BITS:
             # sum_j where(S_j / B < lambda, lambda, S_j / B), in float64 and in column order;
             # B times it for sum (over no rows the means are 0/0: NaN, as the oracle's).
-            lam = tl.full([BLOCK_B], 0.0, tl.float64) + tl.load(fb_ptr).to(tl.float64)  # a block, for the |
-            acc_fb = tl.zeros([BLOCK_B], dtype=tl.float64)
-            for z0 in range(0, Z, BLOCK_B):
-                cols = z0 + offs_b
+            lam = tl.full([BLOCK_Z], 0.0, tl.float64) + tl.load(fb_ptr).to(tl.float64)  # a block, for the |
+            acc_fb = tl.zeros([BLOCK_Z], dtype=tl.float64)
+            for z0 in range(0, Z, BLOCK_Z):
+                cols = z0 + tl.arange(0, BLOCK_Z)
                 zmask = cols < Z
                 per = tl.load(kl_ptr + cols, mask=zmask, other=0.0).to(tl.float64) / B
                 held = (per < lam) | (lam != lam)
@@ -532,17 +533,19 @@ def finalize(part, kl, beta, loss, rec, kl_out, reduction: int, free_bits=None, 
     has_kl = kl is not None
     if not has_kl:
         kl = beta = rec = kl_out = part  # never read: HAS_KL is a constexpr
-    if free_bits is None:
+    free = free_bits is not None
+    if not free:
         free_bits = weight = part  # never read: FREE_BITS is a constexpr
+    Z = weight.numel() if free else 0  # 0: one specialization for every finalize without free bits
     BLOCK_C = min(triton.next_power_of_2(max(C, 1)), 64)
     BLOCK_B = max(1, min(triton.next_power_of_2(max(B, 1)), 1024 // BLOCK_C))
     grid = (triton.cdiv(B, BLOCK_B),) if reduction == 0 else (1,)
     if grid[0] == 0:
         return
     _finalize_kernel[grid](
-        part, kl, beta, loss, rec, kl_out, B, C, free_bits, weight, weight.numel(),
-        HAS_KL=has_kl, FREE_BITS=free_bits is not part, REDUCTION=reduction, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C,
-        num_warps=4,
+        part, kl, beta, loss, rec, kl_out, B, C, free_bits, weight, Z,
+        HAS_KL=has_kl, FREE_BITS=free, REDUCTION=reduction, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C,
+        BLOCK_Z=min(triton.next_power_of_2(max(Z, 1)), 1024), num_warps=4,
     )
 
 

@@ -14,9 +14,10 @@ Math (``vaekern.reference``), with ``reduce`` the batch reduction (mean, sum or 
 * with free bits lambda (a 0-d tensor, mean or sum only), ``kl = sum_z where(S_z / B <
   lambda, lambda, S_z / B)``, times B for sum, where ``S_z`` is latent element z's KL
   summed over the batch (NaN for a NaN lambda); ``w_z = 0`` where lambda holds element z
-  (or is NaN), else 1, is written for the backward.
+  (or is NaN), else 1, is written for the backward; lambda is read as float64.
 
-The KL's mu^2 and its sums are float64 whatever the loss dtype, and the loss is formed from
+The KL's mu^2 and its sums are float64 whatever the loss dtype (under free bits the column
+sums are in the latents' math dtype instead, as ``gaussian_kl``'s), and the loss is formed from
 them in float64, then rounded, as the float64 oracle forms it: for finite float32 latents
 the KL is then finite (mu^2 <= 1.2e77), so beta = 0 leaves the recon term where a float32
 KL beyond its range made the loss 0 * inf = NaN. Skipping the product at beta = 0 would
@@ -33,8 +34,8 @@ Backward, for upstream gradients ``(g_loss, g_recon, g_kl)``, each () or (B,):
   ``bernoulli_nll.py``).
 * the latents' and the priors' gradients as in ``gaussian_kl.py`` (``d/dmu = s * mu``,
   ``d/dlv = s * 0.5 * (exp(min(lv, 60)) - 1)`` without a prior), with
-  ``s = (g_loss * beta + g_kl)[b]``, divided by B for mean, and times ``w_z`` under free
-  bits.
+  ``s = (g_loss * beta + g_kl)[b]``, divided by B for mean, and 0 where ``w_z = 0``
+  under free bits (whatever s, as the oracle's where).
 
 The reconstruction term is generic: the kernel hands the likelihood's element function
 (chosen at compile time by ``LIKELIHOOD`` and ``FROM_LOGITS``; the Gaussian's with its
@@ -238,8 +239,8 @@ def _vae_loss_bwd_kernel(
             lv = tl.load(lv_ptr + row * stride_lv + cols, mask=m, other=0.0)
             out = row * Z + cols
             s_z = s
-            if FREE_BITS:  # a scale per latent element: 0 where the free bits hold it
-                s_z = s * tl.load(w_ptr + cols, mask=m, other=0.0).to(s.dtype)
+            if FREE_BITS:  # 0 where the free bits hold the element, whatever s (the oracle's where)
+                s_z = tl.where(tl.load(w_ptr + cols, mask=m, other=0.0) != 0.0, s, 0.0)
             g_mu, g_lv = _prior_kl_grads(
                 s_z, mu.to(s.dtype), lv.to(s.dtype), pm_ptr + row * stride_pm_b + cols * stride_pm_z,
                 plv_ptr + row * stride_plv_b + cols * stride_plv_z, gpm_ptr + out, gplv_ptr + out, m, HAS_PM, HAS_PLV,
@@ -285,7 +286,8 @@ def vae_loss(
         mu, logvar: ``[B, ...]`` posterior parameters, same shape and dtype.
         prior_mu, prior_logvar: the KL's prior, None (0) or broadcasting to mu, in the
             latents' math dtype (``_common.prior_operand``).
-        free_bits: None, or the free bits lambda, 0-d in the loss dtype (mean or sum only).
+        free_bits: None, or the free bits lambda, a 0-d floating tensor read as float64 (mean
+            or sum only).
         beta: 0-d tensor in the loss dtype, the KL weight.
         log_scale: the Gaussian's log standard deviation in the loss dtype, 0-d or one per
             column of the flattened row (read for ``likelihood`` 1 only).
@@ -306,6 +308,8 @@ def vae_loss(
             "vae_loss: free_bits must be 0-d, with reduction 1 (mean) or 2 (sum): they are a batch quantity; "
             f"got shape {tuple(free_bits.shape)} with reduction {reduction}"
         )
+    if free and (free_bits.device != recon.device or not free_bits.is_floating_point()):
+        raise ValueError(f"vae_loss: free_bits must be a floating tensor on {recon.device}, got {free_bits.dtype} on {free_bits.device}")
     acc = acc_dtype(recon, mu, logvar)
     B = recon.shape[0]
     x, D, stride_x = as_rows(recon)
@@ -356,7 +360,8 @@ def vae_loss_backward_(
         recon, target, log_scale: the forward's, read only to recompute float16 gradient
             elements outside float16's normal range (``_common._scale_row_chunk``).
         mu, logvar, prior_mu, prior_logvar: the forward's latents and prior.
-        kl_weight: None, or the forward's free-bits weights (``mu.shape[1:]``).
+        kl_weight: None, or the forward's free-bits weights (``mu.shape[1:]``): element j's
+            KL gradient is 0 where its weight is 0, else the scale's.
         beta: the forward's 0-d KL weight.
         likelihood, from_logits, reduction: the forward's.
 
@@ -375,7 +380,12 @@ def vae_loss_backward_(
                 f"vae_loss_backward_: kl_weight must have mu.shape[1:] = {tuple(mu.shape[1:])} with reduction 1 "
                 f"or 2, got shape {tuple(kl_weight.shape)} with reduction {reduction}"
             )
-        kl_weight = kl_weight.reshape(-1)
+        if kl_weight.device != mu.device or not kl_weight.is_floating_point():
+            raise ValueError(
+                f"vae_loss_backward_: kl_weight must be a floating tensor on {mu.device}, got {kl_weight.dtype} on "
+                f"{kl_weight.device}"
+            )
+        kl_weight = kl_weight.contiguous().view(-1)  # read at unit stride
     gmu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     glv = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)
     gpm, gplv = prior_grad_like(prior_mu, mu), prior_grad_like(prior_logvar, mu)
