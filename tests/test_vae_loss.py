@@ -802,6 +802,21 @@ def test_prior_and_free_bits_gradcheck_and_compile(backend, device):
     for free_bits in (0.0, 0.1):
         step = lambda *a, free_bits=free_bits: fn(*a, free_bits=free_bits)  # noqa: E731
         assert_compiled_matches_eager(step, [x.float() for x in inputs])
+    # A tensor lambda, annealed in place: one graph, the op reading each new value (NaN too).
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    lam = torch.tensor(0.1, device=device)
+    compiled = torch.compile(fn, fullgraph=True)
+    for value in (0.1, 0.6, float("nan")):
+        lam.fill_(value)
+        eager_in, comp_in = ([leaf(x.float()) for x in inputs] for _ in range(2))
+        e, c = fn(*eager_in, free_bits=lam), compiled(*comp_in, free_bits=lam)
+        torch.testing.assert_close(c, e, equal_nan=True)
+        (e * 1.5).backward()
+        (c * 1.5).backward()
+        for a, b in zip(eager_in, comp_in):
+            torch.testing.assert_close(b.grad, a.grad, equal_nan=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
 
 
 def test_compile_traces_no_cached_constant():
