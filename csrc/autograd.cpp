@@ -566,7 +566,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_autograd(
     const Tensor& recon, const Tensor& target, const Tensor& mu, const Tensor& logvar, const OptionalTensor& prior_mu,
     const OptionalTensor& prior_logvar, const OptionalTensor& free_bits, const Tensor& beta, const Tensor& log_scale,
     int64_t likelihood, bool from_logits, int64_t reduction, bool compute_grad) {
-  if (!builds_graph({&recon, &target, &mu, &logvar, present(prior_mu), present(prior_logvar), &beta, &log_scale})) {
+  if (!builds_graph({&recon, &target, &mu, &logvar, present(prior_mu), present(prior_logvar), present(free_bits), &beta,
+                     &log_scale})) {
     at::AutoDispatchBelowADInplaceOrView below;
     return vae_loss_kernel().call(recon, target, mu, logvar, prior_mu, prior_logvar, free_bits, beta, log_scale,
                                   likelihood, from_logits, reduction, compute_grad);

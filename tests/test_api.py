@@ -258,3 +258,8 @@ def test_direct_op_call_with_a_dual_tensor_raises():
         scale = torch.tensor(0.3)
         with pytest.raises(RuntimeError, match="jvp"):
             torch.ops.vaekern.gaussian_nll(r, t, fwAD.make_dual(scale, torch.ones_like(scale)), 1, False)
+        lam, beta = torch.tensor(0.1), torch.tensor(0.5)
+        with pytest.raises(RuntimeError, match="jvp"):  # free bits too, though they take no gradient
+            torch.ops.vaekern.vae_loss(
+                r, t, m, lv, None, None, fwAD.make_dual(lam, torch.ones_like(lam)), beta, torch.zeros(()), 0, True, 1, False
+            )
