@@ -80,6 +80,11 @@ _LATENT_WIDE = (127, 128, 129, 255, 256, 257, 513, 1025, 2049)
 _FINITE_LIMIT = {dt: torch.finfo(dt).max for dt in DTYPES}
 
 
+def _finite(spec):
+    """A drawn spec with no special values and a scale of at most 2: the prior tests' inputs."""
+    return dataclasses.replace(spec, specials=(), scale=min(spec.scale, 2.0))
+
+
 def _examples(backend: str) -> int:
     return max(3, round(settings().max_examples * _SHARE[backend]))
 
@@ -648,11 +653,10 @@ def test_gaussian_kl_with_prior_and_free_bits(backend, device):
     def check(data):
         mu_spec, lv_spec = _latent_pair(data, backend)
         dtype, shape = mu_spec.dtype, mu_spec.shape
-        finite = lambda spec: dataclasses.replace(spec, specials=(), scale=min(spec.scale, 2.0))
-        mu_spec, lv_spec = finite(mu_spec), finite(lv_spec)
+        mu_spec, lv_spec = _finite(mu_spec), _finite(lv_spec)
         p_dtype = data.draw(st.sampled_from((dtype, torch.float32, torch.float64)), "prior dtype")
-        pm_spec = finite(data.draw(specs(data.draw(prior_shapes(shape), "prior_mu shape") or (1,), p_dtype, "mu"), "prior_mu"))
-        plv_spec = finite(data.draw(specs(data.draw(prior_shapes(shape), "prior_logvar shape") or (1,), p_dtype, "logvar"), "prior_logvar"))
+        pm_spec = _finite(data.draw(specs(data.draw(prior_shapes(shape), "prior_mu shape") or (1,), p_dtype, "mu"), "prior_mu"))
+        plv_spec = _finite(data.draw(specs(data.draw(prior_shapes(shape), "prior_logvar shape") or (1,), p_dtype, "logvar"), "prior_logvar"))
         reduction = data.draw(st.sampled_from(REDUCTIONS), "reduction")
         free_bits = 0.0 if reduction == "none" else data.draw(st.sampled_from((0.0, 0.05, 0.5, 2.0)), "free_bits")
         u = data.draw(upstreams(reduction, shape[0]), "upstream")
@@ -694,16 +698,15 @@ def test_vae_loss_with_prior(backend, device):
         likelihood = data.draw(st.sampled_from(("bernoulli", "gaussian")), "likelihood")
         dtype = data.draw(st.sampled_from(DTYPES), "recon dtype")
         mu_spec, lv_spec = _latent_pair(data, backend, batch=batch)
-        finite = lambda spec: dataclasses.replace(spec, specials=(), scale=min(spec.scale, 2.0))
-        mu_spec, lv_spec = finite(mu_spec), finite(lv_spec)
+        mu_spec, lv_spec = _finite(mu_spec), _finite(lv_spec)
         z_shape, z_dtype = mu_spec.shape, mu_spec.dtype
         p_dtype = data.draw(st.sampled_from((z_dtype, torch.float32, torch.float64)), "prior dtype")
-        pm_spec = finite(data.draw(specs(data.draw(prior_shapes(z_shape), "prior_mu shape") or (1,), p_dtype, "mu"), "prior_mu"))
-        plv_spec = finite(data.draw(specs(data.draw(prior_shapes(z_shape), "prior_logvar shape") or (1,), p_dtype, "logvar"), "prior_logvar"))
+        pm_spec = _finite(data.draw(specs(data.draw(prior_shapes(z_shape), "prior_mu shape") or (1,), p_dtype, "mu"), "prior_mu"))
+        plv_spec = _finite(data.draw(specs(data.draw(prior_shapes(z_shape), "prior_logvar shape") or (1,), p_dtype, "logvar"), "prior_logvar"))
         reduction = data.draw(st.sampled_from(REDUCTIONS), "reduction")
         beta = data.draw(st.sampled_from((0.0, 0.5, 2.5)), "beta")
         free_bits = 0.0 if reduction == "none" else data.draw(st.sampled_from((0.0, 0.05, 0.5, 2.0)), "free_bits")
-        x_spec = finite(data.draw(specs(shape, dtype, "logits"), "recon"))
+        x_spec = _finite(data.draw(specs(shape, dtype, "logits"), "recon"))
         t_spec = data.draw(specs(shape, dtype, "target", ("contiguous",)), "target")
         u = data.draw(upstreams(reduction, batch), "upstream")
         x, t = Input(x_spec, device, True), Input(t_spec, device, False)

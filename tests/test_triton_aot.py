@@ -615,13 +615,20 @@ def test_split_rows_match_reference(split_rows, reduction, from_logits):
     torch.testing.assert_close(grad, grad_r, rtol=1e-12, atol=1e-12)
 
     pm, plv = torch.randn(20, dtype=torch.float64, device=dev), torch.randn(3, 1, dtype=torch.float64, device=dev)
-    for prior in ((None, None), (pm, plv)):
-        res = tri.vae_loss(x, t, mu, lv, *prior, None, beta, beta.new_zeros(()), 0, from_logits, reduction, True)
-        res_r = ref.vae_loss(x, t, mu, lv, *prior, None, beta, beta.new_zeros(()), 0, from_logits, reduction, True)
+    # Free bits (a batch quantity: mean and sum) with the prior: their weights against the oracle's too.
+    cases = [((None, None), None), ((pm, plv), None)]
+    if reduction:
+        cases.append(((pm, plv), torch.tensor(1.0, dtype=torch.float64, device=dev)))
+    for prior, fb in cases:
+        res = tri.vae_loss(x, t, mu, lv, *prior, fb, beta, beta.new_zeros(()), 0, from_logits, reduction, True)
+        res_r = ref.vae_loss(x, t, mu, lv, *prior, fb, beta, beta.new_zeros(()), 0, from_logits, reduction, True)
         for a, b in zip(res, res_r):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        if fb is not None:
+            assert 0 < res[4].sum() < res[4].numel()  # some elements held, some free
         gk = go * 2
-        args = (go, go * 0.5, gk, x, t, beta.new_zeros(()), mu, lv, *prior, None, beta, 0, from_logits, reduction)
+        weight = None if fb is None else res[4]
+        args = (go, go * 0.5, gk, x, t, beta.new_zeros(()), mu, lv, *prior, weight, beta, 0, from_logits, reduction)
         grads = tri.vae_loss_backward_(res[3], *args)
         grads_r = ref.vae_loss_backward_(res_r[3], *args)
         torch.testing.assert_close(res[3], res_r[3], rtol=1e-12, atol=1e-12)

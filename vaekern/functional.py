@@ -496,7 +496,7 @@ def _prior(name: str, prior, mu: Tensor) -> Tensor | None:
     _same_device(("mu", mu), (name, prior))
     # Dim by dim from the right: torch.broadcast_shapes (its symbolic-shape guards) made a
     # no-grad vae_loss call with a prior 143 us instead of 119 on 128x784 CPU tensors, for its
-    # two calls (Intel Xeon, torch 2.14.1).
+    # two calls (one measurement, not committed; Intel Xeon, torch 2.14.1).
     fits = prior.dim() <= mu.dim() and all(p in (1, m) for p, m in zip(reversed(prior.shape), reversed(mu.shape)))
     if not fits:
         raise ValueError(

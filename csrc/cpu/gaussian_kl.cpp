@@ -54,9 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_
   if (reduction == kKlColumns) {  // one upstream per latent element
     TORCH_CHECK(grad_out.sizes() == mu.sizes().slice(1), "vaekern (cpu): grad_out must have shape ",
                 mu.sizes().slice(1), " (mu.shape[1:]) for the column reduction, got ", grad_out.sizes());
-    const at::Tensor g = grad_out.to(at::kDouble).contiguous();
-    const std::vector<double> scale(g.const_data_ptr<double>(), g.const_data_ptr<double>() + g.numel());
-    return gaussian_kl_grads(scale, /*per_column=*/true, mu, logvar, prior);
+    return gaussian_kl_grads(row_values(grad_out.reshape({-1}), grad_out.numel(), "grad_out"), /*per_column=*/true,
+                             mu, logvar, prior);
   }
   std::vector<double> scale = row_values(grad_out, rows, "grad_out");
   if (reduction == 1) {

@@ -156,6 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cpu
                 mu.sizes().slice(1), " (mu.shape[1:]) with reduction 1 or 2, got ", kl_weight->sizes(),
                 " with reduction ", reduction);
     weight = row_values(kl_weight->reshape({-1}), kl_weight->numel(), "kl_weight");
+    TORCH_CHECK(grad_loss.numel() == 1 && grad_kl_term.numel() == 1,
+                "vaekern (cpu): grad_loss and grad_kl_term must be 0-d with kl_weight (a mean or sum loss)");
   }
   const std::vector<double> gl = row_values(grad_loss, rows, "grad_loss");
   const std::vector<double> gr = row_values(grad_recon_term, rows, "grad_recon_term");
@@ -180,8 +182,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cpu
                 reduction == 1 ? 1.0 / static_cast<double>(rows) : 1.0, param);
   }
   if (kl_weight.has_value()) {  // the one scale, or 0 where the free bits hold the element
-    const double s = (scalar_value(grad_loss, "grad_loss") * b + scalar_value(grad_kl_term, "grad_kl_term")) /
-                     (reduction == 1 ? static_cast<double>(rows) : 1.0);
+    // Every row's scale is the same (the upstreams of a mean or sum are 0-d); no rows, no latents.
+    const double s = rows > 0 ? kl_scale[0] : 0.0;
     for (double& w : weight) w = w != 0 ? s : 0.0;  // a held element: 0 whatever s, as the oracle's where
     return gaussian_kl_grads(weight, /*per_column=*/true, mu, logvar, prior);
   }

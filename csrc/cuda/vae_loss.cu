@@ -320,7 +320,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_backward_cuda(
                           .divisor = reduction == 1 ? static_cast<double>(B) : 1.0,
                           .weight = weight.defined() ? weight.data_ptr() : nullptr,
                           .weight_kind = weight.defined() ? kind_of(weight.scalar_type()) : kF32};
-  // Under free bits the (0-d) upstreams are read at every column, each times its weight.
+  // Under free bits the (0-d) upstreams are read at every column: 0 where its weight is 0 (RowScale).
   return gaussian_kl_grads(mu, logvar, prior, kl_scale, /*per_column=*/weight.defined(), stream);
 }
 

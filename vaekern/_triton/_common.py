@@ -450,7 +450,7 @@ def _finalize_kernel(
     kl_out_ptr,  # [B] or [] acc: the KL term (HAS_KL only)
     B,  # rows
     C,  # column chunks per row
-    fb_ptr,  # [] acc: the free bits lambda (FREE_BITS only)
+    fb_ptr,  # [] any float dtype, read as float64: the free bits lambda (FREE_BITS only)
     w_ptr,  # [Z] acc: out, 1 where latent element j's gradient passes, else 0 (FREE_BITS only)
     Z,  # latent elements per row (FREE_BITS only)
     HAS_KL: tl.constexpr,
